@@ -1,0 +1,41 @@
+"""The `longtrain` command.
+
+    longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
+    longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _check(argv: list[str]) -> int:
+    from .selfcheck import main
+
+    return main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    if not argv or argv[0] != "attention":
+        print("usage: longtrain bench attention [options]  (see --help)", file=sys.stderr)
+        return 2
+    from longtrain.benchmarks.attention import main
+
+    return main(argv[1:])
+
+
+COMMANDS = {"check": _check, "bench": _bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="longtrain", description="long-context distributed training")
+    ap.add_argument("command", choices=sorted(COMMANDS))
+    ap.add_argument("args", nargs=argparse.REMAINDER)
+    ns = ap.parse_args(argv[:1])
+    return COMMANDS[ns.command](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Process-group start-up from the environment (torchrun, srun, Ray workers, local spawn).
+
+Device from config: CPU means gloo, CUDA means NCCL. Every group gets a finite timeout, so
+a rank that dies or diverges turns into an error instead of a silent hang.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from longtrain.parallel.mesh import backend_for, default_device_type
+
+
+def _env_int(*names: str, default: int | None = None) -> int:
+    for n in names:
+        if n in os.environ:
+            return int(os.environ[n])
+    if default is None:
+        raise RuntimeError(f"none of {names} is set; launch with torchrun, srun or `longtrain`")
+    return default
+
+
+def init_distributed(device_type: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int]:
+    """Join the job described by RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) and
+    MASTER_ADDR/MASTER_PORT. Returns (rank, world_size)."""
+    device_type = device_type or default_device_type()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        raise RuntimeError("MASTER_PORT is not set; the launcher must choose a rendezvous port")
+    if device_type == "cuda":
+        local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend_for(device_type), init_method="env://", rank=rank, world_size=world,
+                            timeout=timeout)
+    return rank, world

@@ -1,0 +1,64 @@
+"""Run a function on N local processes joined into one process group (CPU/gloo by default).
+
+The small-scale launcher used by CLI commands that need a few ranks on one machine
+(checks, benchmarks). Threads are split between ranks: ranks sharing a box must not fight
+over its cores.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, threads: int, fn, args, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    from .dist_env import init_distributed
+
+    init_distributed("cpu")
+    try:
+        results.put((rank, fn(*args)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None) -> list[Any]:
+    """Call `fn(*args)` on `world` gloo ranks; return the per-rank results in rank order.
+    If any rank dies, the others are stopped and the failure is raised here."""
+    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, fn, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    try:
+        while len(out) < world:
+            try:
+                r, value = results.get(timeout=1.0)
+                out[r] = value
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"ranks {dead} failed (exit codes {[procs[r].exitcode for r in dead]}); "
+                                       "see their output above") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]

@@ -1,0 +1,198 @@
+"""Local attention kernels that return (out, lse), and the exact fp32 merge of partial results.
+
+Ring attention computes each query block against one key/value shard at a time and merges
+the partial results; that is exact only if every kernel returns the log-sum-exp of its
+scores and the merge is done in fp32 (accumulating in bf16 drifts as the ring grows).
+
+Kernels, chosen per block by capability:
+- ``fused_cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (FULL / CAUSAL blocks
+  on CPU), whose backward takes the *global* out and lse, as the ring needs;
+- ``flash``: flash-attn's forward/backward (FULL / CAUSAL blocks on CUDA when installed);
+- ``torch``: a blockwise pure-PyTorch kernel for any mask given by positions and document
+  ids (sliding-window edges, packed documents), fp32 inside, memory bounded by row chunks.
+
+Layouts: q [b, sq, h, d], k/v [b, sk, h_kv, d], out [b, sq, h, d], lse [b, h, sq] (fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocks import Kind
+
+try:  # optional GPU fast path
+    from flash_attn import flash_attn_interface as _fa  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _fa = None
+
+_CHUNK_ELEMS = 1 << 24  # score elements per chunk of the torch kernel (64 MiB in fp32)
+
+
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    rep = heads // t.shape[2]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=2)
+
+
+def _reduce_kv(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, s, h, d = g.shape
+    return g if h == kv_heads else g.view(b, s, kv_heads, h // kv_heads, d).sum(3)
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return _fa is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- fused kernels (FULL / CAUSAL)
+
+def _fused_fwd(q, k, v, causal: bool, scale: float):
+    if _use_flash(q):
+        out, lse = _flash_fwd(q, k, v, causal, scale)
+        return out, lse
+    h = q.shape[2]
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def _fused_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
+    if _use_flash(q):
+        return _flash_bwd(dout, q, k, v, out, lse, causal, scale)
+    h, hkv = q.shape[2], k.shape[2]
+    ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731  [b, s, h, d] <-> [b, h, s, d]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        t(dout), t(q), t(ke), t(ve), t(out), lse.contiguous(), 0.0, causal, scale=scale)
+    return t(dq), _reduce_kv(t(dk), hkv), _reduce_kv(t(dv), hkv)
+
+
+def _flash_fwd(q, k, v, causal, scale):
+    res = _fa._flash_attn_forward(q, k, v, 0.0, scale, causal=causal, window_size_left=-1,
+                                  window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                                  return_softmax=False)
+    return res[0], res[1]
+
+
+def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _fa._flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, scale, causal,
+                             -1, -1, 0.0, None, False, rng_state=None)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- general masked kernel (torch)
+
+def _key_range(i0: int, i1: int, k_start: int, sk: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """Local key columns [lo, hi) that queries at global positions [i0, i1) can see."""
+    lo, hi = 0, sk
+    if causal:
+        hi = min(hi, i1 - k_start)
+    if window is not None:
+        lo = max(lo, i0 - window + 1 - k_start)
+        if not causal:
+            hi = min(hi, i1 - 1 + window - k_start)
+    return lo, max(lo, hi)
+
+
+def _mask(i0, i1, j0, j1, causal, window, q_doc, k_doc, device):
+    """Boolean [b or 1, 1, rows, cols] of allowed (query, key) pairs."""
+    i = torch.arange(i0, i1, device=device)[:, None]
+    j = torch.arange(j0, j1, device=device)[None, :]
+    m = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+    if causal:
+        m &= j <= i
+    if window is not None:
+        m &= (i - j) < window
+        if not causal:
+            m &= (j - i) < window
+    m = m[None, None]
+    if q_doc is not None:
+        m = m & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+    return m
+
+
+def _chunks(b, h, sq, sk):
+    rows = max(16, _CHUNK_ELEMS // max(1, b * h * sk))
+    return range(0, sq, rows), rows
+
+
+def _masked_fwd(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale):
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    out = torch.zeros(b, sq, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    starts, rows = _chunks(b, h, sq, sk)
+    for r0 in starts:
+        r1 = min(sq, r0 + rows)
+        lo, hi = _key_range(q_start + r0, q_start + r1, k_start, sk, causal, window)
+        if hi <= lo:
+            continue
+        kc = _expand_kv(k[:, lo:hi], h).float()
+        vc = _expand_kv(v[:, lo:hi], h).float()
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, r0:r1].float(), kc) * scale
+        m = _mask(q_start + r0, q_start + r1, k_start + lo, k_start + hi, causal, window,
+                  None if q_doc is None else q_doc[:, r0:r1], None if k_doc is None else k_doc[:, lo:hi], q.device)
+        s = s.masked_fill(~m, float("-inf"))
+        l_ = torch.logsumexp(s, dim=-1)  # [b, h, rows]; -inf where a row sees nothing
+        p = torch.exp(s - l_[..., None]).nan_to_num_(0.0)
+        out[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", p, vc)
+        lse[:, :, r0:r1] = l_
+    return out, lse
+
+
+def _masked_bwd(dout, q, k, v, out, lse, q_start, k_start, causal, window, q_doc, k_doc, scale):
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    dq = torch.zeros(b, sq, h, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(b, sk, h, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [b, h, sq]
+    starts, rows = _chunks(b, h, sq, sk)
+    for r0 in starts:
+        r1 = min(sq, r0 + rows)
+        lo, hi = _key_range(q_start + r0, q_start + r1, k_start, sk, causal, window)
+        if hi <= lo:
+            continue
+        qc, doc = q[:, r0:r1].float(), dout[:, r0:r1].float()
+        kc = _expand_kv(k[:, lo:hi], h).float()
+        vc = _expand_kv(v[:, lo:hi], h).float()
+        s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+        m = _mask(q_start + r0, q_start + r1, k_start + lo, k_start + hi, causal, window,
+                  None if q_doc is None else q_doc[:, r0:r1], None if k_doc is None else k_doc[:, lo:hi], q.device)
+        p = torch.exp(s.masked_fill(~m, float("-inf")) - lse[:, :, r0:r1, None]).nan_to_num_(0.0)
+        dv[:, lo:hi] += torch.einsum("bhqk,bqhd->bkhd", p, doc)
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", doc, vc) - delta[:, :, r0:r1, None])
+        dq[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", ds, kc) * scale
+        dk[:, lo:hi] += torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
+    return dq, _reduce_kv(dk, hkv), _reduce_kv(dv, hkv)
+
+
+# ---------------------------------------------------------------- public block API
+
+def block_forward(q, k, v, kind: Kind, *, scale: float, q_start: int = 0, k_start: int = 0,
+                  causal: bool = True, window: int | None = None, q_doc=None, k_doc=None):
+    """(out, lse) of one block; out in q.dtype for fused kernels, fp32 for the torch kernel."""
+    if kind is Kind.FULL or kind is Kind.CAUSAL:
+        return _fused_fwd(q, k, v, kind is Kind.CAUSAL, scale)
+    if kind is Kind.MASKED:
+        return _masked_fwd(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale)
+    raise ValueError(f"no kernel for {kind}")
+
+
+def block_backward(dout, q, k, v, out, lse, kind: Kind, *, scale: float, q_start: int = 0,
+                   k_start: int = 0, causal: bool = True, window: int | None = None, q_doc=None, k_doc=None):
+    """(dq, dk, dv) of one block given the *global* out and lse of its rows."""
+    if kind is Kind.FULL or kind is Kind.CAUSAL:
+        return _fused_bwd(dout, q, k, v, out, lse, kind is Kind.CAUSAL, scale)
+    if kind is Kind.MASKED:
+        return _masked_bwd(dout, q, k, v, out, lse, q_start, k_start, causal, window, q_doc, k_doc, scale)
+    raise ValueError(f"no kernel for {kind}")
+
+
+def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """In-place exact merge of a partial (out, lse) into fp32 accumulators (same rows)."""
+    new = torch.logaddexp(lse_acc, lse)
+    w_old = torch.exp(lse_acc - new).nan_to_num_(0.0).transpose(1, 2)[..., None]  # [b, s, h, 1]
+    w_new = torch.exp(lse - new).nan_to_num_(0.0).transpose(1, 2)[..., None]
+    out_acc.mul_(w_old).add_(out.float() * w_new)
+    lse_acc.copy_(new)

@@ -1,0 +1,185 @@
+"""Ring attention: exact attention over a sequence split across the ranks of a ring group.
+
+Each rank keeps its queries and passes its K/V shard around the ring; every step computes
+the local queries against the shard it holds (`blocks.plan_blocks` decides which pieces
+and which mask) while the next shard is already in flight. Partial results merge exactly
+in fp32 through their log-sum-exp. The backward pass circulates K/V again, and the dK/dV
+accumulators travel with them, so each rank ends with the gradients of its own shard.
+
+- Causal masks use the zigzag layout (`blocks.ring_segments`): every rank does the same work.
+- Sliding windows stop the ring early, in both directions (`blocks.hop_plan`): traffic grows
+  with the window, not with the sequence.
+- Packed documents: document ids are gathered once (a few bytes per token) and blocks
+  between disjoint documents are skipped.
+- GQA/MQA: only the K/V heads travel; they are expanded per block, locally.
+With ``group=None`` this is plain (single-shard) attention through the same kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+
+from ..comm import CommStats, RingP2P, all_gather_cat, group_rank, group_size
+from .blocks import Block, Kind, hop_plan, plan_blocks, refine_with_docs, ring_segments
+from .local import block_backward, block_forward, merge_
+
+_TAG_FWD, _TAG_BWD, _TAG_DKV = 11, 13, 17
+
+
+class _Ctx:
+    """What every step needs: layout, mask and the document ids of the whole sequence."""
+
+    def __init__(self, group, seq_local, causal, window, doc_full, scale, stats, layout):
+        self.group, self.causal, self.window, self.scale, self.stats = group, causal, window, scale, stats
+        self.layout = layout
+        self.size, self.rank = group_size(group), group_rank(group)
+        self.seq_len = seq_local * self.size
+        self.doc_full = doc_full  # [b, seq_len] in global position order, or None
+        self.my_segs = ring_segments(self.seq_len, self.size, self.rank, layout)
+        self.hops = hop_plan(self.seq_len, self.size, causal, window, layout)
+
+    def segs(self, src: int) -> list:
+        return ring_segments(self.seq_len, self.size, src % self.size, self.layout)
+
+    def _docs(self, segs) -> torch.Tensor:
+        return torch.cat([self.doc_full[:, s.start:s.end] for s in segs], dim=1)
+
+    def blocks(self, src: int) -> list[tuple[Block, Kind, object, object]]:
+        """(block, kind, q_doc, k_doc) for local queries against the shard of ring rank `src`."""
+        ksegs = self.segs(src)
+        plan = plan_blocks(self.my_segs, ksegs, self.causal, self.window, merge=self.doc_full is None)
+        if self.doc_full is None:
+            return [(b, b.kind, None, None) for b in plan]
+        qd, kd = self._docs(self.my_segs), self._docs(ksegs)
+        out = []
+        for b in plan:
+            kind = refine_with_docs(b, qd, kd)
+            if kind is not Kind.EMPTY:
+                out.append((b, kind, qd[:, b.q], kd[:, b.k]))
+        return out
+
+    def kw(self, b: Block, q_doc, k_doc) -> dict:
+        return dict(scale=self.scale, q_start=b.q_start, k_start=b.k_start, causal=self.causal,
+                    window=self.window, q_doc=q_doc, k_doc=k_doc)
+
+
+def _pack(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.stack(ts, dim=0)  # one message per hop
+
+
+def _fwd_step(c: _Ctx, q, kv, src, out_acc, lse_acc) -> None:
+    k, v = kv[0], kv[1]
+    for b, kind, qd, kd in c.blocks(src):
+        o, l_ = block_forward(q[:, b.q], k[:, b.k], v[:, b.k], kind, **c.kw(b, qd, kd))
+        merge_(out_acc[:, b.q], lse_acc[:, :, b.q], o, l_)
+
+
+def _bwd_step(c: _Ctx, dout, q, kv, out, lse, src, dq_acc) -> torch.Tensor:
+    k, v = kv[0], kv[1]
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    for b, kind, qd, kd in c.blocks(src):
+        dq, dk, dv = block_backward(dout[:, b.q], q[:, b.q], k[:, b.k], v[:, b.k], out[:, b.q],
+                                    lse[:, :, b.q], kind, **c.kw(b, qd, kd))
+        dq_acc[:, b.q] += dq
+        dkv[0][:, b.k] += dk
+        dkv[1][:, b.k] += dv
+    return dkv
+
+
+def _directions(c: _Ctx) -> list[tuple[int, int]]:
+    """(shift, hops): kv moves by `shift` ranks per hop."""
+    fwd, bwd = c.hops
+    return [(s, n) for s, n in ((1, fwd), (-1, bwd)) if n > 0]
+
+
+def _ring_forward(c: _Ctx, q, kv):
+    b, s, h, d = q.shape
+    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+    comms = []
+    for shift, hops in _directions(c):  # start the first hop of each direction before computing
+        comm = RingP2P(c.group, c.stats, "ring_kv", _TAG_FWD + (shift < 0))
+        comm.exchange(kv, shift)
+        comms.append((comm, shift, hops))
+    _fwd_step(c, q, kv, c.rank, out, lse)
+    for comm, shift, hops in comms:
+        for step in range(1, hops + 1):
+            cur = comm.wait()
+            if step < hops:
+                comm.exchange(cur, shift)
+            _fwd_step(c, q, cur, c.rank - step * shift, out, lse)
+    return out, lse
+
+
+def _ring_backward(c: _Ctx, dout, q, kv, out, lse):
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    comms = []
+    for shift, hops in _directions(c):  # first hops in flight while the own shard is computed
+        kv_comm = RingP2P(c.group, c.stats, "ring_kv", _TAG_BWD + (shift < 0))
+        acc_comm = RingP2P(c.group, c.stats, "ring_dkv", _TAG_DKV + (shift < 0))
+        kv_comm.exchange(kv, shift)
+        comms.append((kv_comm, acc_comm, shift, hops))
+    dkv_own = _bwd_step(c, dout, q, kv, out, lse, c.rank, dq)
+    for kv_comm, acc_comm, shift, hops in comms:
+        acc = None
+        for step in range(1, hops + 1):
+            cur = kv_comm.wait()
+            if step < hops:
+                kv_comm.exchange(cur, shift)
+            part = _bwd_step(c, dout, q, cur, out, lse, c.rank - step * shift, dq)
+            acc = part if acc is None else acc_comm.wait().add_(part)
+            if step < hops:
+                acc_comm.exchange(acc, shift)  # travels on with the shard it belongs to
+        acc_comm.exchange(acc, -hops * shift)  # home: to the rank that owns that shard
+        dkv_own += acc_comm.wait()
+    return dq, dkv_own
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c: _Ctx):
+        kv = _pack(k, v)
+        out, lse = _ring_forward(c, q, kv)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.c = c
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, out, lse = ctx.saved_tensors
+        dq, dkv = _ring_backward(ctx.c, dout.contiguous(), q, kv, out, lse)
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None, *,
+                   causal: bool = True, window: int | None = None, doc_ids: torch.Tensor | None = None,
+                   scale: float | None = None, stats: CommStats | None = None,
+                   layout: str = "zigzag") -> torch.Tensor:
+    """Exact attention for the ring-local shard q [b, s, h, d], k/v [b, s, h_kv, d].
+
+    The shard must be in the `ring_segments` `layout` of `group`. `doc_ids` [b, s] are this
+    shard's document ids. Shapes are assumed validated and equal across ranks
+    (`sequence_parallel_attention` checks them before any collective).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    doc_full = None
+    if doc_ids is not None:
+        doc_full = _global_docs(doc_ids, group, stats, layout)
+    c = _Ctx(group, q.shape[1], causal, window, doc_full, scale, stats, layout)
+    return _RingAttention.apply(q, k, v, c)
+
+
+def _global_docs(doc_ids: torch.Tensor, group, stats, layout) -> torch.Tensor:
+    """Document ids of the whole sequence, in global position order."""
+    p = group_size(group)
+    gathered = all_gather_cat(doc_ids.contiguous(), group, dim=1, stats=stats, kind="doc_ids")
+    if p == 1:
+        return doc_ids
+    s = doc_ids.shape[1]
+    full = torch.empty(doc_ids.shape[0], s * p, dtype=doc_ids.dtype, device=doc_ids.device)
+    for r in range(p):
+        for seg in ring_segments(s * p, p, r, layout):
+            full[:, seg.start:seg.end] = gathered[:, r * s + seg.offset: r * s + seg.offset + seg.length]
+    return full
