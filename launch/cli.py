@@ -2,6 +2,7 @@
 
     longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
+    longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] != "attention":
-        print("usage: longtrain bench attention [options]  (see --help)", file=sys.stderr)
-        return 2
-    from longtrain.benchmarks.attention import main
+BENCHMARKS = ("attention", "actquant")
 
-    return main(argv[1:])
+
+def _bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: longtrain bench {{{','.join(BENCHMARKS)}}} [options]  (see --help)", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(f"longtrain.benchmarks.{argv[0]}").main(argv[1:])
 
 
 COMMANDS = {"check": _check, "bench": _bench}

@@ -132,17 +132,19 @@ def gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None,
 
 
 def check_agreement(values: list[int], group: ProcessGroup | None, what: str,
-                    names: list[str] | None = None) -> None:
+                    names: list[str] | None = None, device: torch.device | str = "cpu") -> None:
     """Raise on every rank if `values` differ across `group`, before any data collective.
 
-    One fixed-size all-gather of metadata: it cannot itself hang on a shape mismatch."""
+    One fixed-size all-gather of metadata: it cannot itself hang on a shape mismatch.
+    `device` is where the group's backend communicates (CUDA for NCCL)."""
     p = group_size(group)
     if p == 1:
         return
-    mine = torch.tensor(values, dtype=torch.int64)
-    allv = torch.empty(p * len(values), dtype=torch.int64)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    allv = torch.empty(p * len(values), dtype=torch.int64, device=device)
     _all_gather_single(allv, mine, group=group)
     allv = allv.view(p, len(values))
+    allv = allv.cpu()
     if not bool((allv == allv[0]).all()):
         ranks = [dist.get_global_rank(group, i) for i in range(p)]
         rows = ", ".join(f"rank {r}: {dict(zip(names, v)) if names else v}"
@@ -184,3 +186,108 @@ class RingP2P:
         self._works = []
         out, self._recv = self._recv, None
         return out
+
+
+# ---------------------------------------------------------------- Megatron-style region mappings
+# Forward and backward side by side; each pair is the other's adjoint.
+
+def all_reduce(x: torch.Tensor, group: ProcessGroup | None, stats: CommStats | None = None) -> torch.Tensor:
+    p = group_size(group)
+    if p == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    _record(stats, "all_reduce", 2 * nbytes(x) * (p - 1) // p)
+    return x
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, stats: CommStats | None = None) -> torch.Tensor:
+    """Sum across `group`, keep this rank's chunk along `dim`."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    if x.shape[dim] % p:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} is not divisible by {p}")
+    send = torch.stack(x.chunk(p, dim=dim), dim=0).contiguous()  # [p, ...chunk]
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-to-all, then sum
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        out = recv.sum(0)
+    else:
+        out = torch.empty(send.shape[1:], dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out.view(-1), send.view(-1), group=group)
+    _record(stats, "reduce_scatter", nbytes(send) * (p - 1) // p)
+    return out
+
+
+def _split(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    return x.chunk(group_size(group), dim=dim)[group_rank(group)].contiguous()
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """Forward: identity. Backward: all-reduce (each rank's shard saw the same input)."""
+
+    @staticmethod
+    def forward(ctx, x, group, stats):
+        ctx.group, ctx.stats = group, stats
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g.clone(), ctx.group, ctx.stats), None, None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """Forward: all-reduce (partial sums of a row-parallel product). Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, group, stats):
+        return all_reduce(x.clone(), group, stats)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class _GatherToRegion(torch.autograd.Function):
+    """Forward: all-gather along `dim` (sequence-parallel -> full). Backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, stats):
+        ctx.args = (dim, group, stats)
+        return all_gather_cat(x, group, dim, stats)
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, group, stats = ctx.args
+        return reduce_scatter(g, dim, group, stats), None, None, None
+
+
+class _ReduceScatterFromRegion(torch.autograd.Function):
+    """Forward: reduce-scatter along `dim` (partial sums -> sequence-parallel). Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, stats):
+        ctx.args = (dim, group, stats)
+        return reduce_scatter(x, dim, group, stats)
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, group, stats = ctx.args
+        return all_gather_cat(g, group, dim, stats), None, None, None
+
+
+def copy_to_region(x, group, stats=None):
+    return x if group_size(group) == 1 else _CopyToRegion.apply(x, group, stats)
+
+
+def reduce_from_region(x, group, stats=None):
+    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group, stats)
+
+
+def gather_to_region(x, dim, group, stats=None):
+    return x if group_size(group) == 1 else _GatherToRegion.apply(x, dim, group, stats)
+
+
+def reduce_scatter_from_region(x, dim, group, stats=None):
+    return x if group_size(group) == 1 else _ReduceScatterFromRegion.apply(x, dim, group, stats)

@@ -103,17 +103,27 @@ class ParallelDims:
         grid = self.rank_grid().movedim(idx, list(range(5 - len(idx), 5))).reshape(-1, n)
         return grid.tolist()
 
-    def ep_groups(self) -> list[list[int]]:
-        """Rank lists of the expert-parallel groups (see module docstring)."""
+    def _dp_cp_blocks(self) -> torch.Tensor:
         grid = self.rank_grid()  # [pp, dp, cp_ring, cp_ulysses, tp]
         grid = grid.permute(0, 4, 1, 2, 3).reshape(self.pp * self.tp, -1)  # [pp*tp, dp*cp]
-        return grid.reshape(-1, self.ep).tolist()
+        return grid.reshape(self.pp * self.tp, -1, self.ep)  # [pp*tp, dp*cp/ep, ep]
+
+    def ep_groups(self) -> list[list[int]]:
+        """Rank lists of the expert-parallel groups (see module docstring)."""
+        return self._dp_cp_blocks().reshape(-1, self.ep).tolist()
+
+    def edp_groups(self) -> list[list[int]]:
+        """Expert-data-parallel groups: ranks holding the same experts (same place in their EP
+        group), over which expert gradients are summed."""
+        blocks = self._dp_cp_blocks()
+        return blocks.transpose(1, 2).reshape(-1, blocks.shape[1]).tolist()
 
 
 @dataclass(eq=False)
 class ParallelMesh:
     """This rank's view of the layout: its coordinates and one process group per axis, plus
-    ``cp`` (ring x Ulysses: every rank holding part of one sequence).
+    ``cp`` (ring x Ulysses: every rank holding part of one sequence) and ``dp_cp`` (data x
+    sequence: the replicas of a parameter, over which gradients are summed).
 
     Groups of size one are ``None`` (no communication). `device_mesh` is the same layout as a
     torch `DeviceMesh` with named axes, for DTensor-based code.
@@ -183,6 +193,11 @@ def build_mesh(
     groups = {a: _new_groups(dims.axis_groups(a), rank, timeout) for a in AXES}
     # both sequence-parallel axes together: checks that must involve every rank of a sequence
     groups["cp"] = _new_groups(dims.axis_groups("cp_ring", "cp_ulysses"), rank, timeout)
+    # data x sequence: the ranks holding replicas of the same (non-expert) parameters
+    groups["dp_cp"] = _new_groups(dims.axis_groups("dp", "cp_ring", "cp_ulysses"), rank, timeout)
+    # all ranks of one pipeline stage: different tokens of one batch (MoE balance statistics)
+    groups["dp_cp_tp"] = _new_groups(dims.axis_groups("dp", "cp_ring", "cp_ulysses", "tp"), rank, timeout)
+    groups["edp"] = _new_groups(dims.edp_groups(), rank, timeout)
     ep_group = _new_groups(dims.ep_groups(), rank, timeout) if dims.ep > 1 else None
     device_mesh = None
     if with_device_mesh:

@@ -5,6 +5,19 @@ from __future__ import annotations
 import torch
 
 
+def allowed(qpos, kpos, causal, window):
+    """[len(qpos), len(kpos)] boolean: may the query at qpos[i] see the key at kpos[j]."""
+    i, j = qpos[:, None], kpos[None, :]
+    m = torch.ones(len(qpos), len(kpos), dtype=torch.bool)
+    if causal:
+        m &= j <= i
+    if window is not None:
+        m &= (i - j) < window
+        if not causal:
+            m &= (j - i) < window
+    return m
+
+
 def reference_attention(q, k, v, causal=True, window=None, doc_ids=None, scale=None):
     """q [b, s, h, d], k/v [b, s, h_kv, d] full sequences; rows that see no key give 0."""
     b, s, h, d = q.shape
@@ -13,16 +26,7 @@ def reference_attention(q, k, v, causal=True, window=None, doc_ids=None, scale=N
     v = v.repeat_interleave(rep, dim=2)
     scale = d ** -0.5 if scale is None else scale
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    i = torch.arange(s)[:, None]
-    j = torch.arange(s)[None, :]
-    m = torch.ones(s, s, dtype=torch.bool)
-    if causal:
-        m &= j <= i
-    if window is not None:
-        m &= (i - j) < window
-        if not causal:
-            m &= (j - i) < window
-    m = m[None, None]
+    m = allowed(torch.arange(s), torch.arange(s), causal, window)[None, None]
     if doc_ids is not None:
         m = m & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     scores = scores.masked_fill(~m, float("-inf"))

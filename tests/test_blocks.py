@@ -4,20 +4,12 @@ import itertools
 
 import torch
 
+from tests.reference import allowed
 from longtrain.parallel.attention.blocks import Kind, Segment, classify, hop_plan, plan_blocks, ring_segments
 
 
 def brute(q: Segment, k: Segment, causal, window):
-    i = torch.arange(q.start, q.end)[:, None]
-    j = torch.arange(k.start, k.end)[None, :]
-    m = torch.ones(q.length, k.length, dtype=torch.bool)
-    if causal:
-        m &= j <= i
-    if window is not None:
-        m &= (i - j) < window
-        if not causal:
-            m &= (j - i) < window
-    return m
+    return allowed(torch.arange(q.start, q.end), torch.arange(k.start, k.end), causal, window)
 
 
 def test_classify_matches_brute_force():

@@ -15,6 +15,7 @@ Window semantics: with ``window=W`` a query at position i sees keys j with ``i -
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,7 @@ def refine_with_docs(block: Block, q_doc: torch.Tensor, k_doc: torch.Tensor) -> 
     return Kind.MASKED
 
 
+@functools.lru_cache(maxsize=256)
 def hop_plan(seq_len: int, ring_size: int, causal: bool, window: int | None,
              layout: str = "zigzag") -> tuple[int, int]:
     """Number of ring hops in the forward (receive from r-s) and backward (from r+s) directions.

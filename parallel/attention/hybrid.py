@@ -81,7 +81,7 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     uly, ring, cp, stats = _sp_all(mesh)
     meta = _validate(q, k, v, doc_ids, causal, window, group_size(uly), group_size(ring), layout)
-    check_agreement(meta, cp, "sequence_parallel_attention", _NAMES)
+    check_agreement(meta, cp, "sequence_parallel_attention", _NAMES, device=q.device)
     if doc_ids is not None:
         doc_ids = all_gather_cat(doc_ids.contiguous(), uly, dim=1, stats=stats, kind="doc_ids")
 

@@ -75,7 +75,7 @@ def _flash_fwd(q, k, v, causal, scale):
 
 def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _fa._flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, scale, causal,
+    _fa._flash_attn_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv, 0.0, scale, causal,
                              -1, -1, 0.0, None, False, rng_state=None)
     return dq, dk, dv
 
@@ -111,32 +111,35 @@ def _mask(i0, i1, j0, j1, causal, window, q_doc, k_doc, device):
     return m
 
 
-def _chunks(b, h, sq, sk):
-    rows = max(16, _CHUNK_ELEMS // max(1, b * h * sk))
-    return range(0, sq, rows), rows
+def _masked_scores(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale):
+    """Yield, per chunk of query rows, (rows, keys, q, k, v, masked scores) in fp32, with the
+    key columns cut to those the rows can see (so a window costs O(rows x window))."""
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    step = max(16, _CHUNK_ELEMS // max(1, b * h * sk))
+    for r0 in range(0, sq, step):
+        r1 = min(sq, r0 + step)
+        lo, hi = _key_range(q_start + r0, q_start + r1, k_start, sk, causal, window)
+        if hi <= lo:
+            continue
+        qc = q[:, r0:r1].float()
+        kc = _expand_kv(k[:, lo:hi], h).float()
+        vc = _expand_kv(v[:, lo:hi], h).float()
+        s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+        m = _mask(q_start + r0, q_start + r1, k_start + lo, k_start + hi, causal, window,
+                  None if q_doc is None else q_doc[:, r0:r1], None if k_doc is None else k_doc[:, lo:hi], q.device)
+        yield slice(r0, r1), slice(lo, hi), qc, kc, vc, s.masked_fill(~m, float("-inf"))
 
 
 def _masked_fwd(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale):
     b, sq, h, d = q.shape
-    sk = k.shape[1]
     out = torch.zeros(b, sq, h, d, dtype=torch.float32, device=q.device)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
-    starts, rows = _chunks(b, h, sq, sk)
-    for r0 in starts:
-        r1 = min(sq, r0 + rows)
-        lo, hi = _key_range(q_start + r0, q_start + r1, k_start, sk, causal, window)
-        if hi <= lo:
-            continue
-        kc = _expand_kv(k[:, lo:hi], h).float()
-        vc = _expand_kv(v[:, lo:hi], h).float()
-        s = torch.einsum("bqhd,bkhd->bhqk", q[:, r0:r1].float(), kc) * scale
-        m = _mask(q_start + r0, q_start + r1, k_start + lo, k_start + hi, causal, window,
-                  None if q_doc is None else q_doc[:, r0:r1], None if k_doc is None else k_doc[:, lo:hi], q.device)
-        s = s.masked_fill(~m, float("-inf"))
+    for rows, _, _, _, vc, s in _masked_scores(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale):
         l_ = torch.logsumexp(s, dim=-1)  # [b, h, rows]; -inf where a row sees nothing
         p = torch.exp(s - l_[..., None]).nan_to_num_(0.0)
-        out[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", p, vc)
-        lse[:, :, r0:r1] = l_
+        out[:, rows] = torch.einsum("bhqk,bkhd->bqhd", p, vc)
+        lse[:, :, rows] = l_
     return out, lse
 
 
@@ -147,46 +150,54 @@ def _masked_bwd(dout, q, k, v, out, lse, q_start, k_start, causal, window, q_doc
     dk = torch.zeros(b, sk, h, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [b, h, sq]
-    starts, rows = _chunks(b, h, sq, sk)
-    for r0 in starts:
-        r1 = min(sq, r0 + rows)
-        lo, hi = _key_range(q_start + r0, q_start + r1, k_start, sk, causal, window)
-        if hi <= lo:
-            continue
-        qc, doc = q[:, r0:r1].float(), dout[:, r0:r1].float()
-        kc = _expand_kv(k[:, lo:hi], h).float()
-        vc = _expand_kv(v[:, lo:hi], h).float()
-        s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
-        m = _mask(q_start + r0, q_start + r1, k_start + lo, k_start + hi, causal, window,
-                  None if q_doc is None else q_doc[:, r0:r1], None if k_doc is None else k_doc[:, lo:hi], q.device)
-        p = torch.exp(s.masked_fill(~m, float("-inf")) - lse[:, :, r0:r1, None]).nan_to_num_(0.0)
-        dv[:, lo:hi] += torch.einsum("bhqk,bqhd->bkhd", p, doc)
-        ds = p * (torch.einsum("bqhd,bkhd->bhqk", doc, vc) - delta[:, :, r0:r1, None])
-        dq[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", ds, kc) * scale
-        dk[:, lo:hi] += torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
+    for rows, keys, qc, kc, vc, s in _masked_scores(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale):
+        doc = dout[:, rows].float()
+        p = torch.exp(s - lse[:, :, rows, None]).nan_to_num_(0.0)
+        dv[:, keys] += torch.einsum("bhqk,bqhd->bkhd", p, doc)
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", doc, vc) - delta[:, :, rows, None])
+        dq[:, rows] = torch.einsum("bhqk,bkhd->bqhd", ds, kc) * scale
+        dk[:, keys] += torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
     return dq, _reduce_kv(dk, hkv), _reduce_kv(dv, hkv)
 
 
 # ---------------------------------------------------------------- public block API
 
+def _fused_ok(q: torch.Tensor) -> bool:
+    """FULL / CAUSAL blocks go to a fused kernel: the CPU flash kernel, or flash-attn on CUDA."""
+    return q.device.type == "cpu" or _use_flash(q)
+
+
+def _as_masked(kind: Kind, kw: dict) -> dict:
+    """FULL / CAUSAL expressed for the general kernel (devices without a fused kernel)."""
+    return dict(kw, q_start=0, k_start=0, causal=kind is Kind.CAUSAL, window=None, q_doc=None, k_doc=None)
+
+
 def block_forward(q, k, v, kind: Kind, *, scale: float, q_start: int = 0, k_start: int = 0,
                   causal: bool = True, window: int | None = None, q_doc=None, k_doc=None):
     """(out, lse) of one block; out in q.dtype for fused kernels, fp32 for the torch kernel."""
+    kw = dict(q_start=q_start, k_start=k_start, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
     if kind is Kind.FULL or kind is Kind.CAUSAL:
-        return _fused_fwd(q, k, v, kind is Kind.CAUSAL, scale)
-    if kind is Kind.MASKED:
-        return _masked_fwd(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale)
-    raise ValueError(f"no kernel for {kind}")
+        if _fused_ok(q):
+            return _fused_fwd(q, k, v, kind is Kind.CAUSAL, scale)
+        kw = _as_masked(kind, kw)
+    elif kind is not Kind.MASKED:
+        raise ValueError(f"no kernel for {kind}")
+    return _masked_fwd(q, k, v, kw["q_start"], kw["k_start"], kw["causal"], kw["window"],
+                       kw["q_doc"], kw["k_doc"], scale)
 
 
 def block_backward(dout, q, k, v, out, lse, kind: Kind, *, scale: float, q_start: int = 0,
                    k_start: int = 0, causal: bool = True, window: int | None = None, q_doc=None, k_doc=None):
     """(dq, dk, dv) of one block given the *global* out and lse of its rows."""
+    kw = dict(q_start=q_start, k_start=k_start, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
     if kind is Kind.FULL or kind is Kind.CAUSAL:
-        return _fused_bwd(dout, q, k, v, out, lse, kind is Kind.CAUSAL, scale)
-    if kind is Kind.MASKED:
-        return _masked_bwd(dout, q, k, v, out, lse, q_start, k_start, causal, window, q_doc, k_doc, scale)
-    raise ValueError(f"no kernel for {kind}")
+        if _fused_ok(q):
+            return _fused_bwd(dout, q, k, v, out, lse, kind is Kind.CAUSAL, scale)
+        kw = _as_masked(kind, kw)
+    elif kind is not Kind.MASKED:
+        raise ValueError(f"no kernel for {kind}")
+    return _masked_bwd(dout, q, k, v, out, lse, kw["q_start"], kw["k_start"], kw["causal"], kw["window"],
+                       kw["q_doc"], kw["k_doc"], scale)
 
 
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:

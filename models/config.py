@@ -1,0 +1,86 @@
+"""Typed model configuration. Validation that depends on the layout (heads divisible by tp,
+vocabulary divisible by tp) happens in `check_layout`, before any collective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .actquant import ActQuantConfig
+from .moe import MoEConfig
+from .moh import MoHConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA); fewer: GQA / MQA
+    ffn_hidden: int | None = None  # None: SwiGLU default, 8/3 * dim rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # NTK-aware context extension: theta *= s ** (d / (d - 2))
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    window: int | None = None  # sliding-window attention (keys per query), None = full causal
+    loss_chunk: int = 4096  # tokens per LM-head/loss chunk: logits never exist for the whole sequence
+    mlp_chunk: int | None = None  # tokens per MLP chunk (None: whole sequence at once)
+    checkpoint: str = "none"  # "none" | "full" (recompute the block) | "selective" (keep attention)
+    moe: MoEConfig | None = None  # Mixture-of-Experts FFN (None: dense SwiGLU everywhere)
+    moh: MoHConfig | None = None  # Mixture-of-Head attention (None: every head for every token)
+    act_quant: ActQuantConfig | None = None  # 8-bit activations saved for backward (Mesa)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.moh, dict):
+            self.moh = MoHConfig(**self.moh)
+        if isinstance(self.act_quant, dict):
+            self.act_quant = ActQuantConfig(**self.act_quant)
+        if self.moh is not None:
+            self.moh.check(self.n_heads)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * -(-int(8 * self.dim / 3) // 64)
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.checkpoint not in ("none", "full", "selective"):
+            problems.append(f"checkpoint={self.checkpoint!r} must be 'none', 'full' or 'selective'")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "loss_chunk"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and (i + 1) % self.moe.every == 0
+
+    def check_layout(self, tp: int, cp_ulysses: int, ep: int = 1) -> None:
+        """Raise if the model cannot be split this way; says what to change."""
+        problems = []
+        if self.n_heads % tp or self.n_kv_heads % tp:
+            problems.append(f"n_heads={self.n_heads} and n_kv_heads={self.n_kv_heads} must be divisible by tp={tp}")
+        if self.vocab_size % tp:
+            problems.append(f"vocab_size={self.vocab_size} must be divisible by tp={tp} (pad the vocabulary)")
+        if self.ffn_hidden % tp:
+            problems.append(f"ffn_hidden={self.ffn_hidden} must be divisible by tp={tp}")
+        heads, kv = self.n_heads // max(1, tp), self.n_kv_heads // max(1, tp)
+        if cp_ulysses > 1 and (heads % cp_ulysses or (kv % cp_ulysses and cp_ulysses % kv)):
+            problems.append(f"per-tp-rank heads ({heads} query, {kv} K/V) must be divisible by "
+                            f"cp_ulysses={cp_ulysses} (K/V heads may instead divide it)")
+        if self.moe is not None and self.moe.num_experts % ep:
+            problems.append(f"num_experts={self.moe.num_experts} must be divisible by ep={ep}")
+        if self.moe is None and ep > 1:
+            problems.append(f"ep={ep} needs a Mixture-of-Experts model (set moe)")
+        if problems:
+            raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))

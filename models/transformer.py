@@ -1,0 +1,220 @@
+"""The decoder-only LM, parallel along tp and the sequence axes of the mesh.
+
+Built on the meta device and materialized shard by shard (`materialize`): every parameter is
+drawn in full from a generator seeded by (seed, parameter name) and this rank keeps its
+slice, so one seed gives the same model on every layout and layouts compare exactly.
+
+The loss is computed in chunks of `loss_chunk` tokens, each chunk's logits recomputed in
+backward, so a million-token sequence never holds all its logits. Activation checkpointing
+"selective" recomputes everything but attention (its output and log-sum-exp stay saved, as in
+LightSeq): recomputing attention would redo the whole ring.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longtrain.parallel.attention import sequence_positions
+from longtrain.parallel.comm import all_reduce, group_rank, group_size
+from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+from .config import ModelConfig
+from .layers import Attention, DenseFFN, Parallel, RMSNorm, rope_tables
+from .actquant import ActQuant
+from .moe import MoELayer
+
+IGNORE = -100
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block. Returns (x, balance loss of its MoE FFN or 0)."""
+
+    def __init__(self, cfg: ModelConfig, par: Parallel, index: int, quant: ActQuant, device=None):
+        super().__init__()
+        self.cfg, self.par, self.index, self.quant = cfg, par, index, quant
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.attn = Attention(cfg, par, device)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.moe = cfg.is_moe_layer(index)
+        if self.moe:
+            m = cfg.moe
+            shared = DenseFFN(cfg, par, device, m.expert_hidden or cfg.ffn_hidden) if m.shared_expert else None
+            self.mlp = MoELayer(cfg.dim, cfg.ffn_hidden, m, ep_group=par.ep_group, token_group=par.token_group,
+                                shared=shared, stats=par.stats, device=device)
+        else:
+            self.mlp = DenseFFN(cfg, par, device)
+
+    def _qkv(self, x, cos, sin):
+        return self.attn.project(self.par.enter(self.attn_norm(x)), (cos, sin))
+
+    def _rest(self, x, o, gates, aux):
+        h = x + self.par.leave(self.attn.output(o, gates))
+        with self.quant.site(self.index, "mlp"):
+            if self.moe:  # routes the tokens this rank holds; output is complete, no tp reduction
+                out, moe_aux = self.mlp(self.mlp_norm(h))
+                return h + out, aux + moe_aux
+            return h + self.mlp(self.mlp_norm(h)), aux
+
+    def _attend(self, q, k, v, doc_ids):
+        with self.quant.site(self.index, "attention"):
+            return self.attn.attend(q, k, v, doc_ids)
+
+    def _full(self, x, cos, sin, doc_ids):
+        q, k, v, gates, aux = self._qkv(x, cos, sin)
+        return self._rest(x, self._attend(q, k, v, doc_ids), gates, aux)
+
+    def forward(self, x, cos, sin, doc_ids=None):
+        mode = self.cfg.checkpoint if self.training and torch.is_grad_enabled() else "none"
+        if mode == "full":
+            return checkpoint(self._full, x, cos, sin, doc_ids, use_reentrant=False)
+        if mode == "selective":  # attention keeps its own saved tensors; the rest is recomputed
+            q, k, v, gates, aux = checkpoint(self._qkv, x, cos, sin, use_reentrant=False)
+            o = self._attend(q, k, v, doc_ids)
+            return checkpoint(self._rest, x, o, gates, aux, use_reentrant=False)
+        return self._full(x, cos, sin, doc_ids)
+
+
+@dataclass
+class LossOutput:
+    """Sum of token losses and count of counted tokens on this rank (labels != -100), and the
+    weighted MoE balance losses (already global: computed from statistics of the whole batch)."""
+
+    loss_sum: torch.Tensor
+    tokens: torch.Tensor
+    aux: torch.Tensor | float = 0.0
+
+
+class LongLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, par: Parallel | None = None, device=None):
+        super().__init__()
+        self.cfg, self.par = cfg, par or Parallel()
+        self.par_tp = self.par.tp
+        cfg.check_layout(self.par.tp, _ulysses(self.par.mesh), group_size(self.par.ep_group))
+        g = self.par.tp_group
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, g, device=device)
+        self.quant = ActQuant(cfg.act_quant)
+        self.layers = nn.ModuleList(Block(cfg, self.par, i, self.quant, device) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, g, device=device)
+        if self.par.sequence_parallel and self.par.tp > 1:
+            for p in self.parameters():  # not split over tp: each tp rank saw only its sequence slice
+                if getattr(p, "shard_group", None) is not g:
+                    p.tp_partial_grad = True
+
+    def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None):
+        """(final normed hidden states [b, s_local(/tp with TP-SP), dim], summed balance losses)."""
+        par = self.par
+        seq_len = input_ids.shape[1] * _cp(par.mesh)
+        pos = sequence_positions(seq_len, par.mesh, device=input_ids.device) if par.mesh is not None \
+            else torch.arange(seq_len, device=input_ids.device)
+        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        x = self.embed(input_ids)
+        x = par.leave(x)  # complete the vocab-parallel lookup (and split the sequence under TP-SP)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, a = layer(x, cos, sin, doc_ids)
+            aux = aux + a
+        return self.norm(x), aux
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> LossOutput:
+        h, aux = self.hidden(input_ids, doc_ids)
+        out = chunked_lm_loss(self.par.enter(h), self.head, labels, self.cfg.loss_chunk, self.par)
+        out.aux = aux
+        return out
+
+    def moe_layers(self) -> list:
+        return [layer.mlp for layer in self.layers if layer.moe]
+
+
+def _cp(mesh) -> int:
+    return 1 if mesh is None else mesh.size("cp_ring") * mesh.size("cp_ulysses")
+
+
+def _ulysses(mesh) -> int:
+    return 1 if mesh is None else mesh.size("cp_ulysses")
+
+
+def _chunk_loss(h, weight, labels, par):
+    logits = torch.nn.functional.linear(h, weight)  # [b, c, V/tp]
+    mask = labels != IGNORE
+    loss = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0), par.tp_group, par.stats)
+    return (loss * mask).sum()
+
+
+def chunked_lm_loss(h: torch.Tensor, head: ColumnParallelLinear, labels: torch.Tensor, chunk: int,
+                    par: Parallel) -> LossOutput:
+    """Sum of token losses over [b, s] in chunks of `chunk` tokens, logits recomputed in backward."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for hc, lc in zip(h.split(chunk, dim=1), labels.split(chunk, dim=1)):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hc, head.weight, lc, par, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hc, head.weight, lc, par)
+    return LossOutput(total, (labels != IGNORE).sum())
+
+
+def global_loss(out: LossOutput, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, mean loss for reporting): the token mean over every rank of
+    `group` (data x sequence parallel). Each rank's loss is its own sum over the global count,
+    so summing gradients over the group gives the gradient of the global mean."""
+    count = all_reduce(out.tokens.detach().clone().float(), group)
+    loss = out.loss_sum / count.clamp(min=1)
+    mean = all_reduce(loss.detach().clone(), group)
+    return loss + out.aux, mean
+
+
+# ---------------------------------------------------------------- initialization
+
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _full_init(p: nn.Parameter, name: str, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    shape = getattr(p, "full_shape", tuple(p.shape))
+    kind = getattr(p, "init", "normal")
+    if kind == "ones":
+        return torch.ones(shape)
+    std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if kind == "scaled" else cfg.init_std
+    g = torch.Generator().manual_seed(_param_seed(seed, name))
+    return torch.randn(shape, generator=g) * std
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Give a meta-device model real storage: this rank's slice of each seed-determined tensor."""
+    cfg = model.cfg
+    for name, p in list(model.named_parameters()):
+        full = _full_init(p, name, cfg, seed)
+        dim = getattr(p, "shard_dim", None)
+        if dim is not None:
+            grp = p.shard_group
+            full = full.chunk(group_size(grp), dim=dim)[group_rank(grp)]
+        new = nn.Parameter(full.to(device=device, dtype=dtype).contiguous())
+        new.__dict__.update(p.__dict__)  # sharding and gradient-reduction tags
+        _set(model, name, new)
+    return model
+
+
+def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(mod_name) if mod_name else model, attr, value)
+
+
+def build_model(cfg: ModelConfig, mesh=None, *, seed: int = 0, device: str = "cpu", dtype=torch.float32,
+                sequence_parallel: bool = True) -> LongLM:
+    """The model for this rank of `mesh` (None: one process), with seed-determined weights."""
+    sp = sequence_parallel and mesh is not None and mesh.size("tp") > 1
+    par = Parallel(tp_group=None if mesh is None else mesh.group("tp"), sequence_parallel=sp, mesh=mesh,
+                   stats=None if mesh is None else mesh.stats,
+                   ep_group=None if mesh is None else mesh.group("ep"),
+                   token_group=None if mesh is None else mesh.group("dp_cp_tp" if sp else "dp_cp"),
+                   region_token_group=None if mesh is None else mesh.group("dp_cp"))
+    with torch.device("meta"):
+        model = LongLM(cfg, par)
+    return materialize(model, seed, device, dtype)

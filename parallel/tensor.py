@@ -1,0 +1,145 @@
+"""Tensor-parallel layers (Megatron style), each taking its process group in the constructor.
+
+The layers hold shards and do no communication of their own: the model enters and leaves a
+tensor-parallel region explicitly with the mappings in `comm.py` (`copy_to_region` /
+`reduce_from_region`, or with TP sequence parallel `gather_to_region` /
+`reduce_scatter_from_region` along the sequence). That keeps one all-gather for Q, K and V
+together and makes every collective visible where it happens.
+
+Every sharded parameter records how it was cut (`shard_dim`, `full_shape`), so that
+initialization can draw the *full* tensor from the seed and keep this rank's slice: the
+same seed gives the same model on every layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .comm import CommStats, all_reduce, group_rank, group_size
+
+
+def mark_shard(p: nn.Parameter, dim: int | None, full_shape: tuple[int, ...], group: ProcessGroup | None) -> None:
+    """Record that `p` is the `group_rank`-th of `group_size` slices of a `full_shape` tensor along `dim`."""
+    p.shard_dim = dim if group_size(group) > 1 else None
+    p.full_shape = tuple(full_shape)
+    p.shard_group = group
+
+
+def _divide(n: int, p: int, what: str) -> int:
+    if n % p:
+        raise ValueError(f"{what} ({n}) must be divisible by the tensor-parallel degree tp={p}")
+    return n // p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across `group`: y's last dim is sharded."""
+
+    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None, *,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.group = group
+        local = _divide(out_features, group_size(group), "output features")
+        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
+        mark_shard(self.weight, 0, (out_features, in_features), group)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
+            mark_shard(self.bias, 0, (out_features,), group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across `group`: x arrives sharded in its last dim,
+    y is a partial sum (the caller reduces it, or reduce-scatters it along the sequence)."""
+
+    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None, *,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.group = group
+        local = _divide(in_features, group_size(group), "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
+        mark_shard(self.weight, 1, (out_features, in_features), group)
+        self.bias = None
+        if bias:  # added once, on rank 0 of the group, so the reduction counts it once
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+            mark_shard(self.bias, None, (out_features,), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.bias is not None and group_rank(self.group) == 0 else None
+        return F.linear(x, self.weight, bias)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; each rank embeds the ids in its range and
+    zeros the rest, so a sum over the group (all-reduce or reduce-scatter) completes it."""
+
+    def __init__(self, vocab_size: int, dim: int, group: ProcessGroup | None, *, device=None, dtype=None):
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        local = _divide(vocab_size, group_size(group), "vocabulary size")
+        self.start = group_rank(group) * local
+        self.weight = nn.Parameter(torch.empty(local, dim, device=device, dtype=dtype))
+        mark_shard(self.weight, 0, (vocab_size, dim), group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Partial embeddings [..., dim]: complete after summing over the group."""
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return out.masked_fill(outside[..., None], 0.0)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary across `group`, never gathering them."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, start, group, stats):
+        logits = logits.float()
+        local_v = logits.shape[-1]
+        mx = logits.max(dim=-1).values
+        mx = _all_reduce_op(mx, group, stats, torch.distributed.ReduceOp.MAX)
+        shifted = logits - mx[..., None]
+        exp = shifted.exp()
+        sum_exp = all_reduce(exp.sum(-1), group, stats)
+        local = labels - start
+        inside = (local >= 0) & (local < local_v)
+        safe = local.masked_fill(~inside, 0)
+        target = shifted.gather(-1, safe[..., None]).squeeze(-1).masked_fill(~inside, 0.0)
+        target = all_reduce(target, group, stats)
+        loss = sum_exp.log() - target
+        ctx.save_for_backward(exp.div_(sum_exp[..., None]), safe, inside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, safe, inside = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, safe[..., None], -inside[..., None].to(grad.dtype))
+        return grad * g[..., None], None, None, None, None
+
+
+def _all_reduce_op(x, group, stats, op):
+    if group_size(group) == 1:
+        return x
+    x = x.contiguous()
+    torch.distributed.all_reduce(x, op=op, group=group)
+    if stats is not None:
+        stats.record("all_reduce", 2 * x.numel() * x.element_size())
+    return x
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None,
+                                 stats: CommStats | None = None) -> torch.Tensor:
+    """Per-token loss [...] from vocabulary-sharded logits [..., V/tp] (fp32 inside).
+    Labels must be valid token ids; mask ignored positions after the call."""
+    local_v = logits.shape[-1]
+    start = group_rank(group) * local_v
+    if group_size(group) == 1:
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    return _VocabParallelCE.apply(logits, labels, start, group, stats)
