@@ -64,27 +64,69 @@ class _Ctx:
                     window=self.window, q_doc=q_doc, k_doc=k_doc)
 
 
-def _pack(*ts: torch.Tensor) -> torch.Tensor:
-    return torch.stack(ts, dim=0)  # one message per hop
+def _add(acc: torch.Tensor | None, rows: slice, part: torch.Tensor, full_shape) -> torch.Tensor:
+    """acc[rows] += part, in fp32; a first part covering every row is taken as it is (no copy)."""
+    n = full_shape[1]
+    if acc is None:
+        if rows.start in (0, None) and rows.stop in (n, None) and part.shape[1] == n:
+            return part
+        acc = torch.zeros(full_shape, dtype=torch.float32, device=part.device)
+    elif acc.dtype != torch.float32:
+        acc = acc.float()
+    acc[:, rows] += part
+    return acc
 
 
-def _fwd_step(c: _Ctx, q, kv, src, out_acc, lse_acc) -> None:
-    k, v = kv[0], kv[1]
+class _Partial:
+    """Running (out, lse) of the local queries. The first block covering all rows is kept as
+    the kernel returned it: plain attention (no ring, one block) costs no extra copy."""
+
+    def __init__(self, q: torch.Tensor):
+        self.shape, self.device = q.shape, q.device
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+
+    def _empty(self) -> None:
+        b, s, h, _ = self.shape
+        self.out = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        self.lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=self.device)
+
+    def add(self, rows: slice, o: torch.Tensor, l_: torch.Tensor) -> None:
+        if self.out is None:
+            s = self.shape[1]
+            if rows.start in (0, None) and rows.stop in (s, None) and o.shape[1] == s:
+                self.out, self.lse = o, l_
+                return
+            self._empty()
+        if self.out.dtype != torch.float32:
+            self.out = self.out.float()
+        merge_(self.out[:, rows], self.lse[:, :, rows], o, l_)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.out is None:  # no key visible to any local query
+            self._empty()
+        return self.out, self.lse
+
+
+def _fwd_step(c: _Ctx, q, k, v, src, acc: _Partial) -> None:
     for b, kind, qd, kd in c.blocks(src):
         o, l_ = block_forward(q[:, b.q], k[:, b.k], v[:, b.k], kind, **c.kw(b, qd, kd))
-        merge_(out_acc[:, b.q], lse_acc[:, :, b.q], o, l_)
+        acc.add(b.q, o, l_)
 
 
-def _bwd_step(c: _Ctx, dout, q, kv, out, lse, src, dq_acc) -> torch.Tensor:
-    k, v = kv[0], kv[1]
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+def _bwd_step(c: _Ctx, dout, q, k, v, out, lse, src, dq):
+    """Gradient contributions of one shard: (dq accumulated, dk, dv of that shard)."""
+    dk = dv = None
     for b, kind, qd, kd in c.blocks(src):
-        dq, dk, dv = block_backward(dout[:, b.q], q[:, b.q], k[:, b.k], v[:, b.k], out[:, b.q],
-                                    lse[:, :, b.q], kind, **c.kw(b, qd, kd))
-        dq_acc[:, b.q] += dq
-        dkv[0][:, b.k] += dk
-        dkv[1][:, b.k] += dv
-    return dkv
+        dq_, dk_, dv_ = block_backward(dout[:, b.q], q[:, b.q], k[:, b.k], v[:, b.k], out[:, b.q],
+                                       lse[:, :, b.q], kind, **c.kw(b, qd, kd))
+        dq = _add(dq, b.q, dq_, q.shape)
+        dk = _add(dk, b.k, dk_, k.shape)
+        dv = _add(dv, b.k, dv_, v.shape)
+    if dk is None:  # nothing of this shard is visible to the local queries
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+    return dq, dk, dv
 
 
 def _directions(c: _Ctx) -> list[tuple[int, int]]:
@@ -93,64 +135,62 @@ def _directions(c: _Ctx) -> list[tuple[int, int]]:
     return [(s, n) for s, n in ((1, fwd), (-1, bwd)) if n > 0]
 
 
-def _ring_forward(c: _Ctx, q, kv):
-    b, s, h, d = q.shape
-    out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+def _ring_forward(c: _Ctx, q, k, v):
+    acc = _Partial(q)
     comms = []
     for shift, hops in _directions(c):  # start the first hop of each direction before computing
         comm = RingP2P(c.group, c.stats, "ring_kv", _TAG_FWD + (shift < 0))
-        comm.exchange(kv, shift)
+        comm.exchange(torch.stack([k, v]), shift)  # one message per hop
         comms.append((comm, shift, hops))
-    _fwd_step(c, q, kv, c.rank, out, lse)
+    _fwd_step(c, q, k, v, c.rank, acc)
     for comm, shift, hops in comms:
         for step in range(1, hops + 1):
             cur = comm.wait()
             if step < hops:
                 comm.exchange(cur, shift)
-            _fwd_step(c, q, cur, c.rank - step * shift, out, lse)
-    return out, lse
+            _fwd_step(c, q, cur[0], cur[1], c.rank - step * shift, acc)
+    return acc.result()
 
 
-def _ring_backward(c: _Ctx, dout, q, kv, out, lse):
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+def _ring_backward(c: _Ctx, dout, q, k, v, out, lse):
     comms = []
     for shift, hops in _directions(c):  # first hops in flight while the own shard is computed
         kv_comm = RingP2P(c.group, c.stats, "ring_kv", _TAG_BWD + (shift < 0))
         acc_comm = RingP2P(c.group, c.stats, "ring_dkv", _TAG_DKV + (shift < 0))
-        kv_comm.exchange(kv, shift)
+        kv_comm.exchange(torch.stack([k, v]), shift)
         comms.append((kv_comm, acc_comm, shift, hops))
-    dkv_own = _bwd_step(c, dout, q, kv, out, lse, c.rank, dq)
+    dq, dk, dv = _bwd_step(c, dout, q, k, v, out, lse, c.rank, None)
     for kv_comm, acc_comm, shift, hops in comms:
         acc = None
         for step in range(1, hops + 1):
             cur = kv_comm.wait()
             if step < hops:
                 kv_comm.exchange(cur, shift)
-            part = _bwd_step(c, dout, q, cur, out, lse, c.rank - step * shift, dq)
+            dq, dk_, dv_ = _bwd_step(c, dout, q, cur[0], cur[1], out, lse, c.rank - step * shift, dq)
+            part = torch.stack([dk_.float(), dv_.float()])
             acc = part if acc is None else acc_comm.wait().add_(part)
             if step < hops:
                 acc_comm.exchange(acc, shift)  # travels on with the shard it belongs to
         acc_comm.exchange(acc, -hops * shift)  # home: to the rank that owns that shard
-        dkv_own += acc_comm.wait()
-    return dq, dkv_own
+        home = acc_comm.wait()
+        dk, dv = dk.float() + home[0], dv.float() + home[1]
+    return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, c: _Ctx):
-        kv = _pack(k, v)
-        out, lse = _ring_forward(c, q, kv)
+        out, lse = _ring_forward(c, q, k, v)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.c = c
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv, out, lse = ctx.saved_tensors
-        dq, dkv = _ring_backward(ctx.c, dout.contiguous(), q, kv, out, lse)
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(ctx.c, dout.contiguous(), q, k, v, out, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None, *,

@@ -1,10 +1,12 @@
 """Ulysses (DeepSpeed-Ulysses) sequence parallelism: trade the sequence split for a head split.
 
-One all-to-all turns [b, s/U, h, d] into [b, s, h/U, d]; attention then runs over the whole
+An all-to-all turns [b, s/U, h, d] into [b, s, h/U, d]; attention then runs over the whole
 (sequence-gathered) shard for a subset of heads, and a second all-to-all turns the output
-back. Q, K and V travel in a single all-to-all. With fewer K/V heads than Ulysses ranks
-(GQA/MQA), each K/V head is replicated so that every rank receives the K/V head its query
-heads use; the replicas' gradients are summed by autograd.
+back. With fewer K/V heads than Ulysses ranks (GQA/MQA), each K/V head is replicated so
+that every rank receives the K/V head its query heads use; the replicas' gradients are
+summed by autograd. Q, K and V travel as separate messages: the received tensors are then
+contiguous, which the CPU flash kernel needs to run at full speed (measured: a packed single
+message left strided views and cost about 10%).
 """
 
 from __future__ import annotations
@@ -33,19 +35,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     u = group_size(group)
     if u == 1:
         return attend(q, k, v)
-    b, s, h, d = q.shape
     hkv = k.shape[2]
-    check_ulysses_heads(h, hkv, u)
+    check_ulysses_heads(q.shape[2], hkv, u)
     if hkv < u:
         k, v = k.repeat_interleave(u // hkv, dim=2), v.repeat_interleave(u // hkv, dim=2)
-        hkv = u
-    # one message: per destination rank, its query heads then its K/V heads
-    qx = q.reshape(b, s, u, (h // u) * d)
-    kvx = torch.stack([k, v], dim=3).reshape(b, s, u, (hkv // u) * 2 * d)
-    x = all_to_all_autograd(torch.cat([qx, kvx], dim=-1), 2, 1, group, stats)  # [b, s*u, 1, .]
-    qg, kvg = x.split([qx.shape[-1], kvx.shape[-1]], dim=-1)
-    qg = qg.reshape(b, s * u, h // u, d)
-    kvg = kvg.reshape(b, s * u, hkv // u, 2, d)
-    out = attend(qg, kvg[:, :, :, 0], kvg[:, :, :, 1])  # [b, s*u, h/u, d]
-    out = out.reshape(b, s * u, 1, (h // u) * d)
-    return all_to_all_autograd(out, 1, 2, group, stats).reshape(b, s, h, d)
+    # [b, s/U, h, d] -> [b, s, h/U, d]; separate messages keep each result contiguous for the kernel
+    qg, kg, vg = (all_to_all_autograd(t, 2, 1, group, stats) for t in (q, k, v))
+    out = attend(qg, kg, vg)  # [b, s, h/U, d]
+    return all_to_all_autograd(out, 1, 2, group, stats)
