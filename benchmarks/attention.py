@@ -120,15 +120,15 @@ def _flops(seq: int, heads: int, head_dim: int) -> float:
 
 def run(layouts: list[str], seqs: list[int], heads: int, head_dim: int, iters: int, dtype: str,
         rounds: int) -> list[Result]:
-    """Every configuration runs `rounds` times, interleaved with the others, in fresh processes;
-    the median over rounds damps the drift of a shared machine."""
+    """Every configuration runs `rounds` times, interleaved with the others (in alternating
+    order), in fresh processes; the median over rounds damps the drift of a shared machine."""
     from longtrain.launch.spawn import spawn_local
 
     out = []
     for seq in seqs:
         samples: dict[str, list] = {name: [] for name in layouts}
-        for _ in range(rounds):
-            for name in layouts:
+        for rnd in range(rounds):
+            for name in (layouts if rnd % 2 == 0 else layouts[::-1]):  # alternate order: no position bias
                 ranks = LAYOUTS[name][0]
                 threads = max(1, (os.cpu_count() or 1) // ranks)
                 samples[name].append(spawn_local(_run_rank, ranks, name, seq, heads, head_dim, iters, dtype,
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         note = (f"b=1, h={args.heads}, d={args.head_dim}, {args.dtype}; {os.cpu_count()} cores shared by the "
                 f"ranks (threads split evenly); per run the median of {args.iters} steps after one "
-                f"warm-up, then the median over {args.rounds} interleaved runs. The hybrid needs 4 ranks, "
+                f"warm-up, then the median over {args.rounds} interleaved runs (alternating order). The hybrid needs 4 ranks, "
                 f"so on a 2-core machine it runs oversubscribed (1 thread per rank, 2 ranks per core).")
         write_docs(args.write_docs, results, "longtrain bench attention " + " ".join(argv or sys.argv[1:]), note)
     return 0

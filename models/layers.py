@@ -58,6 +58,12 @@ class Parallel:
         return reduce_from_region(x, self.tp_group, self.stats)
 
 
+try:  # NVIDIA apex: optional fused kernel on CUDA (built from source; never a dependency)
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _apex_rms_norm  # type: ignore
+except Exception:  # noqa: BLE001
+    _apex_rms_norm = None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
@@ -66,6 +72,8 @@ class RMSNorm(nn.Module):
         self.weight.init = "ones"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _apex_rms_norm is not None and x.is_cuda:
+            return _apex_rms_norm(x, self.weight, self.weight.shape, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)

@@ -99,8 +99,12 @@ def apply_capacity(idx: torch.Tensor, num_experts: int, factor: float | None) ->
         return idx, 0
     n, k = idx.shape
     cap = math.ceil(factor * n * k / num_experts)
-    onehot = F.one_hot(idx.reshape(-1), num_experts)  # [N*k, E], token-major order
-    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place of each assignment in its expert's queue
+    flat = idx.reshape(-1)  # token-major: earlier tokens queue first
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = counts.cumsum(0) - counts
+    position = torch.empty_like(flat)  # place of each assignment in its expert's queue, O(N k) memory
+    position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     keep = position < cap
     return torch.where(keep, idx.reshape(-1), -1).view(n, k), int((~keep).sum())
 

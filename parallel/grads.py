@@ -57,3 +57,29 @@ def full_tensor(p: nn.Parameter, t: torch.Tensor | None = None) -> torch.Tensor:
     if dim is None:
         return t
     return all_gather_cat(t.contiguous(), p.shard_group, dim)
+
+
+def global_grad_norm(params: Iterable[nn.Parameter], mesh) -> torch.Tensor:
+    """L2 norm of the full gradient, as one process holding the whole model would compute it:
+    sharded parameters sum their squares over their shard group, replicated ones count once.
+    Call after `sync_gradients`."""
+    sums: dict[int, list] = {}  # id(shard group) -> [group, sum of squares]
+    for p in params:
+        if p.grad is None:
+            continue
+        group = p.shard_group if getattr(p, "shard_dim", None) is not None else None
+        entry = sums.setdefault(id(group), [group, torch.zeros((), dtype=torch.float32, device=p.grad.device)])
+        entry[1] = entry[1] + p.grad.detach().float().pow(2).sum()
+    total = torch.zeros((), dtype=torch.float32)
+    for group, sq in sorted(sums.values(), key=lambda e: _group_key(e[0])):  # one global order: no deadlock
+        total = total + all_reduce(sq, group).cpu()
+    return total.sqrt()
+
+
+def _group_key(group) -> tuple:
+    """Iterate groups in the same order on every rank (a collective per group)."""
+    if group is None:
+        return (0,)
+    import torch.distributed as dist
+
+    return (1, tuple(dist.get_process_group_ranks(group)))

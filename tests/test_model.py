@@ -158,3 +158,27 @@ def test_moh_reports_heads_and_balances():
     assert load.sum() == 64 * 5 and aux > 0
     # weighted summation, not a mask: the shared heads' gates sum to a_1 * shared_heads
     assert not torch.allclose(gates[..., :2], torch.ones_like(gates[..., :2]))
+
+
+def _grad_norm(degrees, cfg_kw, seed):
+    from longtrain.parallel.grads import global_grad_norm
+
+    mesh = mesh_for(**degrees)
+    model = build_model(ModelConfig(**cfg_kw), mesh, seed=seed)
+    ids, labels, _ = make_batch(2, 64, cfg_kw["vocab_size"], seed)
+    dp, dpr = mesh.size("dp"), mesh.coord("dp")
+    local = [shard_sequence(t[dpr * 2 // dp:(dpr + 1) * 2 // dp], mesh) for t in (ids, labels)]
+    loss, _ = global_loss(model(*local), mesh.group("dp_cp"))
+    loss.backward()
+    sync_gradients(model.parameters(), mesh)
+    return global_grad_norm(model.parameters(), mesh).item()
+
+
+@pytest.mark.parametrize("degrees,cfg", [(dict(tp=2, cp_ring=2), CFG),
+                                         (dict(dp=2, tp=2, ep=2), dict(CFG, moe=dict(num_experts=4, top_k=2)))],
+                         ids=["tp2xring2", "dp2-tp2-ep2-moe"])
+def test_global_grad_norm_matches_one_process(pool4, degrees, cfg):
+    _, grads = reference(cfg, 2, 64, 6)
+    want = torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
+    for got in pool4.run(_grad_norm, degrees, cfg, 6):
+        assert abs(got - want) <= 1e-5 * want, (got, want)

@@ -142,3 +142,26 @@ def test_invalid_moe_configs():
         MoEConfig(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="num_experts=6 must be divisible by ep=4"):
         ModelConfig(**moe_cfg(num_experts=6)).check_layout(tp=1, cp_ulysses=1, ep=4)
+
+
+def test_expert_bias_update_and_sigmoid_weights():
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True, bias_update_rate=0.1, score="sigmoid")
+    layer = MoELayer(8, 16, cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    idx, w, scores, _ = layer.router(torch.randn(10, 8))
+    assert torch.allclose(w.sum(-1), torch.ones(10))  # sigmoid weights are renormalized over the k choices
+    layer.last.load = torch.tensor([10.0, 0.0, 5.0, 5.0])
+    layer.update_bias()
+    assert layer.router.bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+
+
+def test_capacity_matches_one_hot_queue():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 6, (50, 2))
+    kept, dropped = apply_capacity(idx, 6, 0.8)
+    onehot = torch.nn.functional.one_hot(idx.reshape(-1), 6)
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1
+    cap = -(-int(0.8 * 100) // 6)
+    assert kept.reshape(-1).tolist() == torch.where(position < cap, idx.reshape(-1), -1).tolist()
+    assert dropped == int((position >= cap).sum())

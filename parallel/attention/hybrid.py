@@ -58,8 +58,9 @@ def _validate(q, k, v, doc_ids, causal, window, uly: int, ring: int, layout: str
     check_sequence_length(s * uly * ring, ring, uly, layout)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int (keys per query) or None, got {window!r}")
-    if doc_ids is not None and tuple(doc_ids.shape) != (b, s):
-        raise ValueError(f"doc_ids must be [batch, seq_local] = [{b}, {s}], got {tuple(doc_ids.shape)}")
+    if doc_ids is not None and tuple(doc_ids.shape) not in ((b, s), (s,)):
+        raise ValueError(f"doc_ids must be [batch, seq_local] = [{b}, {s}] (or [seq_local]), "
+                         f"got {tuple(doc_ids.shape)}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     return [b, s, h, hkv, d, int(causal), -1 if window is None else window,
@@ -74,7 +75,8 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 scale: float | None = None, layout: str = "zigzag") -> torch.Tensor:
     """Exact attention over the whole sequence split across the mesh's sequence-parallel ranks.
 
-    q [b, s_local, h, d], k/v [b, s_local, h_kv, d] and doc_ids [b, s_local] must be in the
+    q [b, s_local, h, d], k/v [b, s_local, h_kv, d] and doc_ids [b, s_local] (or [s_local],
+    shared by the batch) must be in the
     layout of `shard_sequence`. `window=W`: a query sees keys less than W positions away
     (W keys including itself when causal). `layout` must match the one used to shard.
     Returns [b, s_local, h, d].
@@ -83,6 +85,7 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     meta = _validate(q, k, v, doc_ids, causal, window, group_size(uly), group_size(ring), layout)
     check_agreement(meta, cp, "sequence_parallel_attention", _NAMES, device=q.device)
     if doc_ids is not None:
+        doc_ids = doc_ids.expand(q.shape[0], q.shape[1]) if doc_ids.dim() == 1 else doc_ids
         doc_ids = all_gather_cat(doc_ids.contiguous(), uly, dim=1, stats=stats, kind="doc_ids")
 
     def attend(q_, k_, v_):

@@ -1,0 +1,110 @@
+"""`longtrain prepare`: text files, JSONL or Parquet (or a built-in source) -> token shards.
+
+Inputs are read as documents: a .txt/.md/.py (any other) file is one document, a .jsonl file
+one document per line (field ``--text-field``, default "text"), a .parquet file one per row
+of that column. Directories are walked in sorted order. Built-in sources: ``stdlib`` (the
+running Python's standard-library source, real text that needs no download) and
+``passkey`` (see `data.passkey`, synthetic long-range retrieval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from .shards import DataError, batched, write_manifest, write_shard
+from .tokenizer import load_tokenizer
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
+
+
+def _iter_files(paths: list[str]) -> Iterator[Path]:
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file())
+        elif p.exists():
+            yield p
+        else:
+            raise DataError(f"input {p} does not exist")
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise DataError(f"{path}:{n} has no string field {field!r}; pass --text-field NAME")
+            yield row[field]
+
+
+def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+        raise DataError(f"{path} is not a readable Parquet file ({e})") from e
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column {field!r} (columns: {pf.schema_arrow.names}); pass --text-field NAME")
+    for batch in pf.iter_batches(columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield value
+
+
+def documents(inputs: list[str], text_field: str = "text", limit_bytes: int | None = None) -> Iterator[str | bytes]:
+    """Documents from files or built-in sources ('stdlib')."""
+    if inputs == ["stdlib"]:
+        from .sources import stdlib_documents
+
+        yield from stdlib_documents(limit_bytes)
+        return
+    for path in _iter_files(inputs):
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _jsonl(path, text_field)
+        elif suffix == ".parquet":
+            yield from _parquet(path, text_field)
+        else:
+            yield path.read_bytes()
+
+
+def prepare(inputs: list[str], out_dir: str, tokenizer: str | None = None, text_field: str = "text",
+            shard_tokens: int = 1 << 24, limit_bytes: int | None = None) -> dict:
+    """Tokenize `inputs` into shards of about `shard_tokens` tokens under `out_dir`."""
+    tok = load_tokenizer(tokenizer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    token_docs = (tok.encode(d) for d in documents(inputs, text_field, limit_bytes))
+    token_docs = (t for t in token_docs if len(t))
+    entries = [write_shard(out / f"shard-{i:05d}.arrow", group, tok.vocab_size)
+               for i, group in enumerate(batched(token_docs, shard_tokens))]
+    if not entries:
+        raise DataError(f"no text found in {inputs}; nothing to prepare")
+    return write_manifest(out, entries, tok.describe(), " ".join(inputs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="longtrain prepare", description=__doc__.split("\n")[0])
+    ap.add_argument("inputs", nargs="+", help="files or directories (.txt/.jsonl/.parquet/...), or 'stdlib'")
+    ap.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    ap.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizers JSON file")
+    ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    ap.add_argument("--shard-tokens", type=int, default=1 << 24)
+    ap.add_argument("--limit-bytes", type=int, default=None, help="stop after about this much input (stdlib)")
+    args = ap.parse_args(argv)
+    try:
+        m = prepare(args.inputs, args.out, args.tokenizer, args.text_field, args.shard_tokens, args.limit_bytes)
+    except DataError as e:
+        print(f"longtrain prepare: {e}", file=sys.stderr)
+        return 2
+    print(f"{m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shards -> {args.out}")
+    return 0

@@ -1,0 +1,92 @@
+"""Typed run configuration: TOML file + ``--set key=value`` overrides -> dataclasses.
+
+Every section is a `dataclass(kw_only=True)`; unknown keys are errors that name the known ones
+(a typo must not silently train the wrong model). Values given with --set are parsed as TOML
+values (``--set optim.lr=1e-3``, ``--set model.moe.top_k=2``, ``--set data.path="/x"``),
+falling back to a plain string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and why."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-3")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+        node[path[-1]] = value
+    return tree
+
+
+def _dataclass_of(tp) -> type | None:
+    """The dataclass inside an annotation like `X`, `X | None` or `Optional[X]`."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def build(cls, data: dict, where: str = ""):
+    """Instantiate dataclass `cls` from a nested dict, recursively, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}; "
+                          f"known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_of(hints[name])
+        key = f"{where}.{name}" if where else name
+        if sub is not None and isinstance(value, dict):
+            value = build(sub, value, key)
+        elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def load(cls, path: str | None, overrides: list[str] | None = None):
+    """`cls` from a TOML file (or defaults when `path` is None) plus overrides."""
+    tree: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                tree = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    return build(cls, apply_overrides(tree, overrides or []))
