@@ -1,6 +1,7 @@
 """The `longtrain` command.
 
     longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
+    longtrain prepare INPUTS --out DIR      text / JSONL / Parquet / 'stdlib' -> Arrow token shards
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
     longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
 """
@@ -29,7 +30,13 @@ def _bench(argv: list[str]) -> int:
     return importlib.import_module(f"longtrain.benchmarks.{argv[0]}").main(argv[1:])
 
 
-COMMANDS = {"check": _check, "bench": _bench}
+def _prepare(argv: list[str]) -> int:
+    from longtrain.data.prepare import main
+
+    return main(argv)
+
+
+COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

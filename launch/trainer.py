@@ -62,6 +62,9 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, mesh, loader, device: str = "cpu"):
         self.cfg, self.mesh, self.loader, self.device = cfg, mesh, loader, device
+        if loader.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"the data's tokenizer has {loader.vocab_size} ids but model.vocab_size is "
+                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of tp)")
         self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device,
                                  sequence_parallel=cfg.sequence_parallel)
         self.model.train()

@@ -10,10 +10,14 @@ approximate (the forward is untouched); the error is measured, not assumed
 How: a `saved_tensors_hooks` context around a sublayer (the policy names which: "attention"
 keeps the attention kernel's saved q, k, v and output; "mlp" the feed-forward's inputs and
 hidden activations). Every floating tensor saved inside it with at least `min_elements`
-elements is quantized with one scale per head (tensors laid out [..., heads, head_dim]) or
-per group of `group_size` channels, symmetric, int8 or fp8 (e4m3). Scales are running
-estimates of each head's / group's absolute maximum (momentum `momentum`, per saved tensor
-site), as in Mesa; values beyond the estimate saturate. Tensors that must stay exact for
+elements is quantized symmetrically to int8 or fp8 (e4m3), with one scale per head (tensors
+laid out [..., heads, head_dim]) or per group of `group_size` channels:
+- ``scale="token"`` (default): a scale per token and head/group, its absolute maximum. Costs
+  one fp32 per head (int8 + scales is still ~3.5x smaller than fp32 at head_dim 32) and keeps
+  outlier tokens from flattening the others.
+- ``scale="running"``: Mesa's scheme, one scale per head/group for all tokens, a running
+  estimate of its absolute maximum (momentum `momentum`, per saved-tensor site); values beyond
+  the estimate saturate. Smallest, but coarser (see docs/benchmarks.md). Tensors that must stay exact for
 stability stay exact: in the attention site only tensors with a head axis (4-D and up: q, k,
 v, output) are quantized, never the 3-D log-sum-exp. Byte counts with and without quantization are kept for reporting.
 """
@@ -31,6 +35,7 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}
 @dataclass(kw_only=True)
 class ActQuantConfig:
     dtype: str = "int8"  # "int8" | "fp8" (e4m3)
+    scale: str = "token"  # "token": per token and head/group | "running": per head/group, running estimate
     layers: tuple[str, ...] = ("attention", "mlp")  # which sublayers' saved activations
     group_size: int = 64  # channels per scale for tensors that are not [..., heads, head_dim]
     momentum: float = 0.9  # running estimate of each group's absolute maximum
@@ -42,6 +47,8 @@ class ActQuantConfig:
         unknown = set(self.layers) - {"attention", "mlp"}
         if unknown:
             raise ValueError(f"activation quantization layers {sorted(unknown)} unknown; use 'attention', 'mlp'")
+        if self.scale not in ("token", "running"):
+            raise ValueError(f"activation quantization scale={self.scale!r} must be 'token' or 'running'")
         if self.group_size < 1 or not 0.0 <= self.momentum < 1.0:
             raise ValueError("activation quantization needs group_size >= 1 and 0 <= momentum < 1")
 
@@ -61,7 +68,7 @@ class SavedBytes:
 @dataclass
 class _Packed:
     q: torch.Tensor
-    scale: torch.Tensor  # [groups] fp32, broadcast over the grouped view
+    scale: torch.Tensor  # fp32: [rows, groups] per token, or [groups] running; broadcast over the grouped view
     dtype: torch.dtype
     shape: torch.Size
     grouped: tuple[int, ...]
@@ -74,7 +81,8 @@ class SiteQuantizer:
         self.cfg, self.meter, self.min_dims = cfg, meter, min_dims
         self.running: dict[int, torch.Tensor] = {}
         self._slot = 0
-        self._seen: dict = {}  # one quantized copy of a tensor saved by several ops (x for wq, wk, wv)
+        # one quantized copy of a tensor saved by several ops (x for w1 and w3), within one sublayer
+        self._seen: dict = {}
 
     def _grouped_shape(self, t: torch.Tensor) -> tuple[int, ...]:
         if t.dim() >= 4:  # [..., heads, head_dim]: one scale per head
@@ -83,7 +91,10 @@ class SiteQuantizer:
         return (-1, t.shape[-1] // g, g)
 
     def _scale(self, view: torch.Tensor) -> torch.Tensor:
-        current = view.detach().abs().amax(dim=(0, 2)).float().clamp(min=1e-12)  # [groups]
+        """Scale per (row, group) or, in running mode, per group over all rows, [..., groups, 1]."""
+        if self.cfg.scale == "token":
+            return view.abs().amax(dim=2, keepdim=True).float().clamp(min=1e-12)  # [rows, groups, 1]
+        current = view.abs().amax(dim=(0, 2)).float().clamp(min=1e-12)  # [groups]
         slot, self._slot = self._slot, self._slot + 1
         prev = self.running.get(slot)
         if prev is None or prev.shape != current.shape or not torch.is_grad_enabled():
@@ -91,7 +102,7 @@ class SiteQuantizer:
         else:
             est = self.cfg.momentum * prev + (1 - self.cfg.momentum) * current
         self.running[slot] = est
-        return est
+        return est[None, :, None]
 
     def pack(self, t: torch.Tensor):
         if not t.is_floating_point() or t.numel() < self.cfg.min_elements or t.dim() < self.min_dims \
@@ -99,12 +110,12 @@ class SiteQuantizer:
             return t
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
         if key in self._seen:
-            return self._seen[key]
+            return self._seen[key][1]
         grouped = self._grouped_shape(t)
         view = t.detach().reshape(grouped)
         scale = self._scale(view)
         qmax = _QMAX[self.cfg.dtype]
-        x = view.float() * (qmax / scale)[None, :, None]
+        x = view.float() * (qmax / scale)
         if self.cfg.dtype == "int8":
             q = x.round_().clamp_(-qmax, qmax).to(torch.int8)
         else:
@@ -112,13 +123,14 @@ class SiteQuantizer:
         if self.meter is not None:
             self.meter.original += t.numel() * t.element_size()
             self.meter.stored += q.numel() * q.element_size() + scale.numel() * 4
-        packed = self._seen[key] = _Packed(q, scale, t.dtype, t.shape, grouped)
+        packed = _Packed(q, scale, t.dtype, t.shape, grouped)
+        self._seen[key] = (t, packed)  # holding t until the sublayer ends: its memory cannot be reused
         return packed
 
     def unpack(self, p):
         if not isinstance(p, _Packed):
             return p
-        x = p.q.float() * (p.scale / _QMAX[self.cfg.dtype])[None, :, None]
+        x = p.q.float() * (p.scale / _QMAX[self.cfg.dtype])
         return x.to(p.dtype).reshape(p.shape)
 
     @contextlib.contextmanager

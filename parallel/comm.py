@@ -191,12 +191,14 @@ class RingP2P:
 # ---------------------------------------------------------------- Megatron-style region mappings
 # Forward and backward side by side; each pair is the other's adjoint.
 
-def all_reduce(x: torch.Tensor, group: ProcessGroup | None, stats: CommStats | None = None) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, group: ProcessGroup | None, stats: CommStats | None = None,
+               op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a contiguous `x` (returned); no autograd."""
     p = group_size(group)
     if p == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    dist.all_reduce(x, op=op, group=group)
     _record(stats, "all_reduce", 2 * nbytes(x) * (p - 1) // p)
     return x
 

@@ -103,7 +103,7 @@ class _VocabParallelCE(torch.autograd.Function):
         logits = logits.float()
         local_v = logits.shape[-1]
         mx = logits.max(dim=-1).values
-        mx = _all_reduce_op(mx, group, stats, torch.distributed.ReduceOp.MAX)
+        mx = all_reduce(mx, group, stats, op=torch.distributed.ReduceOp.MAX)
         shifted = logits - mx[..., None]
         exp = shifted.exp()
         sum_exp = all_reduce(exp.sum(-1), group, stats)
@@ -122,16 +122,6 @@ class _VocabParallelCE(torch.autograd.Function):
         grad = softmax
         grad.scatter_add_(-1, safe[..., None], -inside[..., None].to(grad.dtype))
         return grad * g[..., None], None, None, None, None
-
-
-def _all_reduce_op(x, group, stats, op):
-    if group_size(group) == 1:
-        return x
-    x = x.contiguous()
-    torch.distributed.all_reduce(x, op=op, group=group)
-    if stats is not None:
-        stats.record("all_reduce", 2 * x.numel() * x.element_size())
-    return x
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None,

@@ -1,0 +1,80 @@
+"""The training step: the same global loss whatever the accumulation or layout, a falling loss,
+the schedule, and the NaN policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longtrain.data.prepare import prepare
+from longtrain.launch.trainer import NonFiniteLoss, Trainer, lr_at
+from longtrain.launch.train_config import TrainConfig
+from longtrain.launch.config import build
+from longtrain.data.loader import PackedLoader
+from tests.dist import mesh_for
+
+MODEL = dict(vocab_size=258 + 62, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stdlib")
+    prepare(["stdlib"], str(out), limit_bytes=300_000)
+    return str(out)
+
+
+def _cfg(**kw) -> TrainConfig:
+    tree = {"model": MODEL, "optim": {"lr": 3e-3, "warmup_steps": 2}, "steps": 6}
+    for k, v in kw.items():
+        tree[k] = {**tree.get(k, {}), **v} if isinstance(v, dict) else v
+    return build(TrainConfig, tree)
+
+
+def _run(data_dir, degrees, cfg_kw, batch, steps):
+    cfg = _cfg(**cfg_kw)
+    mesh = mesh_for(**degrees) if degrees else None
+    dp = 1 if mesh is None else mesh.size("dp")
+    rank = 0 if mesh is None else mesh.coord("dp")
+    loader = PackedLoader(data_dir, seq_len=64, batch_size=batch, seed=3, dp_rank=rank, dp_size=dp)
+    trainer = Trainer(cfg, mesh, loader)
+    return [trainer.train_step().loss for _ in range(steps)]
+
+
+def test_loss_independent_of_accumulation_and_layout(data_dir, pool4):
+    ref = _run(data_dir, None, {}, 4, 3)
+    accum = _run(data_dir, None, {"grad_accum": 2}, 2, 3)
+    assert accum == pytest.approx(ref, rel=1e-5)
+    for losses in pool4.run(_run, data_dir, dict(dp=2, tp=2), {"grad_accum": 2}, 1, 3):
+        assert losses == pytest.approx(ref, rel=1e-4)
+
+
+def test_loss_falls(data_dir):
+    losses = _run(data_dir, None, {"steps": 30}, 4, 30)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+
+
+def test_schedule():
+    cfg = _cfg(optim={"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_nan_policy(data_dir):
+    cfg = _cfg(nan_policy="skip", max_nan_skips=1)
+    trainer = Trainer(cfg, None, PackedLoader(data_dir, seq_len=64, batch_size=2))
+    with torch.no_grad():
+        trainer.model.embed.weight[:, 0] = math.nan
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.train_step().skipped  # the optimizer did not step
+    assert all(torch.allclose(a, b, equal_nan=True) for a, b in zip(before, trainer.model.parameters()))
+    with pytest.raises(NonFiniteLoss, match="max_nan_skips=1"):
+        trainer.train_step()
+    strict = Trainer(_cfg(), None, PackedLoader(data_dir, seq_len=64, batch_size=2))
+    with torch.no_grad():
+        strict.model.norm.weight.fill_(math.nan)
+    with pytest.raises(NonFiniteLoss, match="non-finite"):
+        strict.train_step()
