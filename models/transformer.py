@@ -93,7 +93,6 @@ class LongLM(nn.Module):
     def __init__(self, cfg: ModelConfig, par: Parallel | None = None, device=None):
         super().__init__()
         self.cfg, self.par = cfg, par or Parallel()
-        self.par_tp = self.par.tp
         cfg.check_layout(self.par.tp, _ulysses(self.par.mesh), group_size(self.par.ep_group))
         g = self.par.tp_group
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, g, device=device)
@@ -110,8 +109,7 @@ class LongLM(nn.Module):
         """(final normed hidden states [b, s_local(/tp with TP-SP), dim], summed balance losses)."""
         par = self.par
         seq_len = input_ids.shape[1] * _cp(par.mesh)
-        pos = sequence_positions(seq_len, par.mesh, device=input_ids.device) if par.mesh is not None \
-            else torch.arange(seq_len, device=input_ids.device)
+        pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
         cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         x = self.embed(input_ids)
         x = par.leave(x)  # complete the vocab-parallel lookup (and split the sequence under TP-SP)
