@@ -1,0 +1,189 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): atomic, verified, reshardable.
+
+Every rank writes its own shards. Parameters (and their AdamW moments) are saved as DTensors
+that know their global shape and which slice this rank holds, so a checkpoint loads into a
+different layout (tp2 x cp2 saved, cp4 resumed): DCP reads whatever slices the new layout
+needs. Replicated tensors are written once.
+
+Commit protocol: everything goes to ``step-NNNNNNNN.tmp/``; after all ranks finish, rank 0
+writes ``COMMITTED.json`` (every file with its size and SHA-256) and renames the directory to
+``step-NNNNNNNN``. A directory without that marker is never loaded. On resume the newest
+committed checkpoint whose files match their checksums is used; a corrupt or partial one is
+reported and skipped for the previous one. Only the last `keep_last` are kept.
+Limits of resharding: the model config and the global batch must not change; the optimizer
+moments reshard with the parameters; expert parameters reshard across ep like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+MARKER = "COMMITTED.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Meshes:
+    """2-D DeviceMeshes [rest, shard group] for the sharding groups parameters use (built once:
+    building a mesh is a collective)."""
+
+    def __init__(self, mesh):
+        self.mesh, self.cache = mesh, {}
+
+    def for_param(self, p):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        axis = "ep" if getattr(p, "expert", False) else "tp"
+        if axis not in self.cache:
+            dims = self.mesh.dims
+            lists = dims.ep_groups() if axis == "ep" else dims.axis_groups("tp")
+            self.cache[axis] = DeviceMesh(self.mesh.device_type, torch.tensor(lists), mesh_dim_names=("rest", axis))
+        return self.cache[axis]
+
+
+def _as_dtensor(t: torch.Tensor, p, meshes: _Meshes | None):
+    dim = getattr(p, "shard_dim", None)
+    if meshes is None or dim is None:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    full = list(p.full_shape)
+    stride = torch.empty(full, device="meta").stride()
+    return DTensor.from_local(t, meshes.for_param(p), [Replicate(), Shard(dim)], run_check=False,
+                              shape=torch.Size(full), stride=stride)
+
+
+def state_for_checkpoint(model, optimizer, mesh, extra: dict) -> dict:
+    """The state to save or to load into: DTensor views of parameters and AdamW moments."""
+    meshes = _Meshes(mesh) if mesh is not None else None
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = {"model": {n: _as_dtensor(p.detach(), p, meshes) for n, p in model.named_parameters()}}
+    optim = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            optim[names[id(p)]] = {k: (_as_dtensor(v, p, meshes) if torch.is_tensor(v) and v.dim() else v)
+                                   for k, v in st.items()}
+    sd["optim"] = optim
+    sd["extra"] = json.dumps(extra)  # one opaque entry: loader position, step, anything JSON
+    return sd
+
+
+def _committed(root: Path) -> list[Path]:
+    return sorted((d for d in root.glob("step-*") if d.is_dir() and (d / MARKER).exists()), reverse=True)
+
+
+def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict, keep_last: int = 3) -> Path:
+    """Write a checkpoint for `step` on every rank; returns the committed directory."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"step-{step:08d}.tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    sd = state_for_checkpoint(model, optimizer, mesh, extra)
+    dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    _barrier()
+    if rank0:
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _committed(root)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None if every file matches the marker, else what is wrong."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable {MARKER} ({e})"
+    for name, info in marker["files"].items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"{name} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)"
+        if _sha256(f) != info["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_valid(root: str | os.PathLike, log=print) -> Path | None:
+    """Newest committed checkpoint that verifies (decided on rank 0, shared with all ranks)."""
+    root = Path(root)
+    choice = ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for path in _committed(root) if root.exists() else []:
+            problem = verify(path)
+            if problem is None:
+                choice = str(path)
+                break
+            log(f"checkpoint {path} is corrupt: {problem}; trying the previous one")
+    if dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    return Path(choice) if choice else None
+
+
+def load(path: Path, model, optimizer, mesh) -> dict:
+    """Load a checkpoint into this rank's (possibly differently sharded) model and optimizer;
+    returns the `extra` dict saved with it."""
+    import torch.distributed.checkpoint as dcp
+
+    _init_optimizer_state(optimizer)
+    sd = state_for_checkpoint(model, optimizer, mesh, extra={})
+    dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            src = sd["model"][n]
+            p.copy_(src.to_local() if hasattr(src, "to_local") else src)
+        names = {n: p for n, p in model.named_parameters()}
+        for n, st in sd["optim"].items():
+            target = optimizer.state[names[n]]
+            for k, v in st.items():
+                v = v.to_local() if hasattr(v, "to_local") else v
+                if torch.is_tensor(target.get(k)) and target[k].dim():
+                    target[k].copy_(v)
+                else:
+                    target[k] = v if torch.is_tensor(v) else torch.tensor(v)
+    return json.loads(sd["extra"])
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create AdamW's moments (zeros) so there is something to load into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
