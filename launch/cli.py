@@ -2,6 +2,7 @@
 
     longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
     longtrain prepare INPUTS --out DIR      text / JSONL / Parquet / 'stdlib' -> Arrow token shards
+    longtrain train CONFIG [--set k=v]      train (local gloo ranks; resumes from the last checkpoint)
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
     longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
 """
@@ -36,7 +37,13 @@ def _prepare(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare}
+def _train(argv: list[str]) -> int:
+    from .train_cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
