@@ -2,8 +2,10 @@
 start the ranks. Validation (config keys, layout vs world size, model vs layout) happens here,
 before any process or collective starts.
 
-Launchers: ``local`` starts N gloo processes on this machine. (The Ray launcher, the default
-in the finished design, and torchrun/srun entry are in progress.)
+Launchers: ``ray`` (default) runs one actor per rank on an embedded local Ray instance, or on
+the cluster at ``--address`` / RAY_ADDRESS, restarting all ranks from the last valid
+checkpoint when a worker dies (``--max-restarts``); ``local`` starts N gloo processes here
+with no Ray.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtrain train", description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="?", help="TOML file (omit for the defaults)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--launcher", default="local", choices=["local"])
+    ap.add_argument("--launcher", default="ray", choices=["ray", "local"])
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
+    ap.add_argument("--max-restarts", type=int, default=3, help="worker failures tolerated (Ray)")
     args = ap.parse_args(argv)
     try:
         cfg = load(TrainConfig, args.config, args.overrides)
@@ -36,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = cfg.parallel.world_size
     print(f"launching {world} rank(s) ({args.launcher}): {cfg.parallel}", flush=True)
-    from .spawn import spawn_local
+    if args.launcher == "ray":
+        from .ray_launcher import launch
 
-    spawn_local(_rank_main, world, cfg)
+        launch(cfg, address=args.address, max_restarts=args.max_restarts)
+    else:
+        from .spawn import spawn_local
+
+        spawn_local(_rank_main, world, cfg)
     print(f"done: metrics in {cfg.out_dir}/metrics.jsonl, checkpoints in "
           f"{cfg.checkpoint.dir or cfg.out_dir + '/checkpoints'}")
     return 0
