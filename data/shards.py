@@ -28,7 +28,7 @@ class DataError(ValueError):
     """Bad input data; the message names the file and what to do."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -54,7 +54,7 @@ def write_shard(path: Path, docs: list[np.ndarray], vocab_size: int) -> dict:
         writer.write_table(table, max_chunksize=max(1, len(docs)))
     os.replace(tmp, path)
     return {"file": path.name, "documents": int(len(docs)), "tokens": int(offsets[-1]),
-            "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def write_manifest(out_dir: Path, shards: list[dict], tokenizer: dict, source: str) -> dict:
@@ -88,7 +88,7 @@ def open_shard(path: Path, entry: dict, vocab_size: int, verify_checksum: bool) 
     if size != entry.get("bytes", size):
         raise DataError(f"shard {path} is {size} bytes but the manifest says {entry['bytes']}: "
                         f"it is truncated or was replaced; re-run `longtrain prepare`")
-    if verify_checksum and _sha256(path) != entry["sha256"]:
+    if verify_checksum and sha256_file(path) != entry["sha256"]:
         raise DataError(f"shard {path} does not match its checksum in the manifest; re-run `longtrain prepare`")
     try:
         mm = pa.memory_map(str(path), "r")

@@ -16,7 +16,6 @@ moments reshard with the parameters; expert parameters reshard across ep like an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,15 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from longtrain.data.shards import sha256_file
+
 MARKER = "COMMITTED.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Meshes:
@@ -104,7 +97,7 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()
     if rank0:
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -126,7 +119,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != info["bytes"]:
             return f"{name} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)"
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
