@@ -17,7 +17,7 @@ Experts live on the ``ep`` group (E/ep each); `parallel.experts` moves the token
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,6 @@ class MoEStats:
     dropped: int = 0
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Router(nn.Module):

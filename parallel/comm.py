@@ -222,10 +222,6 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, stats:
     return out
 
 
-def _split(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    return x.chunk(group_size(group), dim=dim)[group_rank(group)].contiguous()
-
-
 class _CopyToRegion(torch.autograd.Function):
     """Forward: identity. Backward: all-reduce (each rank's shard saw the same input)."""
 
