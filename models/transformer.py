@@ -125,6 +125,21 @@ class LongLM(nn.Module):
         out.aux = aux
         return out
 
+    @torch.no_grad()
+    def eval_counts(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                    doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass for evaluation on this rank's slice: (loss sum, per-sequence count of
+        labeled tokens [b], per-sequence count of those predicted exactly [b]: argmax over the
+        whole, possibly vocab-parallel, vocabulary equals the label). Sum over the cp group for
+        whole sequences; every tp rank returns the same numbers."""
+        h, _ = self.hidden(input_ids, doc_ids)
+        h = self.par.enter(h)
+        loss = chunked_lm_loss(h, self.head, labels, self.cfg.loss_chunk, self.par).loss_sum
+        correct = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+        for hc, lc in zip(h.split(self.cfg.loss_chunk, dim=1), labels.split(self.cfg.loss_chunk, dim=1)):
+            correct += _chunk_correct(hc, self.head.weight, lc, self.par)
+        return loss, (labels != IGNORE).sum(1), correct
+
     def moe_layers(self) -> list:
         return [layer.mlp for layer in self.layers if layer.moe]
 
@@ -142,6 +157,20 @@ def _chunk_loss(h, weight, labels, par):
     mask = labels != IGNORE
     loss = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0), par.tp_group, par.stats)
     return (loss * mask).sum()
+
+
+def _chunk_correct(h, weight, labels, par) -> torch.Tensor:
+    logits = torch.nn.functional.linear(h, weight).float()  # [b, c, V/tp]
+    mask = labels != IGNORE
+    local_v = logits.shape[-1]
+    idx = labels - group_rank(par.tp_group) * local_v
+    here = mask & (idx >= 0) & (idx < local_v)
+    label_logit = logits.gather(-1, idx.clamp(0, local_v - 1).unsqueeze(-1)).squeeze(-1) * here
+    best = logits.amax(-1)
+    if group_size(par.tp_group) > 1:
+        best = all_reduce(best, par.tp_group, op=torch.distributed.ReduceOp.MAX)
+        label_logit = all_reduce(label_logit, par.tp_group)
+    return ((label_logit >= best) & mask).sum(1)
 
 
 def chunked_lm_loss(h: torch.Tensor, head: ColumnParallelLinear, labels: torch.Tensor, chunk: int,

@@ -78,3 +78,28 @@ def test_nan_policy(data_dir):
         strict.model.norm.weight.fill_(math.nan)
     with pytest.raises(NonFiniteLoss, match="non-finite"):
         strict.train_step()
+
+
+def _bf16_run(data_dir, degrees):
+    """Losses of 3 bf16-autocast steps, and the dtypes of parameters and AdamW moments."""
+    losses = _run(data_dir, degrees, {"precision": "bf16"}, 2, 3)
+    cfg = _cfg(precision="bf16")
+    mesh = mesh_for(**degrees) if degrees else None
+    trainer = Trainer(cfg, mesh, PackedLoader(data_dir, seq_len=64, batch_size=2, seed=3))
+    trainer.train_step()
+    dtypes = {p.dtype for p in trainer.model.parameters()}
+    dtypes |= {v.dtype for st in trainer.opt.state.values() for v in st.values() if v.dim()}
+    return losses, sorted(str(d) for d in dtypes)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(data_dir, pool4):
+    """bf16 autocast: parameters and optimizer moments stay fp32; the losses follow fp32's
+    closely, in one process and on tp2 x ring2 alike."""
+    fp32 = _run(data_dir, None, {}, 2, 3)
+    bf16, dtypes = _bf16_run(data_dir, None)
+    assert dtypes == ["torch.float32"]
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16 != fp32  # autocast really ran in bf16
+    for losses, dt in pool4.run(_bf16_run, data_dir, dict(tp=2, cp_ring=2)):
+        assert dt == ["torch.float32"]
+        assert losses == pytest.approx(bf16, rel=2e-2)

@@ -1,0 +1,185 @@
+"""What a run reports (rank 0 writes; the launcher's process shows the progress bar).
+
+- ``metrics.jsonl``: one JSON object per step (loss, grad norm, lr, tokens/s, peak memory,
+  eval loss / bits per byte / passkey accuracy when evaluated). On resume the rows after the
+  resumed step (written by an attempt that died before its next checkpoint) are dropped, so
+  the file is the history of the committed run, one row per step.
+- ``tensorboard/``: the same scalars as TensorBoard events (purged past the resumed step).
+- ``loss.png``: training loss (raw and smoothed) and eval loss against the step, redrawn at
+  each evaluation, checkpoint and at the end, so a killed run still has its curve.
+- a tqdm progress bar that follows ``metrics.jsonl`` from the launching process (Ray actors
+  and spawned ranks have no terminal of their own).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_mib", "eval_loss", "eval_bpb", "eval_acc",
+           "eval_key_acc")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl, skipping a torn last line (a run killed mid-write)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def peak_memory_mib(device: str) -> float:
+    """Peak memory of this process since the last call: the CUDA allocator's peak on GPU; on CPU
+    the peak resident set (Linux VmHWM, reset through /proc/self/clear_refs after each read;
+    where that is not possible, the lifetime peak ru_maxrss)."""
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak to the current resident set
+        return hwm / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLog:
+    """Rank 0's writer: JSONL + TensorBoard + loss plot. `start_step` is the resumed step."""
+
+    def __init__(self, out_dir: str | Path, start_step: int, tensorboard: bool = True):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "metrics.jsonl"
+        kept = [r for r in read_rows(self.path) if r.get("step", 0) <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k in SCALARS:
+                if k in row and row[k] is not None and math.isfinite(row[k]):
+                    self.tb.add_scalar(k if k.startswith("eval") else f"train/{k}", row[k], row["step"])
+
+    def plot(self) -> Path | None:
+        return plot_loss(self.path, self.out / "loss.png")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss(metrics: Path, png: Path) -> Path | None:
+    """Draw the loss curve of `metrics` (JSONL) into `png`; None if there is nothing to draw."""
+    rows = read_rows(metrics)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="train loss")
+    if len(loss) >= 5:
+        k = max(2, len(loss) // 25)
+        smooth = [sum(loss[max(0, i - k + 1): i + 1]) / len(loss[max(0, i - k + 1): i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss ({k}-step mean)")
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot(*zip(*ev), "o-", color="tab:orange", lw=2, label="eval loss")
+    acc = [(r["step"], r["eval_acc"]) for r in rows if "eval_key_acc" in r]
+    if acc:  # passkey: the answer digits' accuracy tells more than the loss
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), "s--", color="tab:green", label="passkey digit accuracy (eval)")
+        ax2.set_ylim(0, 1.02)
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="center right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(png.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
+class ProgressFollower:
+    """A tqdm bar in the launching process that follows rank 0's metrics.jsonl (only on an
+    interactive terminal; otherwise rank 0's log lines are the progress report)."""
+
+    def __init__(self, out_dir: str | Path, total: int, poll: float = 0.5):
+        self.path, self.total, self.poll = Path(out_dir) / "metrics.jsonl", total, poll
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.enabled = sys.stderr.isatty()
+
+    def __enter__(self):
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.enabled:
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, mininterval=1.0)
+        offset, last, last_eval = 0, None, None
+        try:
+            while True:
+                finished = self.stop.wait(self.poll)
+                if self.path.exists():
+                    if self.path.stat().st_size < offset:  # rewritten on resume
+                        offset = 0
+                    with open(self.path) as f:
+                        f.seek(offset)
+                        chunk = f.read()
+                    complete = chunk[: chunk.rfind("\n") + 1]
+                    offset += len(complete.encode())
+                    for line in complete.splitlines():
+                        try:
+                            last = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+                        last_eval = last if "eval_loss" in last else last_eval
+                if last is not None:
+                    bar.n = min(self.total, last["step"])
+                    post = {"loss": f"{last['loss']:.3f}", "tok/s": f"{last.get('tokens_per_s', 0):.0f}"}
+                    if last_eval is not None:
+                        post["eval"] = f"{last_eval['eval_loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.refresh()
+                if finished:
+                    break
+        finally:
+            bar.close()
