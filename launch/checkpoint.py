@@ -65,7 +65,7 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict) -> dict:
     names = {id(p): n for n, p in model.named_parameters()}
     sd = {"model": {n: _as_dtensor(p.detach(), p, meshes) for n, p in model.named_parameters()}}
     optim = {}
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups if optimizer is not None else []:
         for p in group["params"]:
             st = optimizer.state.get(p)
             if not st:
@@ -143,19 +143,22 @@ def latest_valid(root: str | os.PathLike, log=print) -> Path | None:
 
 
 def load(path: Path, model, optimizer, mesh) -> dict:
-    """Load a checkpoint into this rank's (possibly differently sharded) model and optimizer;
-    returns the `extra` dict saved with it."""
+    """Load a checkpoint into this rank's (possibly differently sharded) model and optimizer
+    (None: the weights only); returns the `extra` dict saved with it."""
     import torch.distributed.checkpoint as dcp
 
-    _init_optimizer_state(optimizer)
+    if optimizer is not None:
+        _init_optimizer_state(optimizer)
     sd = state_for_checkpoint(model, optimizer, mesh, extra={})
+    if optimizer is None:
+        del sd["optim"]
     dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     with torch.no_grad():
         for n, p in model.named_parameters():
             src = sd["model"][n]
             p.copy_(src.to_local() if hasattr(src, "to_local") else src)
         names = {n: p for n, p in model.named_parameters()}
-        for n, st in sd["optim"].items():
+        for n, st in sd.get("optim", {}).items():
             target = optimizer.state[names[n]]
             for k, v in st.items():
                 v = v.to_local() if hasattr(v, "to_local") else v

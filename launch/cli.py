@@ -2,9 +2,12 @@
 
     longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
     longtrain prepare INPUTS --out DIR      text / JSONL / Parquet / 'stdlib' -> Arrow token shards
-    longtrain train CONFIG [--set k=v]      train (local gloo ranks; resumes from the last checkpoint)
+    longtrain train CONFIG [--set k=v]      train (embedded Ray, a cluster, torchrun/srun, or local ranks;
+                                            resumes from the last valid checkpoint)
+    longtrain eval CONFIG [--batches N]     held-out loss / accuracy of the run's newest checkpoint
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
     longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
+    longtrain bench passkey [CONFIG]        train + evaluate passkey retrieval at 16K (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-BENCHMARKS = ("attention", "actquant")
+BENCHMARKS = ("attention", "actquant", "passkey")
 
 
 def _bench(argv: list[str]) -> int:
@@ -43,7 +46,13 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare, "train": _train}
+def _eval(argv: list[str]) -> int:
+    from .eval_cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare, "train": _train, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,15 +30,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_path(tree: dict, path: list[str], value: Any, what: str) -> dict:
+    """tree[path[0]][path[1]]... = value, creating sections on the way."""
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {part!r} is a value, not a section")
+    node[path[-1]] = value
+    return tree
+
+
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-        node[path[-1]] = value
+        set_path(tree, path, value, f"--set {item!r}")
     return tree
 
 
@@ -69,6 +75,9 @@ def build(cls, data: dict, where: str = ""):
         key = f"{where}.{name}" if where else name
         if sub is not None and isinstance(value, dict):
             value = build(sub, value, key)
+        elif isinstance(value, list) and typing.get_origin(hints[name]) is list and \
+                dataclasses.is_dataclass(typing.get_args(hints[name])[0]):
+            value = [build(typing.get_args(hints[name])[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
             value = tuple(value)
         kwargs[name] = value
@@ -80,6 +89,11 @@ def build(cls, data: dict, where: str = ""):
 
 def load(cls, path: str | None, overrides: list[str] | None = None):
     """`cls` from a TOML file (or defaults when `path` is None) plus overrides."""
+    return build(cls, load_tree(path, overrides))
+
+
+def load_tree(path: str | None, overrides: list[str] | None = None) -> dict:
+    """The raw nested dict of a TOML file (or {}) with overrides applied."""
     tree: dict = {}
     if path:
         try:
@@ -89,4 +103,4 @@ def load(cls, path: str | None, overrides: list[str] | None = None):
             raise ConfigError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from e
-    return build(cls, apply_overrides(tree, overrides or []))
+    return apply_overrides(tree, overrides or [])

@@ -18,7 +18,7 @@ from longtrain.parallel.mesh import build_mesh
 
 from . import checkpoint as ckpt
 from .train_config import TrainConfig
-from .trainer import Trainer
+from .trainer import NonFiniteLoss, Trainer
 
 
 def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None = None):
@@ -36,21 +36,66 @@ def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None =
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, loader, batches: int) -> dict:
-    """Mean loss per token on held-out batches, and bits per byte (byte tokenizer: 1 token = 1 byte)."""
-    model = trainer.model
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for _ in range(batches):
-        b = trainer._local(loader.next_batch())
-        out = model(b["input_ids"], b["labels"], b.get("doc_ids"))
-        total += torch.tensor([out.loss_sum.item(), float(out.tokens)], dtype=torch.float64)
+def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> dict:
+    """Held-out loss per token, bits per byte (byte tokenizer: 1 token = 1 byte) and the
+    accuracy of the labeled tokens (argmax); for the passkey task also the fraction of keys
+    retrieved whole (every answer digit right)."""
     from longtrain.parallel.comm import all_reduce
 
-    total = all_reduce(total, trainer._group())
+    model, mesh = trainer.model, trainer.mesh
+    model.eval()
+    total = torch.zeros(5, dtype=torch.float64)  # loss sum, labeled, correct, sequences, whole keys
+    for _ in range(batches):
+        b = trainer._local(loader.next_batch())
+        loss, labeled, correct = model.eval_counts(b["input_ids"], b["labels"], b.get("doc_ids"))
+        per_seq = torch.stack([labeled, correct]).double().cpu()
+        if mesh is not None:  # whole sequences: add up the sequence-parallel slices
+            per_seq = all_reduce(per_seq, mesh.group("cp"))
+        whole = ((per_seq[1] == per_seq[0]) & (per_seq[0] > 0)).sum()
+        total += torch.stack([loss.double().cpu(), per_seq[0].sum(), per_seq[1].sum(),
+                              torch.tensor(float(per_seq.shape[1]), dtype=torch.float64), whole.double()])
+    if mesh is not None:  # loss sums are per cp slice; sequence counts are already whole
+        total[:1] = all_reduce(total[:1].clone(), mesh.group("cp"))
+        total = all_reduce(total, mesh.group("dp"))
     model.train()
     loss = (total[0] / total[1].clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_bpb": loss / math.log(2)}
+    row = {"eval_loss": loss, "eval_bpb": loss / math.log(2), "eval_acc": (total[2] / total[1].clamp(min=1)).item()}
+    if passkey:
+        row["eval_key_acc"] = (total[4] / total[3].clamp(min=1)).item()
+    return row
+
+
+def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None:
+    """Resume from this run's newest valid checkpoint; with none, start from the weights of
+    `checkpoint.init_from` if given (fresh optimizer, data and schedule)."""
+    found = ckpt.latest_valid(root, log=log)  # a collective when distributed: every rank asks
+    if found is not None:
+        extra = ckpt.load(found, trainer.model, trainer.opt, trainer.mesh)
+        trainer.step = extra["step"]
+        trainer.loader.load_state_dict(extra["loader"])
+        log(f"resumed from {found} at step {trainer.step}")
+    elif cfg.checkpoint.init_from:
+        src = Path(cfg.checkpoint.init_from)
+        if (src / ckpt.MARKER).exists():
+            problem, path = ckpt.verify(src), src
+            if problem:
+                raise ValueError(f"checkpoint.init_from={src} is corrupt: {problem}")
+        else:
+            path = ckpt.latest_valid(src, log=log)
+            if path is None:
+                raise FileNotFoundError(f"checkpoint.init_from={src}: no valid committed checkpoint there")
+        ckpt.load(path, trainer.model, None, trainer.mesh)
+        log(f"initialized the weights from {path}")
+
+
+def _setup(cfg: TrainConfig):
+    """(device, mesh or None, trainer, checkpoint root) of this rank."""
+    import torch.distributed as dist
+
+    device = "cpu" if cfg.device in ("auto", "cpu") and not torch.cuda.is_available() else "cuda"
+    mesh = build_mesh(cfg.parallel, device_type=device) if dist.is_initialized() else None
+    trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
+    return device, mesh, trainer, Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
 
 
 def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[dict]:
@@ -58,42 +103,70 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
     `stop_at` ends this run early at that step (as a kill would), leaving the schedule intact."""
     import torch.distributed as dist
 
-    device = "cpu" if cfg.device in ("auto", "cpu") and not torch.cuda.is_available() else "cuda"
-    mesh = build_mesh(cfg.parallel, device_type=device) if dist.is_initialized() else None
-    trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
-    out = Path(cfg.out_dir)
-    root = Path(cfg.checkpoint.dir or out / "checkpoints")
+    from longtrain.parallel.comm import all_reduce
+
+    from .metrics import MetricsLog, peak_memory_mib
+
+    device, mesh, trainer, root = _setup(cfg)
     rank0 = mesh is None or mesh.rank == 0
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-    found = ckpt.latest_valid(root, log=log)  # a collective when distributed: every rank asks
-    if found is not None:
-        extra = ckpt.load(found, trainer.model, trainer.opt, mesh)
-        trainer.step = extra["step"]
-        trainer.loader.load_state_dict(extra["loader"])
-        if rank0:
-            log(f"resumed from {found} at step {trainer.step}")
+    say = log if rank0 else (lambda *_: None)
+    _resume_or_init(cfg, trainer, root, say)
+    passkey = cfg.data.source == "passkey"
+    step_tokens = cfg.parallel.dp * cfg.data.batch_size * cfg.data.seq_len * cfg.grad_accum
     rows = []
-    metrics = open(out / "metrics.jsonl", "a") if rank0 else None
+    metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
     try:
         while trainer.step < min(cfg.steps, stop_at or cfg.steps):
-            r = trainer.train_step()
-            row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "tokens": r.tokens,
-                   "tokens_per_s": r.tokens / max(r.seconds, 1e-9), "skipped": r.skipped, "time": time.time()}
-            if cfg.eval_every and trainer.step % cfg.eval_every == 0:
-                row.update(evaluate(trainer, make_loader(cfg, mesh, seed_offset=10_000, path=cfg.data.eval_path),
-                                    cfg.eval_batches))
-            if cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0:
+            try:
+                r = trainer.train_step()
+            except NonFiniteLoss as e:
+                if cfg.nan_policy != "stop":
+                    raise
+                # the weights are still the last good ones (the step was not applied): keep
+                # them, with the loader past the offending batch, and end the run cleanly
+                path = ckpt.save(root, trainer.step, trainer.model, trainer.opt, mesh,
+                                 {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
+                say(f"stopped: {e}; the last good state is saved in {path}")
+                break
+            peak = torch.tensor(peak_memory_mib(device), device=device)
+            if mesh is not None:
+                peak = all_reduce(peak, None, op=dist.ReduceOp.MAX)
+            row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
+                   "label_tokens": r.tokens, "tokens_per_s": step_tokens / max(r.seconds, 1e-9),
+                   "peak_mem_mib": round(float(peak), 1), "skipped": r.skipped, "time": time.time()}
+            evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0
+            if evaluated:
+                held_out = make_loader(cfg, mesh, seed_offset=10_000, path=cfg.data.eval_path)
+                row.update(evaluate(trainer, held_out, cfg.eval_batches, passkey))
+            saved = cfg.checkpoint.every and (trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.steps)
+            if saved:
                 ckpt.save(root, trainer.step, trainer.model, trainer.opt, mesh,
                           {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
             if rank0:
                 rows.append(row)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                metrics.write(row)
+                if evaluated or saved:
+                    metrics.plot()
                 if cfg.log_every and trainer.step % cfg.log_every == 0:
+                    extra = "".join(f" {k} {row[k]:.4f}" for k in ("eval_loss", "eval_acc", "eval_key_acc") if k in row)
                     log(f"step {row['step']:>6} loss {r.loss:.4f} grad {r.grad_norm:.3f} lr {r.lr:.2e} "
-                        f"{row['tokens_per_s']:.0f} tok/s")
+                        f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}")
     finally:
         if metrics is not None:
             metrics.close()
+            metrics.plot()
     return rows
+
+
+def eval_rank(cfg: TrainConfig, batches: int, checkpoint: str | None = None) -> dict:
+    """Evaluate a checkpoint (default: the run's newest valid one) on `batches` held-out batches
+    (the same held-out stream as the run's own evaluations); every rank returns the same row."""
+    _, mesh, trainer, root = _setup(cfg)
+    path = Path(checkpoint) if checkpoint else ckpt.latest_valid(root, log=lambda *_: None)
+    if path is None or ckpt.verify(path) is not None:
+        raise FileNotFoundError(f"no valid checkpoint at {checkpoint or root}")
+    step = ckpt.load(path, trainer.model, None, mesh)["step"]
+    held_out = make_loader(cfg, mesh, seed_offset=10_000, path=cfg.data.eval_path)
+    row = evaluate(trainer, held_out, batches, cfg.data.source == "passkey")
+    return {"checkpoint": str(path), "step": step, "sequences": batches * cfg.data.batch_size * cfg.parallel.dp,
+            "seq_len": cfg.data.seq_len, **row}

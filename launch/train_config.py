@@ -41,6 +41,26 @@ class CheckpointConfig:
     every: int = 100  # steps; 0 disables
     keep_last: int = 3
     dir: str | None = None  # default: <out_dir>/checkpoints
+    # Start from another run's weights (a step-N directory, or a checkpoints folder: its newest
+    # valid one) when this run has no checkpoint yet; optimizer, data and schedule start fresh.
+    # Any layout: the weights reshard like a resume. Used for context extension (short -> long).
+    init_from: str | None = None
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """A run before the main one (e.g. a shorter context), with its own out_dir
+    (<out_dir>/<name>); each stage starts from the previous one's weights, and the main run
+    from the last stage's. `set` holds overrides in --set form: {"data.seq_len" = 512}."""
+
+    name: str
+    set: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"stage name {self.name!r} must be a plain folder name")
+        if "stages" in self.set:
+            raise ValueError(f"stage {self.name!r}: stages cannot be nested")
 
 
 @dataclass(kw_only=True)
@@ -59,9 +79,13 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # steps; 0 disables
     eval_batches: int = 4
-    nan_policy: str = "raise"  # "raise" | "skip" (drop the step, keep going) | "stop" (save and stop)
+    # "raise" (fail: a launcher does not retry it) | "skip" (drop the step, keep going, at most
+    # max_nan_skips times) | "stop" (save the last good weights, loader past the batch, and end)
+    nan_policy: str = "raise"
     max_nan_skips: int = 10
     sequence_parallel: bool = True  # TP sequence parallel
+    tensorboard: bool = True  # events in <out_dir>/tensorboard
+    stages: list[StageConfig] = field(default_factory=list)  # warm-up runs first (context extension)
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,5 +97,37 @@ class TrainConfig:
             problems.append(f"nan_policy={self.nan_policy!r} must be 'raise', 'skip' or 'stop'")
         if self.steps < 0 or self.grad_accum < 1:
             problems.append("steps must be >= 0 and grad_accum >= 1")
+        if len({st.name for st in self.stages}) != len(self.stages):
+            problems.append("stage names must be distinct")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def expand_stages(tree: dict) -> list[TrainConfig]:
+    """The runs a config describes, in order: each `[[stages]]` entry (the config with that
+    stage's overrides, out_dir <out_dir>/<name>, starting from the previous stage's weights),
+    then the main run, starting from the last stage's weights. Every run is validated here,
+    before anything starts."""
+    import copy
+
+    from .config import ConfigError, build, set_path
+
+    main = build(TrainConfig, tree)
+    runs, previous = [], main.checkpoint.init_from
+    for st in main.stages:
+        sub = copy.deepcopy({k: v for k, v in tree.items() if k != "stages"})
+        for key, value in st.set.items():
+            set_path(sub, key.split("."), copy.deepcopy(value), f"stage {st.name!r} key {key!r}")
+        sub["out_dir"] = f"{main.out_dir}/{st.name}"
+        sub.setdefault("checkpoint", {}).pop("dir", None)
+        sub["checkpoint"]["init_from"] = previous
+        try:
+            cfg = build(TrainConfig, sub)
+        except ConfigError as e:
+            raise ConfigError(f"stage {st.name!r}: {e}") from e
+        runs.append(cfg)
+        previous = f"{cfg.out_dir}/checkpoints"
+    main.checkpoint.init_from = previous
+    main.stages = []
+    return runs + [main]
+

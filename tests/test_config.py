@@ -24,3 +24,26 @@ def test_unknown_and_invalid_keys(tmp_path):
         load(ModelConfig, None, ["dim"])
     with pytest.raises(ConfigError, match="not found"):
         load(ModelConfig, str(tmp_path / "missing.toml"))
+
+
+def test_stages_expand_into_runs_that_chain_weights(tmp_path):
+    from longtrain.launch.config import load_tree
+    from longtrain.launch.train_config import expand_stages
+
+    path = tmp_path / "t.toml"
+    path.write_text('steps = 9\nout_dir = "o"\n[data]\nseq_len = 1024\n[parallel]\ncp_ring = 2\n'
+                    '[[stages]]\nname = "short"\nset = { "data.seq_len" = 128, steps = 3, "parallel.cp_ring" = 1 }\n'
+                    '[[stages]]\nname = "mid"\nset = { "data.seq_len" = 512 }\n')
+    short, mid, main = expand_stages(load_tree(str(path), ["optim.lr=1e-3"]))
+    assert (short.data.seq_len, short.steps, short.parallel.cp_ring, short.out_dir) == (128, 3, 1, "o/short")
+    assert short.checkpoint.init_from is None and short.optim.lr == 1e-3
+    assert (mid.data.seq_len, mid.steps, mid.parallel.cp_ring) == (512, 9, 2)
+    assert mid.checkpoint.init_from == "o/short/checkpoints"
+    assert (main.data.seq_len, main.out_dir, main.checkpoint.init_from) == (1024, "o", "o/mid/checkpoints")
+    assert main.stages == []
+    path.write_text('[[stages]]\nname = "x"\nset = { "data.seqlen" = 1 }\n')
+    with pytest.raises(ConfigError, match="stage 'x'.*unknown key\\(s\\) data.seqlen"):
+        expand_stages(load_tree(str(path)))
+    path.write_text('[[stages]]\nname = "x"\n[[stages]]\nname = "x"\n')
+    with pytest.raises(ConfigError, match="distinct"):
+        expand_stages(load_tree(str(path)))
