@@ -24,6 +24,11 @@ def _env_int(*names: str, default: int | None = None) -> int:
     return default
 
 
+def env_world_size() -> int:
+    """The world size the launcher announced (torchrun: WORLD_SIZE, srun: SLURM_NTASKS)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS")
+
+
 def init_distributed(device_type: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int]:
     """Join the job described by RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) and
     MASTER_ADDR/MASTER_PORT. Returns (rank, world_size)."""

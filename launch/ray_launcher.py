@@ -1,8 +1,9 @@
 """Launch the ranks as Ray actors: an embedded local Ray by default, a real cluster by address.
 
-One actor per rank, all in one placement group with the PACK strategy so that consecutive
-ranks (a tensor-parallel or Ulysses group: they are innermost in the rank order) land on the
-same node. Rank 0's actor picks the rendezvous address (its node's IP and a free port); every
+One actor per rank, in one placement group whose bundles each hold a whole tensor-parallel x
+Ulysses group (those ranks are innermost in the rank order, hence consecutive): a bundle is
+always placed on a single node, so the chattiest groups never cross nodes, while the ring,
+data-parallel and pipeline groups may span nodes (PACK fills nodes in order). Rank 0's actor picks the rendezvous address (its node's IP and a free port); every
 actor then joins the process group (gloo on CPU, NCCL on GPU) and runs `train_rank`.
 
 When an actor dies (a killed worker, a lost node), the surviving actors are stopped at once —
@@ -18,7 +19,14 @@ import time
 
 import ray
 
+from longtrain.data.shards import DataError
+
+from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
+
+# Failures that a restart from the last checkpoint would only repeat: bad data, a bad config
+# or layout, a non-finite loss under nan_policy="raise", a missing init_from checkpoint.
+DETERMINISTIC = (NonFiniteLoss, DataError, ValueError, FileNotFoundError)
 
 
 @ray.remote
@@ -30,6 +38,9 @@ class RankActor:
         from .spawn import free_port
 
         return ray.util.get_node_ip_address(), free_port()
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, cfg: TrainConfig, master: tuple[str, int], stop_at: int | None = None) -> list[dict]:
         import torch
@@ -58,6 +69,17 @@ def start_ray(address: str | None, world: int) -> None:
         ray.init(num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
 
+def _check_fits(world: int, local: int, kind: str) -> None:
+    """Fail at once (not after a placement timeout) when the cluster's nodes cannot hold the
+    world // local bundles of `local` CPUs or GPUs each."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    have = [int(n["Resources"].get(kind, 0)) for n in nodes]
+    if sum(h // local for h in have) < world // local:
+        raise RuntimeError(f"the layout needs {world // local} group(s) of {local} {kind}(s) on one node each "
+                           f"(tp x cp_ulysses ranks share a node), but the Ray cluster's nodes have {have} "
+                           f"{kind}s; add nodes or {kind}s, or shrink the layout")
+
+
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3,
            stop_at: int | None = None, on_start=None) -> list[dict]:
     """Run the job on Ray; returns rank 0's metric rows of the last (successful) attempt.
@@ -67,15 +89,30 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
 
     world = cfg.parallel.world_size
     start_ray(address, world)
+    local = cfg.parallel.tp * cfg.parallel.cp_ulysses  # ranks that must share a node
     threads = max(1, (os.cpu_count() or 1) // world)
     gpus = 1 if cfg.device == "cuda" else 0
-    pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * world, strategy="PACK")
-    ray.get(pg.ready(), timeout=300)
+    bundle = {"CPU": local, "GPU": local} if gpus else {"CPU": local}
+    _check_fits(world, local, "GPU" if gpus else "CPU")
+    pg = placement_group([bundle] * (world // local), strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=300)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(f"the Ray cluster cannot place {world // local} bundle(s) of {bundle} (one per "
+                           f"tp x cp_ulysses group; available: {ray.available_resources()}); add nodes or "
+                           "shrink the layout") from None
     try:
         for attempt in range(max_restarts + 1):
             actors = [RankActor.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=r)).remote(r, world, threads) for r in range(world)]
+                placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
+                for r in range(world)]
             master = ray.get(actors[0].address.remote())
+            if attempt == 0:
+                nodes = ray.get([a.node.remote() for a in actors])
+                names = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+                print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(nodes)),
+                      flush=True)
             refs = [a.run.remote(cfg, master, stop_at) for a in actors]
             if on_start is not None:
                 on_start(actors, attempt)
@@ -88,6 +125,9 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 for a in actors:
                     ray.kill(a, no_restart=True)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
+                    raise cause
                 if attempt == max_restarts:
                     raise RuntimeError(f"training failed {max_restarts + 1} times; last error: {e}") from e
                 print(f"a worker failed ({type(e).__name__}); restarting all ranks from the last valid checkpoint "

@@ -1,20 +1,23 @@
-"""`longtrain train CONFIG [--set key=value ...] [--ranks N]`: load and validate the config, then
-start the ranks. Validation (config keys, layout vs world size, model vs layout) happens here,
-before any process or collective starts.
+"""`longtrain train CONFIG [--set key=value ...]`: load and validate the config, then start the
+ranks. Validation (config keys, layout vs world size, model vs layout, every stage) happens
+here, before any process or collective starts. A config with `[[stages]]` runs each stage in
+turn, then the main run, each starting from the previous one's weights.
 
 Launchers: ``ray`` (default) runs one actor per rank on an embedded local Ray instance, or on
 the cluster at ``--address`` / RAY_ADDRESS, restarting all ranks from the last valid
 checkpoint when a worker dies (``--max-restarts``); ``local`` starts N gloo processes here
-with no Ray.
+with no Ray; ``env`` is this process as one rank of a job started by torchrun or srun
+(env:// rendezvous: RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, MASTER_ADDR/MASTER_PORT).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .config import ConfigError, load
-from .train_config import TrainConfig
+from .config import ConfigError, load_tree
+from .train_config import TrainConfig, expand_stages
 
 
 def _rank_main(cfg: TrainConfig) -> int:
@@ -28,26 +31,75 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtrain train", description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="?", help="TOML file (omit for the defaults)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--launcher", default="ray", choices=["ray", "local"])
+    ap.add_argument("--launcher", default="ray", choices=["ray", "local", "env"],
+                    help="ray (default), local processes, or env (one rank under torchrun / srun)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     ap.add_argument("--max-restarts", type=int, default=3, help="worker failures tolerated (Ray)")
     args = ap.parse_args(argv)
     try:
-        cfg = load(TrainConfig, args.config, args.overrides)
-        cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.cp_ulysses, cfg.parallel.ep)
+        runs = expand_stages(load_tree(args.config, args.overrides))
+        for cfg in runs:
+            cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.cp_ulysses, cfg.parallel.ep)
     except (ConfigError, ValueError) as e:
         print(f"longtrain train: {e}", file=sys.stderr)
         return 2
-    world = cfg.parallel.world_size
-    print(f"launching {world} rank(s) ({args.launcher}): {cfg.parallel}", flush=True)
-    if args.launcher == "ray":
-        from .ray_launcher import launch
+    if args.launcher == "env":
+        return _env_rank(runs)
+    for i, cfg in enumerate(runs):
+        world = cfg.parallel.world_size
+        stage = f" [run {i + 1} of {len(runs)}: {cfg.out_dir}]" if len(runs) > 1 else ""
+        print(f"launching {world} rank(s) ({args.launcher}){stage}: {cfg.parallel}", flush=True)
+        from .metrics import ProgressFollower
 
-        launch(cfg, address=args.address, max_restarts=args.max_restarts)
-    else:
-        from .spawn import spawn_local
+        try:
+            with ProgressFollower(cfg.out_dir, cfg.steps):
+                if args.launcher == "ray":
+                    from .ray_launcher import launch
 
-        spawn_local(_rank_main, world, cfg)
-    print(f"done: metrics in {cfg.out_dir}/metrics.jsonl, checkpoints in "
-          f"{cfg.checkpoint.dir or cfg.out_dir + '/checkpoints'}")
+                    launch(cfg, address=args.address, max_restarts=args.max_restarts)
+                else:
+                    from .spawn import spawn_local
+
+                    spawn_local(_rank_main, world, cfg)
+        except (RuntimeError, ValueError, FileNotFoundError) as e:
+            print(f"longtrain train: {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(f"done: metrics in {cfg.out_dir}/metrics.jsonl (TensorBoard: {cfg.out_dir}/tensorboard), loss "
+              f"curve {cfg.out_dir}/loss.png, checkpoints in {cfg.checkpoint.dir or cfg.out_dir + '/checkpoints'}",
+              flush=True)
     return 0
+
+
+def _env_rank(runs: list[TrainConfig]) -> int:
+    """This process as one rank of a torchrun / srun job, running every stage in turn. The
+    world size is checked against each layout before the process group (and so any
+    collective) exists."""
+    import torch
+
+    from .dist_env import env_world_size, init_distributed
+
+    have = env_world_size()
+    for cfg in runs:
+        if cfg.parallel.world_size != have:
+            print(f"longtrain train: the layout {cfg.parallel} of {cfg.out_dir} needs {cfg.parallel.world_size} "
+                  f"ranks but this job has {have} (WORLD_SIZE / SLURM_NTASKS); start that many processes or "
+                  "change [parallel]", file=sys.stderr)
+            return 2
+    cfg = runs[0]
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", have)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    rank, _ = init_distributed(device)
+    try:
+        from .run import train_rank
+
+        for cfg in runs:
+            train_rank(cfg, log=print if rank == 0 else (lambda *_: None))
+    finally:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

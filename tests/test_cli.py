@@ -13,3 +13,66 @@ def test_train_rejects_bad_config(tmp_path, capsys):
 def test_prepare_reports_bad_input(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+PASSKEY = """
+steps = 2
+log_every = 1
+eval_every = 2
+eval_batches = 1
+[parallel]
+cp_ring = 2
+[model]
+vocab_size = 258
+dim = 32
+n_layers = 1
+n_heads = 2
+[data]
+source = "passkey"
+seq_len = 256
+batch_size = 1
+[checkpoint]
+every = 2
+[[stages]]
+name = "short"
+set = { "data.seq_len" = 128, "data.batch_size" = 2 }
+"""
+
+
+def test_env_launcher_checks_world_size_before_any_collective(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(PASSKEY)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert main(["train", str(cfg), "--launcher", "env", "--set", f"out_dir={str(tmp_path / 'o')!r}"]) == 2
+    assert "needs 2 ranks but this job has 3" in capsys.readouterr().err
+
+
+def test_torchrun_runs_the_stages(tmp_path):
+    """`torchrun -m longtrain.launch.train_cli CONFIG --launcher env`: 2 ranks, a stage, then the
+    main run starting from the stage's weights; metrics, plot and checkpoints written."""
+    import json
+    import subprocess
+    import sys
+
+    from longtrain.launch.spawn import free_port
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'out_dir = "{tmp_path / "o"}"\n' + PASSKEY)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "longtrain.launch.train_cli", str(cfg),
+                           "--launcher", "env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"initialized the weights from {tmp_path / 'o' / 'short' / 'checkpoints' / 'step-00000002'}" in proc.stdout
+    for run in (tmp_path / "o" / "short", tmp_path / "o"):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and "eval_key_acc" in rows[1]
+        assert (run / "loss.png").exists() and (run / "checkpoints" / "step-00000002" / "COMMITTED.json").exists()
+    # and `longtrain eval` reads the main run's newest checkpoint back on 2 local ranks
+    proc = subprocess.run([sys.executable, "-m", "longtrain.launch.cli", "eval", str(cfg), "--batches", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["step"] == 2 and row["sequences"] == 2 and row["seq_len"] == 256
+    assert 0 <= row["eval_key_acc"] <= row["eval_acc"] <= 1 and row["eval_loss"] > 0

@@ -1,8 +1,11 @@
-"""The Ray launcher (embedded local Ray, 4 ranks): a worker killed mid-run is replaced and the
-job resumes from the last valid checkpoint with the losses of an uninterrupted run."""
+"""The Ray launcher (embedded local Ray, 4 ranks, tp2 x ring2): a stopped run resumes with the
+losses of an uninterrupted one; a worker killed mid-run is replaced and the job resumes from
+the last valid checkpoint; a truncated checkpoint falls back to the previous one; a run saved
+on tp2 x ring2 resumes on ring4 and on ulysses2 x dp2 with matching losses."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -26,20 +29,77 @@ def ray_session():
     ray.shutdown()
 
 
-def _cfg(data, out, steps):
+def _cfg(data, out, steps, parallel=None):
+    parallel = parallel or {"tp": 2, "cp_ring": 2}
+    per_rank = 2 // parallel.get("dp", 1)  # the global batch (2 sequences) stays the same
     return build(TrainConfig, {
-        "model": MODEL, "parallel": {"tp": 2, "cp_ring": 2}, "steps": steps, "out_dir": out, "log_every": 0,
-        "data": {"path": data, "seq_len": 64, "batch_size": 2}, "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "checkpoint": {"every": 2, "keep_last": 3}})
+        "model": MODEL, "parallel": parallel, "steps": steps, "out_dir": str(out),
+        "log_every": 0, "data": {"path": data, "seq_len": 64, "batch_size": per_rank},
+        "optim": {"lr": 3e-3, "warmup_steps": 2}, "checkpoint": {"every": 2, "keep_last": 3}})
 
 
-def test_killed_worker_is_replaced_and_training_resumes(tmp_path, ray_session):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ray_session):
+    """Prepared data and the uninterrupted 6-step run's losses by step."""
     from longtrain.launch.ray_launcher import launch
 
-    data = str(tmp_path / "data")
+    root = tmp_path_factory.mktemp("ray")
+    data = str(root / "data")
     prepare(["stdlib"], data, limit_bytes=150_000)
-    full = {r["step"]: r["loss"] for r in launch(_cfg(data, str(tmp_path / "full"), 6))}
+    full = {r["step"]: r["loss"] for r in launch(_cfg(data, root / "full", 6))}
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert (root / "full" / "loss.png").stat().st_size > 0 and any((root / "full" / "tensorboard").iterdir())
+    return data, full
+
+
+def _logged(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stop_and_resume_gives_identical_losses(tmp_path, runs):
+    from longtrain.launch.ray_launcher import launch
+
+    data, full = runs
+    first = launch(_cfg(data, tmp_path, 6), stop_at=3)  # stops after step 3; checkpoint at 2
+    second = launch(_cfg(data, tmp_path, 6))
+    assert [r["step"] for r in first] == [1, 2, 3] and [r["step"] for r in second] == [3, 4, 5, 6]
+    for r in first + second:
+        assert r["loss"] == full[r["step"]]
+    assert _logged(tmp_path) == [1, 2, 3, 4, 5, 6]  # the re-run step 3 replaced the lost one
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, runs, capfd):
+    from longtrain.launch.ray_launcher import launch
+
+    data, full = runs
+    launch(_cfg(data, tmp_path, 6), stop_at=4)  # checkpoints at steps 2 and 4
+    latest = tmp_path / "checkpoints" / "step-00000004"
+    shard = max((f for f in latest.iterdir() if f.suffix == ".distcp"), key=lambda f: f.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    rows = launch(_cfg(data, tmp_path, 6))
+    assert [r["step"] for r in rows] == [3, 4, 5, 6]  # resumed from step 2
+    for r in rows:
+        assert r["loss"] == full[r["step"]]
+    assert "truncated" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("parallel", [{"cp_ring": 4}, {"cp_ulysses": 2, "dp": 2}], ids=["ring4", "ulysses2xdp2"])
+def test_resume_into_a_different_layout(tmp_path, runs, parallel):
+    from longtrain.launch.ray_launcher import launch
+
+    data, full = runs
+    launch(_cfg(data, tmp_path, 6), stop_at=4)  # saved on tp2 x ring2
+    rows = launch(_cfg(data, tmp_path, 6, parallel))
+    assert [r["step"] for r in rows] == [5, 6]
+    for r in rows:
+        assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-4)
+
+
+def test_killed_worker_is_replaced_and_training_resumes(tmp_path, runs):
+    from longtrain.launch.ray_launcher import launch
+
+    data, full = runs
 
     out = tmp_path / "killed"
 
@@ -55,10 +115,9 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, ray_session):
 
         threading.Thread(target=killer, daemon=True).start()
 
-    rows = launch(_cfg(data, str(out), 6), on_start=kill_after_checkpoint)
+    rows = launch(_cfg(data, out, 6), on_start=kill_after_checkpoint)
     assert rows and rows[-1]["step"] == 6
     assert rows[0]["step"] > 1  # the second attempt resumed from a checkpoint
     for r in rows:
         assert r["loss"] == full[r["step"]]
-    logged = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(logged) >= 6
+    assert _logged(out) == [1, 2, 3, 4, 5, 6]  # rows of the killed attempt past its checkpoint dropped
