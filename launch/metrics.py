@@ -101,7 +101,7 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
 
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=110, layout="constrained")
     ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="train loss")
     if len(loss) >= 5:
         k = max(2, len(loss) // 25)
@@ -116,13 +116,11 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
         ax2.plot(*zip(*acc), "s--", color="tab:green", label="passkey digit accuracy (eval)")
         ax2.set_ylim(0, 1.02)
         ax2.set_ylabel("accuracy")
-        ax2.legend(loc="center right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(png.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

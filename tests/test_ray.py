@@ -121,3 +121,13 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, runs):
     for r in rows:
         assert r["loss"] == full[r["step"]]
     assert _logged(out) == [1, 2, 3, 4, 5, 6]  # rows of the killed attempt past its checkpoint dropped
+
+
+def test_bad_data_fails_at_once_without_restarts(tmp_path, ray_session, capfd):
+    """A deterministic failure (missing shards) is reported as itself, not retried."""
+    from longtrain.data.shards import DataError
+    from longtrain.launch.ray_launcher import launch
+
+    with pytest.raises(DataError, match="manifest"):
+        launch(_cfg(str(tmp_path / "no_data"), tmp_path / "out", 2), max_restarts=3)
+    assert "restarting all ranks" not in capfd.readouterr().out
