@@ -47,3 +47,17 @@ def test_stages_expand_into_runs_that_chain_weights(tmp_path):
     path.write_text('[[stages]]\nname = "x"\n[[stages]]\nname = "x"\n')
     with pytest.raises(ConfigError, match="distinct"):
         expand_stages(load_tree(str(path)))
+
+
+@pytest.mark.parametrize("name", ["cpu_demo", "passkey", "gpu_8x_128k", "gpu_32x_1m_moe"])
+def test_shipped_configs_load_and_fit_their_layouts(name):
+    from pathlib import Path
+
+    from longtrain.launch.config import load_tree
+    from longtrain.launch.train_config import expand_stages
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    for cfg in expand_stages(load_tree(str(path))):
+        cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.cp_ulysses, cfg.parallel.ep)
+        cp = cfg.parallel.cp_ring * cfg.parallel.cp_ulysses
+        assert cfg.data.seq_len % (2 * cp) == 0
