@@ -131,3 +131,11 @@ def test_bad_data_fails_at_once_without_restarts(tmp_path, ray_session, capfd):
     with pytest.raises(DataError, match="manifest"):
         launch(_cfg(str(tmp_path / "no_data"), tmp_path / "out", 2), max_restarts=3)
     assert "restarting all ranks" not in capfd.readouterr().out
+
+
+def test_layout_larger_than_the_cluster_is_refused_before_any_actor(tmp_path, ray_session):
+    from longtrain.launch.ray_launcher import launch
+
+    cfg = _cfg(str(tmp_path), tmp_path / "out", 2, {"tp": 2, "cp_ring": 4})  # 8 ranks, 4 CPUs here
+    with pytest.raises(RuntimeError, match="needs 4 group\\(s\\) of 2 CPU\\(s\\) on one node each"):
+        launch(cfg)
