@@ -97,6 +97,9 @@ class TrainConfig:
             problems.append(f"nan_policy={self.nan_policy!r} must be 'raise', 'skip' or 'stop'")
         if self.steps < 0 or self.grad_accum < 1:
             problems.append("steps must be >= 0 and grad_accum >= 1")
+        if self.parallel.pp > 1:
+            problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
+                            "parallel.pp = 1 (use tp / cp / dp for the ranks)")
         if len({st.name for st in self.stages}) != len(self.stages):
             problems.append("stage names must be distinct")
         if problems:

@@ -8,6 +8,8 @@ def test_train_rejects_bad_config(tmp_path, capsys):
     assert "unknown key(s) optim.lrr" in capsys.readouterr().err
     assert main(["train", "--set", "parallel.tp=3"]) == 2
     assert "divisible by tp=3" in capsys.readouterr().err
+    assert main(["train", "--set", "parallel.pp=2"]) == 2
+    assert "no pipeline schedule yet" in capsys.readouterr().err
 
 
 def test_prepare_reports_bad_input(tmp_path, capsys):
