@@ -22,8 +22,7 @@ def _stage_rows(cfg) -> tuple[float, dict | None, int]:
     rows = read_rows(Path(cfg.out_dir) / "metrics.jsonl")
     if not rows:
         return 0.0, None, 0
-    tokens = cfg.parallel.dp * cfg.data.batch_size * cfg.data.seq_len * cfg.grad_accum
-    first = tokens / max(rows[0]["tokens_per_s"], 1e-9)
+    first = cfg.tokens_per_step / max(rows[0]["tokens_per_s"], 1e-9)
     ev = next((r for r in reversed(rows) if "eval_key_acc" in r), None)
     return rows[-1]["time"] - rows[0]["time"] + first, ev, rows[-1]["step"]
 
@@ -37,11 +36,11 @@ def per_digit(cfg, checkpoint: str, n: int) -> tuple[list[float], list[tuple[str
     import torch
 
     from longtrain.launch import checkpoint as ckpt
-    from longtrain.launch.run import make_loader
+    from longtrain.launch.run import held_out_loader
     from longtrain.launch.trainer import Trainer
 
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cp_ring=1, cp_ulysses=1, tp=1, dp=1))
-    held_out = make_loader(one, None, seed_offset=10_000)
+    held_out = held_out_loader(one, None)
     trainer = Trainer(one, None, held_out)
     ckpt.load(Path(checkpoint), trainer.model, None, None)
     model = trainer.model.eval()

@@ -142,6 +142,18 @@ def latest_valid(root: str | os.PathLike, log=print) -> Path | None:
     return Path(choice) if choice else None
 
 
+def find(path: str | os.PathLike, log=print) -> Path | None:
+    """A checkpoint named by `path`: a committed step directory (verified; ValueError if
+    corrupt), or a folder of them (its newest valid one; None if there is none)."""
+    path = Path(path)
+    if (path / MARKER).exists():
+        problem = verify(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is corrupt: {problem}")
+        return path
+    return latest_valid(path, log=log)
+
+
 def load(path: Path, model, optimizer, mesh) -> dict:
     """Load a checkpoint into this rank's (possibly differently sharded) model and optimizer
     (None: the weights only); returns the `extra` dict saved with it."""

@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(TrainConfig, args.config, args.overrides)
         cfg.stages = []
-        cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.cp_ulysses, cfg.parallel.ep)
     except (ConfigError, ValueError) as e:
         print(f"longtrain eval: {e}", file=sys.stderr)
         return 2

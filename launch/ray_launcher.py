@@ -51,7 +51,7 @@ class RankActor:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), MASTER_ADDR=master[0],
                           MASTER_PORT=str(master[1]), LOCAL_RANK=str(self.rank))
         torch.set_num_threads(self.threads)
-        init_distributed("cuda" if cfg.device == "cuda" else "cpu")
+        init_distributed(cfg.device_type())  # this actor's own view: GPUs only if Ray gave it one
         try:
             return train_rank(cfg, log=print if self.rank == 0 else (lambda *_: None), stop_at=stop_at)
         finally:

@@ -7,7 +7,6 @@ step); every rank writes its checkpoint shards.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,9 @@ from longtrain.parallel.mesh import build_mesh
 from . import checkpoint as ckpt
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
+
+
+HELD_OUT_SEED = 10_000  # offset of the held-out stream's seed from the training data's
 
 
 def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None = None):
@@ -33,6 +35,11 @@ def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None =
     from longtrain.data.loader import PackedLoader
 
     return PackedLoader(path or d.path, d.seq_len, d.batch_size, seed=d.seed + seed_offset, dp_rank=rank, dp_size=dp)
+
+
+def held_out_loader(cfg: TrainConfig, mesh):
+    """The held-out stream every evaluation reads (the same samples each time)."""
+    return make_loader(cfg, mesh, seed_offset=HELD_OUT_SEED, path=cfg.data.eval_path)
 
 
 @torch.no_grad()
@@ -75,15 +82,9 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
         trainer.loader.load_state_dict(extra["loader"])
         log(f"resumed from {found} at step {trainer.step}")
     elif cfg.checkpoint.init_from:
-        src = Path(cfg.checkpoint.init_from)
-        if (src / ckpt.MARKER).exists():
-            problem, path = ckpt.verify(src), src
-            if problem:
-                raise ValueError(f"checkpoint.init_from={src} is corrupt: {problem}")
-        else:
-            path = ckpt.latest_valid(src, log=log)
-            if path is None:
-                raise FileNotFoundError(f"checkpoint.init_from={src}: no valid committed checkpoint there")
+        path = ckpt.find(cfg.checkpoint.init_from, log=log)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no valid committed checkpoint there")
         ckpt.load(path, trainer.model, None, trainer.mesh)
         log(f"initialized the weights from {path}")
 
@@ -92,10 +93,16 @@ def _setup(cfg: TrainConfig):
     """(device, mesh or None, trainer, checkpoint root) of this rank."""
     import torch.distributed as dist
 
-    device = "cpu" if cfg.device in ("auto", "cpu") and not torch.cuda.is_available() else "cuda"
+    device = cfg.device_type()
     mesh = build_mesh(cfg.parallel, device_type=device) if dist.is_initialized() else None
     trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
     return device, mesh, trainer, Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
+
+
+def _save(cfg: TrainConfig, trainer: Trainer, root: Path) -> Path:
+    """Checkpoint this rank's model, optimizer, loader position and step."""
+    return ckpt.save(root, trainer.step, trainer.model, trainer.opt, trainer.mesh,
+                     {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
 
 
 def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[dict]:
@@ -112,7 +119,6 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
     say = log if rank0 else (lambda *_: None)
     _resume_or_init(cfg, trainer, root, say)
     passkey = cfg.data.source == "passkey"
-    step_tokens = cfg.parallel.dp * cfg.data.batch_size * cfg.data.seq_len * cfg.grad_accum
     rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
     try:
@@ -124,24 +130,21 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
                     raise
                 # the weights are still the last good ones (the step was not applied): keep
                 # them, with the loader past the offending batch, and end the run cleanly
-                path = ckpt.save(root, trainer.step, trainer.model, trainer.opt, mesh,
-                                 {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
+                path = _save(cfg, trainer, root)
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
             peak = torch.tensor(peak_memory_mib(device), device=device)
             if mesh is not None:
                 peak = all_reduce(peak, None, op=dist.ReduceOp.MAX)
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
-                   "label_tokens": r.tokens, "tokens_per_s": step_tokens / max(r.seconds, 1e-9),
+                   "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
                    "peak_mem_mib": round(float(peak), 1), "skipped": r.skipped, "time": time.time()}
             evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0
             if evaluated:
-                held_out = make_loader(cfg, mesh, seed_offset=10_000, path=cfg.data.eval_path)
-                row.update(evaluate(trainer, held_out, cfg.eval_batches, passkey))
+                row.update(evaluate(trainer, held_out_loader(cfg, mesh), cfg.eval_batches, passkey))
             saved = cfg.checkpoint.every and (trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.steps)
             if saved:
-                ckpt.save(root, trainer.step, trainer.model, trainer.opt, mesh,
-                          {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
+                _save(cfg, trainer, root)
             if rank0:
                 rows.append(row)
                 metrics.write(row)
@@ -162,11 +165,10 @@ def eval_rank(cfg: TrainConfig, batches: int, checkpoint: str | None = None) -> 
     """Evaluate a checkpoint (default: the run's newest valid one) on `batches` held-out batches
     (the same held-out stream as the run's own evaluations); every rank returns the same row."""
     _, mesh, trainer, root = _setup(cfg)
-    path = Path(checkpoint) if checkpoint else ckpt.latest_valid(root, log=lambda *_: None)
-    if path is None or ckpt.verify(path) is not None:
+    path = ckpt.find(checkpoint or root, log=lambda *_: None)
+    if path is None:
         raise FileNotFoundError(f"no valid checkpoint at {checkpoint or root}")
     step = ckpt.load(path, trainer.model, None, mesh)["step"]
-    held_out = make_loader(cfg, mesh, seed_offset=10_000, path=cfg.data.eval_path)
-    row = evaluate(trainer, held_out, batches, cfg.data.source == "passkey")
+    row = evaluate(trainer, held_out_loader(cfg, mesh), batches, cfg.data.source == "passkey")
     return {"checkpoint": str(path), "step": step, "sequences": batches * cfg.data.batch_size * cfg.parallel.dp,
             "seq_len": cfg.data.seq_len, **row}

@@ -38,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = expand_stages(load_tree(args.config, args.overrides))
-        for cfg in runs:
-            cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.cp_ulysses, cfg.parallel.ep)
     except (ConfigError, ValueError) as e:
         print(f"longtrain train: {e}", file=sys.stderr)
         return 2
@@ -86,7 +84,7 @@ def _env_rank(runs: list[TrainConfig]) -> int:
                   "change [parallel]", file=sys.stderr)
             return 2
     cfg = runs[0]
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = cfg.device_type()
     if "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", have)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -97,6 +97,10 @@ class TrainConfig:
             problems.append(f"nan_policy={self.nan_policy!r} must be 'raise', 'skip' or 'stop'")
         if self.steps < 0 or self.grad_accum < 1:
             problems.append("steps must be >= 0 and grad_accum >= 1")
+        try:  # the model must split over this layout; said here, before any process starts
+            self.model.check_layout(self.parallel.tp, self.parallel.cp_ulysses, self.parallel.ep)
+        except ValueError as e:
+            problems.append(str(e))
         if self.parallel.pp > 1:
             problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
                             "parallel.pp = 1 (use tp / cp / dp for the ranks)")
@@ -104,6 +108,19 @@ class TrainConfig:
             problems.append("stage names must be distinct")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def device_type(self) -> str:
+        """"cuda" or "cpu": `device`, with "auto" meaning CUDA when this process sees a GPU."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over the whole job (every token, labeled or not)."""
+        return self.parallel.dp * self.data.batch_size * self.data.seq_len * self.grad_accum
 
 
 def expand_stages(tree: dict) -> list[TrainConfig]:

@@ -134,10 +134,12 @@ class LongLM(nn.Module):
         whole sequences; every tp rank returns the same numbers."""
         h, _ = self.hidden(input_ids, doc_ids)
         h = self.par.enter(h)
-        loss = chunked_lm_loss(h, self.head, labels, self.cfg.loss_chunk, self.par).loss_sum
+        loss = h.new_zeros((), dtype=torch.float32)
         correct = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
         for hc, lc in zip(h.split(self.cfg.loss_chunk, dim=1), labels.split(self.cfg.loss_chunk, dim=1)):
-            correct += _chunk_correct(hc, self.head.weight, lc, self.par)
+            logits = torch.nn.functional.linear(hc, self.head.weight)  # once per chunk, for both
+            loss += _logits_loss(logits, lc, self.par)
+            correct += _logits_correct(logits, lc, self.par)
         return loss, (labels != IGNORE).sum(1), correct
 
     def moe_layers(self) -> list:
@@ -153,14 +155,18 @@ def _ulysses(mesh) -> int:
 
 
 def _chunk_loss(h, weight, labels, par):
-    logits = torch.nn.functional.linear(h, weight)  # [b, c, V/tp]
+    return _logits_loss(torch.nn.functional.linear(h, weight), labels, par)  # logits [b, c, V/tp]
+
+
+def _logits_loss(logits, labels, par):
     mask = labels != IGNORE
     loss = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0), par.tp_group, par.stats)
     return (loss * mask).sum()
 
 
-def _chunk_correct(h, weight, labels, par) -> torch.Tensor:
-    logits = torch.nn.functional.linear(h, weight).float()  # [b, c, V/tp]
+def _logits_correct(logits, labels, par) -> torch.Tensor:
+    """Per sequence: labeled positions whose label is the argmax of the vocab-parallel logits."""
+    logits = logits.float()
     mask = labels != IGNORE
     local_v = logits.shape[-1]
     idx = labels - group_rank(par.tp_group) * local_v

@@ -57,7 +57,6 @@ def test_shipped_configs_load_and_fit_their_layouts(name):
     from longtrain.launch.train_config import expand_stages
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
-    for cfg in expand_stages(load_tree(str(path))):
-        cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.cp_ulysses, cfg.parallel.ep)
+    for cfg in expand_stages(load_tree(str(path))):  # building a config checks the model against its layout
         cp = cfg.parallel.cp_ring * cfg.parallel.cp_ulysses
         assert cfg.data.seq_len % (2 * cp) == 0
