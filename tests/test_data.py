@@ -124,3 +124,21 @@ def test_bad_inputs(corpus, tmp_path):
 def test_stdlib_source_prepares(tmp_path):
     m = prepare(["stdlib"], str(tmp_path / "std"), limit_bytes=200_000)
     assert m["tokens"] >= 200_000 and m["documents"] > 1
+
+
+def test_a_long_document_does_not_fill_consecutive_steps(tmp_path):
+    """One document 60 windows long among 60 one-window documents: with only documents
+    shuffled, ~60 consecutive samples would come from it (the CPU demo's loss spike); with the
+    windows shuffled too, its samples are spread over the epoch."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "long.txt").write_text("L" * 64 * 60)
+    for i in range(60):
+        (src / f"s{i:02d}.txt").write_text(chr(ord("a") + i % 26) * 63)
+    prepare([str(src)], str(tmp_path / "data"))
+    loader = PackedLoader(tmp_path / "data", seq_len=64, batch_size=1, seed=0)
+    from_long = [bool((loader.next_batch()["input_ids"] == ord("L")).float().mean() > 0.5)
+                 for _ in range(loader.batches_per_epoch)]
+    assert sum(from_long) >= 50  # the long document is still there, whole
+    longest_run = max(len(run) for run in "".join("L" if x else "." for x in from_long).split("."))
+    assert longest_run <= 10, longest_run
