@@ -8,6 +8,7 @@
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
     longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
     longtrain bench passkey [CONFIG]        train + evaluate passkey retrieval at 16K (docs/benchmarks.md)
+    longtrain bench comm [--layers 4]       collectives and host syncs of one micro-batch, per kind
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-BENCHMARKS = ("attention", "actquant", "passkey")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm")
 
 
 def _bench(argv: list[str]) -> int:

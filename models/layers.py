@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from longtrain.parallel.attention import sequence_parallel_attention
+from longtrain.parallel.attention import AttentionPlan, sequence_parallel_attention
 from longtrain.parallel.comm import (CommStats, copy_to_region, gather_to_region, group_rank, group_size,
                                      reduce_from_region, reduce_scatter_from_region)
 from longtrain.parallel.tensor import ColumnParallelLinear, RowParallelLinear
@@ -132,9 +132,10 @@ class Attention(nn.Module):
             aux = aux / self.par.tp  # computed on every tp rank; the tp gradient sum restores it
         return apply_rope(q, *rope), apply_rope(k, *rope), v, gates, aux
 
-    def attend(self, q, k, v, doc_ids):
-        return sequence_parallel_attention(q, k, v, self.par.mesh, causal=True, window=self.cfg.window,
-                                           doc_ids=doc_ids)
+    def attend(self, q, k, v, plan: AttentionPlan | None = None):
+        """`plan`: built once per batch (`LongLM.hidden`), it carries the doc ids; without one
+        each call validates across ranks on its own."""
+        return sequence_parallel_attention(q, k, v, self.par.mesh, causal=True, window=self.cfg.window, plan=plan)
 
     def output(self, o: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Heads [b, s, heads/tp, hd] -> partial sums over tp; MoH weights each head first."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from longtrain.parallel.attention import sequence_positions
+from longtrain.parallel.attention import AttentionPlan, plan_attention, sequence_positions
 from longtrain.parallel.comm import all_reduce, group_rank, group_size
 from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -60,23 +60,24 @@ class Block(nn.Module):
                 return h + out, aux + moe_aux
             return h + self.mlp(self.mlp_norm(h)), aux
 
-    def _attend(self, q, k, v, doc_ids):
+    def _attend(self, q, k, v, plan):
         with self.quant.site(self.index, "attention"):
-            return self.attn.attend(q, k, v, doc_ids)
+            return self.attn.attend(q, k, v, plan)
 
-    def _full(self, x, cos, sin, doc_ids):
+    def _full(self, x, cos, sin, plan):
         q, k, v, gates, aux = self._qkv(x, cos, sin)
-        return self._rest(x, self._attend(q, k, v, doc_ids), gates, aux)
+        return self._rest(x, self._attend(q, k, v, plan), gates, aux)
 
-    def forward(self, x, cos, sin, doc_ids=None):
+    def forward(self, x, cos, sin, plan: AttentionPlan | None = None):
+        """`plan`: the batch's attention plan (doc ids included), shared by every layer."""
         mode = self.cfg.checkpoint if self.training and torch.is_grad_enabled() else "none"
         if mode == "full":
-            return checkpoint(self._full, x, cos, sin, doc_ids, use_reentrant=False)
+            return checkpoint(self._full, x, cos, sin, plan, use_reentrant=False)
         if mode == "selective":  # attention keeps its own saved tensors; the rest is recomputed
             q, k, v, gates, aux = checkpoint(self._qkv, x, cos, sin, use_reentrant=False)
-            o = self._attend(q, k, v, doc_ids)
+            o = self._attend(q, k, v, plan)
             return checkpoint(self._rest, x, o, gates, aux, use_reentrant=False)
-        return self._full(x, cos, sin, doc_ids)
+        return self._full(x, cos, sin, plan)
 
 
 @dataclass
@@ -111,11 +112,17 @@ class LongLM(nn.Module):
         seq_len = input_ids.shape[1] * _cp(par.mesh)
         pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
         cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        # once per batch, not per layer: validation across ranks and the document-id gathers.
+        # Attention sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first.
+        cfg, tp = self.cfg, par.tp
+        plan = plan_attention(par.mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // tp, cfg.head_dim),
+                              cfg.n_kv_heads // tp, causal=True, window=cfg.window, doc_ids=doc_ids,
+                              device=input_ids.device)
         x = self.embed(input_ids)
         x = par.leave(x)  # complete the vocab-parallel lookup (and split the sequence under TP-SP)
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x, a = layer(x, cos, sin, doc_ids)
+            x, a = layer(x, cos, sin, plan)
             aux = aux + a
         return self.norm(x), aux
 
@@ -144,6 +151,16 @@ class LongLM(nn.Module):
 
     def moe_layers(self) -> list:
         return [layer.mlp for layer in self.layers if layer.moe]
+
+    @torch.no_grad()
+    def end_step(self, apply: bool = True) -> None:
+        """Once per optimizer step, after every micro-batch: fold the step's statistics into the
+        state they drive (MoE expert bias from the whole step's load; running activation-
+        quantization scales), or drop them (`apply=False`: a skipped step). Per step, not per
+        micro-batch, so the state is the same for any accumulation and any layout."""
+        for layer in self.moe_layers():
+            layer.update_bias(apply)
+        self.quant.commit(apply)
 
 
 def _cp(mesh) -> int:
@@ -220,7 +237,10 @@ def _full_init(p: nn.Parameter, name: str, cfg: ModelConfig, seed: int) -> torch
 @torch.no_grad()
 def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Give a meta-device model real storage: this rank's slice of each seed-determined tensor."""
+    """Give a meta-device model real storage: this rank's slice of each seed-determined
+    parameter, and every buffer (router bias, anything registered later) on `device`.
+    Buffers keep their own dtype; one created on meta starts at its `init` ("zeros" unless
+    the buffer says "ones"), since meta tensors carry no values."""
     cfg = model.cfg
     for name, p in list(model.named_parameters()):
         full = _full_init(p, name, cfg, seed)
@@ -231,6 +251,15 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
         new = nn.Parameter(full.to(device=device, dtype=dtype).contiguous())
         new.__dict__.update(p.__dict__)  # sharding and gradient-reduction tags
         _set(model, name, new)
+    for name, b in list(model.named_buffers()):
+        if b.is_meta:
+            fill = torch.ones if getattr(b, "init", "zeros") == "ones" else torch.zeros
+            new = fill(b.shape, dtype=b.dtype, device=device)
+        else:
+            new = b.to(device)
+        new.__dict__.update(b.__dict__)
+        mod_name, _, attr = name.rpartition(".")
+        (model.get_submodule(mod_name) if mod_name else model)._buffers[attr] = new
     return model
 
 

@@ -132,17 +132,21 @@ def gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None,
 
 
 def check_agreement(values: list[int], group: ProcessGroup | None, what: str,
-                    names: list[str] | None = None, device: torch.device | str = "cpu") -> None:
+                    names: list[str] | None = None, device: torch.device | str = "cpu",
+                    stats: CommStats | None = None) -> None:
     """Raise on every rank if `values` differ across `group`, before any data collective.
 
-    One fixed-size all-gather of metadata: it cannot itself hang on a shape mismatch.
-    `device` is where the group's backend communicates (CUDA for NCCL)."""
+    One fixed-size all-gather of metadata: it cannot itself hang on a shape mismatch. It also
+    copies to the host, so it belongs once per batch, not per layer; `stats` counts it
+    (kind "agreement") so that is visible. `device` is where the group's backend
+    communicates (CUDA for NCCL)."""
     p = group_size(group)
     if p == 1:
         return
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     allv = torch.empty(p * len(values), dtype=torch.int64, device=device)
     _all_gather_single(allv, mine, group=group)
+    _record(stats, "agreement", nbytes(mine) * (p - 1))
     allv = allv.view(p, len(values))
     allv = allv.cpu()
     if not bool((allv == allv[0]).all()):

@@ -3,10 +3,12 @@ reference over the full sequence: outputs and dq/dk/dv, on 2 and 4 gloo ranks.""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from longtrain.parallel.attention import (sequence_parallel_attention, sequence_positions,
+from longtrain.parallel.attention import (plan_attention, sequence_parallel_attention, sequence_positions,
                                           shard_sequence, unshard_sequence)
 from tests.dist import mesh_for
 from tests.reference import reference_attention
@@ -40,18 +42,26 @@ def run_case(degrees, shape, causal, window, docs, dtype, seed, layout="zigzag")
 
 def check(results, shape, causal, window, docs, dtype, seed, tol):
     q, k, v, dout, doc = make_inputs(*shape, docs, seed, torch.float64)
-    for t in (q, k, v):
-        t.requires_grad_()
-    ref = reference_attention(q, k, v, causal, window, doc)
-    ref.backward(dout)
-    expect = [ref.detach(), q.grad, k.grad, v.grad]
+    expect = reference_results(q, k, v, dout, doc, causal, window)
     for pos, *local, _ in results:
-        pos = torch.from_numpy(pos)
-        for name, got, full in zip(["out", "dq", "dk", "dv"], local, expect):
-            want = full[:, pos].float()
-            err = (torch.from_numpy(got) - want).abs().max().item()
-            scale = want.abs().max().item()
-            assert err <= tol * max(1.0, scale), f"{name}: max error {err:.3g} (tol {tol}, max |x| {scale:.3g})"
+        assert_matches(pos, local, expect, tol)
+
+
+def reference_results(q, k, v, dout, doc, causal, window):
+    """[out, dq, dk, dv] of the float64 single-process reference over the full sequence."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(q, k, v, causal, window, doc)
+    ref.backward(dout.double())
+    return [ref.detach(), q.grad, k.grad, v.grad]
+
+
+def assert_matches(pos, local, expect, tol):
+    pos = torch.from_numpy(pos)
+    for name, got, full in zip(["out", "dq", "dk", "dv"], local, expect):
+        want = full[:, pos].float()
+        err = (torch.from_numpy(got) - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= tol * max(1.0, scale), f"{name}: max error {err:.3g} (tol {tol}, max |x| {scale:.3g})"
 
 
 # (name, degrees, (b, S, h, h_kv, d), causal, window, docs, dtype)
@@ -150,13 +160,122 @@ def unshard_roundtrip(degrees):
     x = torch.arange(2 * 96 * 3, dtype=torch.float32).reshape(2, 96, 3).requires_grad_()
     y = unshard_sequence(shard_sequence(x, mesh), mesh)
     (y * 2).sum().backward()
-    return torch.equal(y, x), x.grad
+    return torch.equal(y, x), x.grad, sequence_positions(96, mesh)
 
 
 @pytest.mark.parametrize("degrees", [dict(cp_ring=4), dict(cp_ulysses=4), dict(cp_ring=2, cp_ulysses=2)],
                          ids=["ring", "ulysses", "hybrid"])
 def test_shard_unshard_roundtrip(pool4, degrees):
-    for same, grad in pool4.run(unshard_roundtrip, degrees):
+    total = torch.zeros(2, 96, 3)
+    for same, grad, pos in pool4.run(unshard_roundtrip, degrees):
         assert same
-        # every rank's shard gets gradient 2 from the replicated consumer (summed once overall)
-        assert set(grad.flatten().tolist()) <= {0.0, 2.0}
+        # the replicated consumer's gradient 2 reaches each rank exactly at the tokens it holds
+        want = torch.zeros(2, 96, 3)
+        want[:, torch.from_numpy(pos)] = 2.0
+        assert torch.equal(torch.from_numpy(grad), want)
+        total += want
+    assert torch.equal(total, torch.full((2, 96, 3), 2.0))  # every token held once, summed once
+
+
+# ---------------------------------------------------------------- one plan, many calls (layers)
+
+def plan_layers_case(degrees, shape, causal, windows, docs, seed, layout="zigzag"):
+    """One plan (doc ids gathered, ranks agreed) used by one "layer" per window, each with its
+    own q/k/v: results, and the collectives counted at planning and during the calls."""
+    mesh = mesh_for(**degrees)
+    b, s, h, hkv, d = shape
+    doc = make_inputs(*shape, docs, seed)[-1]
+    docl = None if doc is None else shard_sequence(doc, mesh, layout=layout)
+    plan = plan_attention(mesh, (b, s // mesh.size("cp"), h, d), hkv, causal=causal, window=windows[0],
+                          windows=windows, doc_ids=docl, layout=layout)
+    planned = dict(mesh.stats.calls)
+    layers, copies = [], 0
+    for i, window in enumerate(windows):
+        q, k, v, dout, _ = make_inputs(*shape, docs, seed + 1 + i)
+        ql, kl, vl, dl = (shard_sequence(t, mesh, layout=layout) for t in (q, k, v, dout))
+        with count_host_copies() as n:
+            out = sequence_parallel_attention(ql.requires_grad_(), kl.requires_grad_(), vl.requires_grad_(), mesh,
+                                              causal=causal, window=window, layout=layout, plan=plan)
+            out.backward(dl)
+        copies += n[0]
+        layers.append((out, ql.grad, kl.grad, vl.grad))
+    during = {kind: mesh.stats.calls[kind] - planned.get(kind, 0) for kind in ("agreement", "doc_ids")}
+    during["host_copies"] = copies
+    return sequence_positions(s, mesh, layout=layout), layers, planned, during
+
+
+@contextlib.contextmanager
+def count_host_copies():
+    """Count tensor -> host conversions (bool(t), .item(), .tolist(), .cpu()): on GPU each one
+    waits for the device, so the per-layer path must make none."""
+    names = ("__bool__", "item", "tolist", "cpu")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    count = [0]
+
+    def counted(f):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return f(self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counted(saved[name]))
+        yield count
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, saved[name])
+
+
+@pytest.mark.parametrize("degrees,shape,windows,docs,layout,gathers", [
+    (dict(cp_ring=2, cp_ulysses=2), (2, 128, 4, 2, 16), (None, 24, None), 4, "zigzag", 2),
+    (dict(cp_ring=4), (1, 128, 4, 1, 16), (20, 40), 3, "contiguous", 1),
+], ids=["hybrid2x2-docs-windows", "ring4-docs-windows-contiguous"])
+def test_plan_reused_across_layers(pool4, degrees, shape, windows, docs, layout, gathers):
+    """Layers share one plan: exact results for each (per-layer windows included), with the
+    agreement check and the doc-id gathers issued once, at planning, and no call (forward or
+    backward) copying a tensor to the host."""
+    seed = 8
+    res = pool4.run(plan_layers_case, degrees, shape, True, windows, docs, seed, layout)
+    doc = make_inputs(*shape, docs, seed)[-1]
+    for i, window in enumerate(windows):
+        q, k, v, dout, _ = make_inputs(*shape, docs, seed + 1 + i)
+        expect = reference_results(q, k, v, dout, doc, True, window)
+        for pos, layers, _, _ in res:
+            assert_matches(pos, layers[i], expect, TOL["fp32"])
+    for _, _, planned, during in res:
+        assert planned.get("agreement") == 1 and planned.get("doc_ids") == gathers, planned
+        assert during == {"agreement": 0, "doc_ids": 0, "host_copies": 0}, during
+
+
+def plan_misuse_case(kind):
+    """A call that does not match its plan raises ValueError on every rank, issuing nothing."""
+    mesh = mesh_for(cp_ring=2, cp_ulysses=2)
+    doc = torch.zeros(1, 16, dtype=torch.long)
+    plan = plan_attention(mesh, (1, 16, 4, 8), 2, window=None, doc_ids=doc)
+    q, kv = torch.zeros(1, 16, 4, 8), torch.zeros(1, 16, 2, 8)
+    kw = dict(plan=plan)
+    if kind == "seq":
+        q = torch.zeros(1, 32, 4, 8)
+    elif kind == "heads":
+        q, kv = torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 4, 8)
+    elif kind == "window":
+        kw["window"] = 5
+    elif kind == "docs":
+        kw["doc_ids"] = doc.clone()
+    before = dict(mesh.stats.calls)
+    try:
+        sequence_parallel_attention(q, kv, kv, mesh, **kw)
+    except ValueError as e:
+        return str(e), dict(mesh.stats.calls) == before
+    return None, False
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("seq", "plan is for q"), ("heads", "plan is for q"), ("window", "windows"), ("docs", "plan_attention"),
+])
+def test_call_not_matching_plan_raises(pool4, kind, match):
+    for msg, silent in pool4.run(plan_misuse_case, kind, timeout=60):
+        assert msg is not None and match in msg, msg
+        assert silent  # no collective was issued: nobody is left waiting in one
+    assert pool4.run(torch.distributed.get_world_size) == [4, 4, 4, 4]

@@ -2,10 +2,12 @@
 
 import itertools
 
+import pytest
 import torch
 
 from tests.reference import allowed
-from longtrain.parallel.attention.blocks import Kind, Segment, classify, hop_plan, plan_blocks, ring_segments
+from longtrain.parallel.attention.blocks import (Kind, RingPlan, Segment, classify, hop_plan, plan_blocks,
+                                                 ring_segments)
 
 
 def brute(q: Segment, k: Segment, causal, window):
@@ -47,3 +49,59 @@ def test_hops_grow_with_window_not_sequence():
     for seq in (8 * 2 * 1024, 8 * 2 * 8192):
         assert sum(hop_plan(seq, 8, True, 1000)) == 2
     assert sum(hop_plan(8 * 2 * 1024, 8, True, 3000)) == 6  # three chunks back, each way
+
+
+def implied_mask(plan: RingPlan, src: int, causal, window, doc):
+    """[b, s_local, s_local] mask that the planned blocks of `plan` against `src` compute."""
+    def positions(r):
+        return torch.cat([torch.arange(s.start, s.end) for s in ring_segments(plan.seq_len, plan.size, r, plan.layout)])
+
+    qpos, kpos = positions(plan.rank), positions(src)
+    m = torch.zeros(doc.shape[0], len(qpos), len(kpos), dtype=torch.bool)
+    for blk, kind, qd, kd in plan.blocks(causal, window)[src]:
+        qp, kp = qpos[blk.q], kpos[blk.k]
+        assert not m[:, blk.q, blk.k].any(), "blocks overlap"
+        if kind is Kind.FULL:
+            sub = torch.ones(len(qp), len(kp), dtype=torch.bool)[None]
+        elif kind is Kind.CAUSAL:
+            sub = torch.ones(len(qp), len(kp), dtype=torch.bool).tril()[None]
+        else:
+            assert kind is Kind.MASKED
+            if qd is not None:  # the kernel takes positions from the block start, docs from qd/kd
+                assert torch.equal(qp, torch.arange(blk.q_start, blk.q_start + len(qp)))
+                assert torch.equal(qd, doc[:, qp]) and torch.equal(kd, doc[:, kp])
+            sub = allowed(qp, kp, causal, window)[None]
+            if qd is not None:
+                sub = sub & (qd[:, :, None] == kd[:, None, :])
+        m[:, blk.q, blk.k] = sub
+    return m, qpos, kpos
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("with_docs", [True, False], ids=["docs", "positions"])
+def test_ring_plan_blocks_are_exact_for_every_mask(layout, with_docs):
+    """One plan serves any (causal, window): the blocks it lists compute exactly the mask."""
+    size, seq, b = 4, 64, 2
+    g = torch.Generator().manual_seed(0)
+    doc = torch.sort(torch.randint(0, 5, (b, seq), generator=g), dim=1).values
+    doc[1] = torch.randint(0, 3, (seq,), generator=g)  # unsorted ids too: documents may interleave
+    for rank in range(size):
+        plan = RingPlan(seq, size, rank, layout, doc if with_docs else None)
+        for causal, window in itertools.product([True, False], [None, 1, 7, 20]):
+            for src in range(size):
+                m, qpos, kpos = implied_mask(plan, src, causal, window, doc)
+                want = allowed(qpos, kpos, causal, window)[None]
+                if with_docs:
+                    want = want & (doc[:, qpos][:, :, None] == doc[:, kpos][:, None, :])
+                assert torch.equal(m, want.expand_as(m)), (rank, src, causal, window)
+            assert plan.blocks(causal, window) is plan.blocks(causal, window)  # cached per mask
+
+
+def test_ring_plan_skips_disjoint_documents():
+    """Blocks between segments with no document in common are never listed."""
+    size, seq = 2, 32
+    doc = torch.arange(seq)[None] // 8  # four documents, one per zigzag chunk
+    plan = RingPlan(seq, size, 0, "zigzag", doc)
+    for per_src in plan.blocks(True, None):
+        for blk, kind, _, _ in per_src:
+            assert blk.q_start == blk.k_start and kind is Kind.CAUSAL  # only each chunk with itself

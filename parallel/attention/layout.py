@@ -39,7 +39,7 @@ def local_positions(seq_len: int, ring: int, ring_rank: int, ulysses: int, ulyss
 
 
 def _sp(mesh):
-    from .hybrid import sp_groups  # late import: hybrid imports this module
+    from .plan import sp_groups  # late import: plan imports this module
 
     return sp_groups(mesh)
 

@@ -9,8 +9,8 @@ accumulators travel with them, so each rank ends with the gradients of its own s
 - Causal masks use the zigzag layout (`blocks.ring_segments`): every rank does the same work.
 - Sliding windows stop the ring early, in both directions (`blocks.hop_plan`): traffic grows
   with the window, not with the sequence.
-- Packed documents: document ids are gathered once (a few bytes per token) and blocks
-  between disjoint documents are skipped.
+- Packed documents: document ids are gathered once per batch (a few bytes per token) into a
+  `RingPlan`, and blocks between disjoint documents are skipped; every layer reuses the plan.
 - GQA/MQA: only the K/V heads travel; they are expanded per block, locally.
 With ``group=None`` this is plain (single-shard) attention through the same kernels.
 """
@@ -21,43 +21,24 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, RingP2P, all_gather_cat, group_rank, group_size
-from .blocks import Block, Kind, hop_plan, plan_blocks, refine_with_docs, ring_segments
+from .blocks import Block, BlockList, RingPlan, ring_segments
 from .local import block_backward, block_forward, merge_
 
 _TAG_FWD, _TAG_BWD, _TAG_DKV = 11, 13, 17
 
 
 class _Ctx:
-    """What every step needs: layout, mask and the document ids of the whole sequence."""
+    """What every step needs: the group, the mask, and the plan's block lists for that mask."""
 
-    def __init__(self, group, seq_local, causal, window, doc_full, scale, stats, layout):
+    def __init__(self, group, plan: RingPlan, causal, window, scale, stats):
         self.group, self.causal, self.window, self.scale, self.stats = group, causal, window, scale, stats
-        self.layout = layout
-        self.size, self.rank = group_size(group), group_rank(group)
-        self.seq_len = seq_local * self.size
-        self.doc_full = doc_full  # [b, seq_len] in global position order, or None
-        self.my_segs = ring_segments(self.seq_len, self.size, self.rank, layout)
-        self.hops = hop_plan(self.seq_len, self.size, causal, window, layout)
+        self.size, self.rank = plan.size, plan.rank
+        self.lists = plan.blocks(causal, window)  # cached in the plan: computed once per mask
+        self.hops = plan.hops(causal, window)
 
-    def segs(self, src: int) -> list:
-        return ring_segments(self.seq_len, self.size, src % self.size, self.layout)
-
-    def _docs(self, segs) -> torch.Tensor:
-        return torch.cat([self.doc_full[:, s.start:s.end] for s in segs], dim=1)
-
-    def blocks(self, src: int) -> list[tuple[Block, Kind, object, object]]:
+    def blocks(self, src: int) -> BlockList:
         """(block, kind, q_doc, k_doc) for local queries against the shard of ring rank `src`."""
-        ksegs = self.segs(src)
-        plan = plan_blocks(self.my_segs, ksegs, self.causal, self.window, merge=self.doc_full is None)
-        if self.doc_full is None:
-            return [(b, b.kind, None, None) for b in plan]
-        qd, kd = self._docs(self.my_segs), self._docs(ksegs)
-        out = []
-        for b in plan:
-            kind = refine_with_docs(b, qd, kd)
-            if kind is not Kind.EMPTY:
-                out.append((b, kind, qd[:, b.q], kd[:, b.k]))
-        return out
+        return self.lists[src % self.size]
 
     def kw(self, b: Block, q_doc, k_doc) -> dict:
         return dict(scale=self.scale, q_start=b.q_start, k_start=b.k_start, causal=self.causal,
@@ -196,19 +177,31 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None, *,
                    causal: bool = True, window: int | None = None, doc_ids: torch.Tensor | None = None,
                    scale: float | None = None, stats: CommStats | None = None,
-                   layout: str = "zigzag") -> torch.Tensor:
+                   layout: str = "zigzag", plan: RingPlan | None = None) -> torch.Tensor:
     """Exact attention for the ring-local shard q [b, s, h, d], k/v [b, s, h_kv, d].
 
     The shard must be in the `ring_segments` `layout` of `group`. `doc_ids` [b, s] are this
     shard's document ids. Shapes are assumed validated and equal across ranks
-    (`sequence_parallel_attention` checks them before any collective).
+    (`sequence_parallel_attention` checks them before any collective). A `plan` (`ring_plan`,
+    built once per batch; it holds the document ids) saves the gather and the block planning.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    doc_full = None
-    if doc_ids is not None:
-        doc_full = _global_docs(doc_ids, group, stats, layout)
-    c = _Ctx(group, q.shape[1], causal, window, doc_full, scale, stats, layout)
+    if plan is None:
+        plan = ring_plan(doc_ids, group, q.shape[1], stats, layout)
+    elif doc_ids is not None or q.shape[1] != plan.seq_local or layout != plan.layout:
+        raise ValueError(f"ring_attention: the plan is for {plan.seq_local} local tokens in the {plan.layout!r} "
+                         f"layout, and holds the document ids (pass them to ring_plan); got {q.shape[1]} "
+                         f"tokens, {layout!r}{', doc_ids' if doc_ids is not None else ''}")
+    c = _Ctx(group, plan, causal, window, scale, stats)
     return _RingAttention.apply(q, k, v, c)
+
+
+def ring_plan(doc_ids: torch.Tensor | None, group: ProcessGroup | None, seq_local: int,
+              stats: CommStats | None = None, layout: str = "zigzag") -> RingPlan:
+    """The ring's per-batch plan: one gather of document ids [b, seq_local] (if any) over `group`."""
+    doc_full = None if doc_ids is None else _global_docs(doc_ids, group, stats, layout)
+    p = group_size(group)
+    return RingPlan(seq_local * p, p, group_rank(group), layout, doc_full)
 
 
 def _global_docs(doc_ids: torch.Tensor, group, stats, layout) -> torch.Tensor:
