@@ -99,6 +99,7 @@ def train(quant: dict | None, steps: int, seq: int, batch: int, dim: int, layers
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        model.end_step()  # the running scales move once per step
         sched.step()
         losses.append(loss.item())
     return losses, evaluate(model, seq, batch)

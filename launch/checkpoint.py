@@ -11,7 +11,10 @@ writes ``COMMITTED.json`` (every file with its size and SHA-256) and renames the
 committed checkpoint whose files match their checksums is used; a corrupt or partial one is
 reported and skipped for the previous one. Only the last `keep_last` are kept.
 Limits of resharding: the model config and the global batch must not change; the optimizer
-moments reshard with the parameters; expert parameters reshard across ep like any other.
+moments reshard with the parameters; expert parameters reshard across ep like any other;
+persistent buffers (the MoE router bias) are the same on every rank and load anywhere. State
+that belongs to one rank's tokens (running activation-quantization scales) is saved per rank
+and restored only on the same layout.
 """
 
 from __future__ import annotations
@@ -59,11 +62,31 @@ def _as_dtensor(t: torch.Tensor, p, meshes: _Meshes | None):
                               shape=torch.Size(full), stride=stride)
 
 
+def _layout(mesh) -> dict:
+    """The layout a checkpoint was written on (per-rank state is only valid on the same one)."""
+    import dataclasses
+
+    from longtrain.parallel.mesh import ParallelDims
+
+    return dataclasses.asdict(mesh.dims if mesh is not None else ParallelDims())
+
+
+def _rank(mesh) -> int:
+    return 0 if mesh is None else mesh.rank
+
+
 def state_for_checkpoint(model, optimizer, mesh, extra: dict) -> dict:
-    """The state to save or to load into: DTensor views of parameters and AdamW moments."""
+    """The state to save or to load into: DTensor views of parameters, persistent buffers (router
+    bias, ...: replicated unless tagged like a parameter) and AdamW moments; this rank's own
+    state (running activation-quantization scales) under ``rank_state.rankN``."""
     meshes = _Meshes(mesh) if mesh is not None else None
     names = {id(p): n for n, p in model.named_parameters()}
-    sd = {"model": {n: _as_dtensor(p.detach(), p, meshes) for n, p in model.named_parameters()}}
+    tensors = model.state_dict(keep_vars=True)  # parameters and persistent buffers, with their tags
+    sd = {"model": {n: _as_dtensor(t.detach(), t, meshes) for n, t in tensors.items()}}
+    own = model.quant.state_dict() if hasattr(model, "quant") else {}
+    if own:
+        sd["rank_state"] = {f"rank{_rank(mesh)}": own}
+    sd["layout"] = json.dumps(_layout(mesh))
     optim = {}
     for group in optimizer.param_groups if optimizer is not None else []:
         for p in group["params"]:
@@ -154,21 +177,45 @@ def find(path: str | os.PathLike, log=print) -> Path | None:
     return latest_valid(path, log=log)
 
 
-def load(path: Path, model, optimizer, mesh) -> dict:
+def _saved_rank_state(saved: dict, mesh) -> dict[str, torch.Tensor] | None:
+    """Empty tensors to load this rank's own state into, from the checkpoint's metadata."""
+    prefix = f"rank_state.rank{_rank(mesh)}."
+    mine = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for k, m in saved.items() if k.startswith(prefix)}
+    return mine or None
+
+
+def load(path: Path, model, optimizer, mesh, log=print) -> dict:
     """Load a checkpoint into this rank's (possibly differently sharded) model and optimizer
-    (None: the weights only); returns the `extra` dict saved with it."""
+    (None: the weights and buffers only); returns the `extra` dict saved with it. A resume on
+    the layout the checkpoint was written on also restores each rank's own state (running
+    activation-quantization scales); on another layout those start afresh, as at step 0."""
     import torch.distributed.checkpoint as dcp
 
     if optimizer is not None:
         _init_optimizer_state(optimizer)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     sd = state_for_checkpoint(model, optimizer, mesh, extra={})
+    sd.pop("rank_state", None)
+    if "layout" not in saved:  # written before layouts were recorded
+        del sd["layout"]
     if optimizer is None:
         del sd["optim"]
+    elif "layout" in saved:
+        own = _saved_rank_state(saved, mesh)
+        if own is not None:
+            sd["rank_state"] = {f"rank{_rank(mesh)}": own}
     dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    own = sd.get("rank_state", {}).get(f"rank{_rank(mesh)}")
+    if own is not None:
+        if json.loads(sd["layout"]) == _layout(mesh):
+            model.quant.load_state_dict(own)
+        elif _rank(mesh) == 0:
+            log(f"{path} was written on another layout: running activation-quantization scales start afresh")
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, t in model.state_dict(keep_vars=True).items():
             src = sd["model"][n]
-            p.copy_(src.to_local() if hasattr(src, "to_local") else src)
+            t.copy_(src.to_local() if hasattr(src, "to_local") else src)
         names = {n: p for n, p in model.named_parameters()}
         for n, st in sd.get("optim", {}).items():
             target = optimizer.state[names[n]]

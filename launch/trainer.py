@@ -90,7 +90,7 @@ class Trainer:
         local_tokens = sum(int((m["labels"] != IGNORE).sum()) for m in micro)
         count = all_reduce(torch.tensor(float(local_tokens), device=self.device), self._group())
         total = torch.zeros((), dtype=torch.float64)
-        autocast = torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16,
+        autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
         for m in micro:
             with autocast:
@@ -117,8 +117,7 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self.opt.step()
-            for layer in self.model.moe_layers():
-                layer.update_bias()
+        self.model.end_step(apply=not skipped)
         self.opt.zero_grad(set_to_none=True)
         result = StepResult(self.step, mean, float(norm), lr, int(count.item()), time.perf_counter() - t0, skipped)
         self.step += 1

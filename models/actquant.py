@@ -17,7 +17,9 @@ laid out [..., heads, head_dim]) or per group of `group_size` channels:
   outlier tokens from flattening the others.
 - ``scale="running"``: Mesa's scheme, one scale per head/group for all tokens, a running
   estimate of its absolute maximum (momentum `momentum`, per saved-tensor site); values beyond
-  the estimate saturate. Smallest, but coarser (see docs/benchmarks.md). Tensors that must stay exact for
+  the estimate saturate. The estimate moves once per optimizer step, toward the step's maximum
+  over all its micro-batches (`commit`), so accumulation and recomputation do not change it;
+  it is this rank's state and goes into the checkpoint (per rank). Smallest, but coarser (see docs/benchmarks.md). Tensors that must stay exact for
 stability stay exact: in the attention site only tensors with a head axis (4-D and up: q, k,
 v, output) are quantized, never the 3-D log-sum-exp. Byte counts with and without quantization are kept for reporting.
 """
@@ -79,7 +81,8 @@ class SiteQuantizer:
 
     def __init__(self, cfg: ActQuantConfig, meter: SavedBytes | None = None, min_dims: int = 2):
         self.cfg, self.meter, self.min_dims = cfg, meter, min_dims
-        self.running: dict[int, torch.Tensor] = {}
+        self.running: dict[int, torch.Tensor] = {}  # committed estimate per saved-tensor slot
+        self.observed: dict[int, torch.Tensor] = {}  # this step's maximum per slot, not yet committed
         self._slot = 0
         # one quantized copy of a tensor saved by several ops (x for w1 and w3), within one sublayer
         self._seen: dict = {}
@@ -97,12 +100,21 @@ class SiteQuantizer:
         current = view.abs().amax(dim=(0, 2)).float().clamp(min=1e-12)  # [groups]
         slot, self._slot = self._slot, self._slot + 1
         prev = self.running.get(slot)
-        if prev is None or prev.shape != current.shape or not torch.is_grad_enabled():
-            est = current
-        else:
-            est = self.cfg.momentum * prev + (1 - self.cfg.momentum) * current
-        self.running[slot] = est
+        est = current if prev is None or prev.shape != current.shape else \
+            self.cfg.momentum * prev + (1 - self.cfg.momentum) * current
+        seen = self.observed.get(slot)  # a recomputed forward sees the same values: max is idempotent
+        self.observed[slot] = current if seen is None or seen.shape != current.shape else torch.maximum(seen, current)
         return est[None, :, None]
+
+    def commit(self, apply: bool = True) -> None:
+        """End of an optimizer step: move each running estimate toward the step's maximum (over
+        all its micro-batches), once, however often the forward ran (accumulation, recompute)."""
+        if apply:
+            m = self.cfg.momentum
+            for slot, cur in self.observed.items():
+                prev = self.running.get(slot)
+                self.running[slot] = cur if prev is None or prev.shape != cur.shape else m * prev + (1 - m) * cur
+        self.observed = {}
 
     def pack(self, t: torch.Tensor):
         if not t.is_floating_point() or t.numel() < self.cfg.min_elements or t.dim() < self.min_dims \
@@ -152,11 +164,31 @@ class ActQuant:
     meter: SavedBytes = field(default_factory=SavedBytes)
     sites: dict = field(default_factory=dict)
 
+    def commit(self, apply: bool = True) -> None:
+        """Once per optimizer step (see `SiteQuantizer.commit`)."""
+        for q in self.sites.values():
+            q.commit(apply)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running scales ("layer.kind.slot" -> [groups]): this rank's estimates of the
+        activations it holds, so they are saved per rank (see launch/checkpoint.py)."""
+        return {f"{layer}.{kind}.{slot}": t for (layer, kind), q in sorted(self.sites.items())
+                for slot, t in sorted(q.running.items())}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for key, t in sd.items():
+            layer, kind, slot = key.split(".")
+            site = self._site(int(layer), kind)
+            site.running[int(slot)] = t.clone()
+
+    def _site(self, layer: int, kind: str) -> SiteQuantizer:
+        key = (layer, kind)
+        if key not in self.sites:
+            self.sites[key] = SiteQuantizer(self.cfg, self.meter, min_dims=4 if kind == "attention" else 2)
+        return self.sites[key]
+
     def site(self, layer: int, kind: str):
         """Context for one sublayer: quantizes its saved activations if the policy covers it."""
         if self.cfg is None or kind not in self.cfg.layers or not torch.is_grad_enabled():
             return contextlib.nullcontext()
-        key = (layer, kind)
-        if key not in self.sites:
-            self.sites[key] = SiteQuantizer(self.cfg, self.meter, min_dims=4 if kind == "attention" else 2)
-        return self.sites[key]()
+        return self._site(layer, kind)()

@@ -149,6 +149,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(dim, cfg.expert_hidden or hidden, cfg.num_experts, ep_group, device)
         self.shared = shared  # callable on the normed input, returns complete outputs
         self.last = MoEStats()
+        self.step_load: torch.Tensor | None = None  # global load summed over this step's micro-batches
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, weighted balance loss)."""
@@ -164,6 +165,8 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         self.last = MoEStats(load=load, dropped=dropped, aux_loss=aux.detach(), z_loss=z.detach())
+        if self.training and torch.is_grad_enabled() and not _recomputing():
+            self.step_load = load.detach() if self.step_load is None else self.step_load + load.detach()
         return out, cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
 
     def _balance(self, idx, scores, logits):
@@ -179,9 +182,17 @@ class MoELayer(nn.Module):
         return aux, z, load
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
-        Every rank sees the same global load, so biases stay identical across replicas."""
-        if self.cfg.expert_bias and self.last.load is not None:
-            load = self.last.load
+    def update_bias(self, apply: bool = True) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3), once per optimizer step: raise the bias of the
+        experts under-loaded over the whole step (every micro-batch, every data- and
+        sequence-parallel rank), lower the over-loaded ones. The load is global, so the bias is
+        the same on every rank and every layout. `apply=False` drops the step's load."""
+        load, self.step_load = self.step_load, None
+        if apply and self.cfg.expert_bias and load is not None:
             self.router.bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes
+    this layer's forward: its statistics were already counted in the real forward."""
+    return torch._C._current_graph_task_id() != -1

@@ -24,7 +24,7 @@ def _a2a_var(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], gr
     dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
                            group=group)
     if stats is not None:
-        row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+        row = x.shape[1:].numel() * x.element_size()  # also when this rank sends no rows
         me = group_rank(group)
         stats.record("expert_all_to_all", row * (sum(send_counts) - send_counts[me]))
     return out

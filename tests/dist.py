@@ -126,9 +126,8 @@ class RankPool:
             self._start()
             raise
         errors = [(r, m) for r, status, m in got if status == "error"]
-        if errors:
-            r, msg = errors[0]
-            raise RuntimeError(f"rank {r} of {self.world} failed:\n{msg}")
+        if errors:  # every rank's error: the first to fail is often not the lowest rank
+            raise RuntimeError("\n".join(f"rank {r} of {self.world} failed:\n{msg}" for r, msg in errors))
         return [m for _, _, m in got]
 
     def _kill(self) -> None:

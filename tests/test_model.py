@@ -34,10 +34,10 @@ def reference(cfg_kw, b, s, seed, docs=False):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def parallel_step(degrees, cfg_kw, b, s, seed, docs=False, sequence_parallel=True):
+def parallel_step(degrees, cfg_kw, b, s, seed, docs=False, sequence_parallel=True, model=None):
     mesh = mesh_for(**degrees)
     cfg = ModelConfig(**cfg_kw)
-    model = build_model(cfg, mesh, seed=seed, sequence_parallel=sequence_parallel)
+    model = model or build_model(cfg, mesh, seed=seed, sequence_parallel=sequence_parallel)
     ids, labels, doc = make_batch(b, s, cfg.vocab_size, seed, docs)
     dp, dpr = mesh.size("dp"), mesh.coord("dp")
     rows = slice(dpr * b // dp, (dpr + 1) * b // dp)  # data parallel: a slice of the batch
@@ -182,3 +182,32 @@ def test_global_grad_norm_matches_one_process(pool4, degrees, cfg):
     want = torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
     for got in pool4.run(_grad_norm, degrees, cfg, 6):
         assert abs(got - want) <= 1e-5 * want, (got, want)
+
+
+def _moe_bias_forward(degrees):
+    """Build through build_model (the trainer's path) with an expert-bias MoE and run a step."""
+    cfg = dict(CFG, moe=dict(num_experts=4, top_k=2, expert_bias=True))
+    mesh = mesh_for(**degrees) if degrees else None
+    model = build_model(ModelConfig(**cfg), mesh, seed=0)
+    assert not any(b.is_meta for b in model.buffers())
+    if degrees:
+        return parallel_step(degrees, cfg, 2, 64, 0, model=model)[0]
+    return reference(cfg, 2, 64, 0)[0]
+
+
+def test_buffers_materialized_on_every_layout(pool4):
+    """Buffers (the MoE router bias, or any registered later) get real storage like parameters,
+    on one process and on a layout with experts split over ep."""
+    from longtrain.models.transformer import LongLM, materialize
+
+    want = _moe_bias_forward(None)
+    for loss in pool4.run(_moe_bias_forward, dict(dp=2, tp=2, ep=2)):
+        assert loss == pytest.approx(want, rel=1e-5)
+    with torch.device("meta"):
+        model = LongLM(ModelConfig(**CFG))
+    model.layers[0].register_buffer("later", torch.empty(3, device="meta"))
+    ones = torch.empty(2, device="meta")
+    ones.init = "ones"
+    model.norm.register_buffer("scale", ones)
+    materialize(model, seed=0)
+    assert torch.equal(model.layers[0].later, torch.zeros(3)) and torch.equal(model.norm.scale, torch.ones(2))

@@ -39,42 +39,94 @@ def test_expert_parallel_without_tp_sequence_parallel(pool4):
             reference(cfg, 2, 64, 1))
 
 
-def _layer_case(degrees, force_first_rank: bool, seed: int):
-    """An MoE layer whose router sends every token to experts 0 and 1 (held by EP rank 0)."""
+def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_factor: float | None = None,
+                slices: int = 1):
+    """An MoE layer (4 experts, top-2) on a [4, 8, 16] batch; returns (loss, full gradients,
+    output, input gradient, first batch row held here, experts' global load, dropped).
+
+    `degrees` None: one process, over the batch in `slices` separate calls (gradients
+    accumulate). Otherwise each data/sequence rank takes its share of batch rows, and the
+    loss and gradients are summed over ranks (`sync_gradients`), then gathered to full shape.
+    `force_first_rank`: the router bias sends every token to experts 0 and 1, so the second
+    EP rank of each group receives no token at all."""
+    from longtrain.parallel.comm import all_reduce, group_rank, group_size
+    from longtrain.parallel.grads import full_tensor, sync_gradients
     from tests.dist import mesh_for
 
     mesh = None if degrees is None else mesh_for(**degrees)
-    cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True, capacity_factor=capacity_factor,
+                    **({} if capacity_factor is None else dict(aux_loss_coef=0.0, z_loss_coef=0.0)))
     layer = MoELayer(16, 24, cfg, ep_group=None if mesh is None else mesh.group("ep"),
-                     token_group=None if mesh is None else mesh.group("dp_cp"))
+                     token_group=None if mesh is None else mesh.group("dp_cp"),
+                     stats=None if mesh is None else mesh.stats)  # as in the model: counting an idle rank's bytes
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in layer.named_parameters():
+        for p in layer.parameters():
             full = torch.randn(getattr(p, "full_shape", p.shape), generator=g) * 0.3
             if getattr(p, "shard_dim", None) is not None:
-                full = full.chunk(mesh.size("ep"), 0)[mesh.coord("dp")]
+                full = full.chunk(group_size(p.shard_group), p.shard_dim)[group_rank(p.shard_group)]
             p.copy_(full)
         if force_first_rank:
             layer.router.bias.copy_(torch.tensor([50.0, 50.0, -50.0, -50.0]))
-    x = torch.randn(2 * 8, 16, generator=g).view(2, 8, 16)
+    x = torch.randn(4, 8, 16, generator=g)
+    tokens = None if mesh is None else mesh.group("dp_cp")
+    n, r = group_size(tokens), group_rank(tokens)
+    x = x.chunk(n)[r].clone().requires_grad_()  # [4/n, 8, 16]: this rank's batch rows
+    loss, outs, dropped = torch.zeros(()), [], 0
+    for part in x.chunk(slices):
+        out, aux = layer(part)
+        part_loss = out.square().sum() + aux  # the ranks' aux losses add up to the global one
+        part_loss.backward()
+        loss, dropped = loss + part_loss.detach(), dropped + layer.last.dropped
+        outs.append(out.detach())
     if mesh is not None:
-        x = x[mesh.coord("dp"):mesh.coord("dp") + 1]
-    x.requires_grad_()
-    out, aux = layer(x)
-    (out.square().sum() + aux).backward()
-    grads = {n: p.grad.clone() if p.grad is not None else None for n, p in layer.named_parameters()}
-    return out.detach(), x.grad, grads, layer.last.load
+        sync_gradients(layer.parameters(), mesh)
+        loss = all_reduce(loss, tokens)
+    grads = {name: full_tensor(p, p.grad) for name, p in layer.named_parameters()}
+    return loss.item(), grads, torch.cat(outs), x.grad, r * x.shape[0], layer.last.load, dropped
 
 
-def test_rank_with_no_tokens(pool2):
-    """EP rank 1 receives no token at all; outputs and gradients still match one process."""
-    ref_out, ref_dx, ref_grads, load = _layer_case(None, True, 0)
-    assert load[2:].sum() == 0
-    res = pool2.run(_layer_case, dict(dp=2, ep=2), True, 0)
-    for r, (out, dx, grads, _) in enumerate(res):
-        assert torch.allclose(torch.from_numpy(out), ref_out[r:r + 1], atol=1e-5)
-        assert torch.allclose(torch.from_numpy(dx), ref_dx[r:r + 1], atol=1e-5)
-    assert grads["experts.w1"] is not None  # idle rank-1 experts: zero gradient, not None after sync
+def _compare_layer(results, ref):
+    """Loss and every parameter's full gradient (test_model.compare), then each rank's output
+    rows and input gradient against the same rows of the reference."""
+    compare([res[:2] for res in results], ref[:2])
+    _, _, ref_out, ref_dx, *_ = ref
+    for _, _, out, dx, row, *_ in results:
+        rows = slice(row, row + out.shape[0])
+        for got, want in ((out, ref_out[rows]), (dx, ref_dx[rows])):
+            err = (torch.from_numpy(got) - want).abs().max().item()
+            assert err <= 1e-5 * want.abs().max().item() + 1e-8, err
+
+
+@pytest.mark.parametrize("force_first_rank", [False, True], ids=["spread", "ep-rank1-idle"])
+def test_moe_layer_two_ranks(pool2, force_first_rank):
+    """dp2 x ep2: with forced routing EP rank 1 receives no token at all; outputs and
+    gradients (its experts': zero, not None after sync) still match one process."""
+    ref = _layer_case(None, 0, force_first_rank)
+    if force_first_rank:
+        assert ref[-2][2:].sum() == 0 and (ref[1]["experts.w1"][2:] == 0).all()
+    _compare_layer(pool2.run(_layer_case, dict(dp=2, ep=2), 0, force_first_rank), ref)
+
+
+@pytest.mark.parametrize("degrees", [dict(dp=4, ep=2), dict(dp=2, cp_ring=2, ep=4)], ids=["dp4-ep2", "dp2-ring2-ep4"])
+@pytest.mark.parametrize("force_first_rank", [False, True], ids=["spread", "ep-idle"])
+def test_moe_layer_four_ranks(pool4, degrees, force_first_rank):
+    """ep2 inside dp4: each expert lives on two ranks (expert gradients summed over the edp
+    group); ep4: one expert per rank, tokens from data- and sequence-parallel ranks."""
+    _compare_layer(pool4.run(_layer_case, degrees, 1, force_first_rank), _layer_case(None, 1, force_first_rank))
+
+
+def test_moe_layer_capacity_drops(pool2):
+    """Capacity is per rank by design (each expert takes at most ceil(cf*N*k/E) of *this
+    rank's* assignments), so which assignments drop depends on the layout, and a one-process
+    run over the whole batch is not the reference. The exact reference is one process over
+    the same per-rank slices (slices=2 for dp2), gradients summed; balance losses are off
+    because their statistics are global, unlike the slices' capacities."""
+    ref = _layer_case(None, 2, capacity_factor=1.0, slices=2)
+    assert ref[-1] > 0  # the case must actually drop assignments
+    res = pool2.run(_layer_case, dict(dp=2, ep=2), 2, capacity_factor=1.0)
+    assert sum(r[-1] for r in res) == ref[-1]
+    _compare_layer(res, ref)
 
 
 def test_capacity_drops_are_counted():
@@ -151,8 +203,9 @@ def test_expert_bias_update_and_sigmoid_weights():
         torch.nn.init.normal_(p, std=0.5)
     idx, w, scores, _ = layer.router(torch.randn(10, 8))
     assert torch.allclose(w.sum(-1), torch.ones(10))  # sigmoid weights are renormalized over the k choices
-    layer.last.load = torch.tensor([10.0, 0.0, 5.0, 5.0])
+    layer.step_load = torch.tensor([10.0, 0.0, 5.0, 5.0])
     layer.update_bias()
+    assert layer.step_load is None  # consumed: the next step starts from zero
     assert layer.router.bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
 
 

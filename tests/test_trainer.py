@@ -103,3 +103,34 @@ def test_bf16_autocast_keeps_fp32_master_weights(data_dir, pool4):
     for losses, dt in pool4.run(_bf16_run, data_dir, dict(tp=2, cp_ring=2)):
         assert dt == ["torch.float32"]
         assert losses == pytest.approx(bf16, rel=2e-2)
+
+
+MOE_BIAS = dict(MODEL, moe=dict(num_experts=4, top_k=2, expert_bias=True, bias_update_rate=0.01))
+# the balance losses are per micro-batch (as in Megatron), so accumulation changes them: off
+# where the comparison is with another accumulation
+NO_AUX = dict(MODEL, moe=dict(MOE_BIAS["moe"], aux_loss_coef=0.0, z_loss_coef=0.0))
+
+
+def _bias_run(data_dir, degrees, grad_accum, batch, model=MOE_BIAS, steps=3):
+    """Router biases after `steps` steps (MoE with aux-loss-free balancing)."""
+    cfg = _cfg(model=model, grad_accum=grad_accum)
+    mesh = mesh_for(**degrees) if degrees else None
+    dp = 1 if mesh is None else mesh.size("dp")
+    rank = 0 if mesh is None else mesh.coord("dp")
+    trainer = Trainer(cfg, mesh, PackedLoader(data_dir, seq_len=64, batch_size=batch, seed=3, dp_rank=rank, dp_size=dp))
+    for _ in range(steps):
+        trainer.train_step()
+    return [m.router.bias.clone() for m in trainer.model.moe_layers()]
+
+
+def test_expert_bias_follows_the_whole_steps_load(data_dir, pool4):
+    """The aux-loss-free bias moves once per step by the load of every micro-batch on every data-
+    and sequence-parallel rank: the same with or without accumulation, on any layout."""
+    whole = _bias_run(data_dir, None, 1, 4, NO_AUX)
+    assert any(b.abs().sum() > 0 for b in whole)
+    for got, want in zip(_bias_run(data_dir, None, 2, 2, NO_AUX), whole):
+        assert torch.equal(got, want)
+    ref = _bias_run(data_dir, None, 2, 2)
+    for biases in pool4.run(_bias_run, data_dir, dict(dp=2, cp_ring=2, ep=2), 2, 1):
+        for got, want in zip(biases, ref):
+            assert torch.allclose(torch.as_tensor(got), want, atol=1e-7), (got, want)
