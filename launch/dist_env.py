@@ -12,7 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from longtrain.parallel.mesh import backend_for, default_device_type
+from longtrain.parallel.mesh import backend_for
+
+from .device import local_device
 
 
 def _env_int(*names: str, default: int | None = None) -> int:
@@ -29,10 +31,11 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS")
 
 
-def init_distributed(device_type: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int]:
+def init_distributed(device_type: str, timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int]:
     """Join the job described by RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) and
-    MASTER_ADDR/MASTER_PORT. Returns (rank, world_size)."""
-    device_type = device_type or default_device_type()
+    MASTER_ADDR/MASTER_PORT on `device_type` ("cpu" or "cuda", decided once for the job by the
+    launcher: see `device.py`; on CUDA this rank's own GPU becomes the current device).
+    Returns (rank, world_size)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     rank = _env_int("RANK", "SLURM_PROCID")
@@ -41,8 +44,7 @@ def init_distributed(device_type: str | None = None, timeout: timedelta = timede
     if "MASTER_PORT" not in os.environ:
         raise RuntimeError("MASTER_PORT is not set; the launcher must choose a rendezvous port")
     if device_type == "cuda":
-        local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=rank % max(1, torch.cuda.device_count()))
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local_device(device_type))
     dist.init_process_group(backend_for(device_type), init_method="env://", rank=rank, world_size=world,
                             timeout=timeout)
     return rank, world

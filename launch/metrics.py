@@ -38,13 +38,14 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def peak_memory_mib(device: str) -> float:
+def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this process since the last call: the CUDA allocator's peak on GPU; on CPU
     the peak resident set (Linux VmHWM, reset through /proc/self/clear_refs after each read;
     where that is not possible, the lifetime peak ru_maxrss)."""
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
+    device = torch.device(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
         return peak
     try:
         with open("/proc/self/status") as f:

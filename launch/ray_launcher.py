@@ -48,10 +48,12 @@ class RankActor:
         from .dist_env import init_distributed
         from .run import train_rank
 
+        # cfg.device is already "cpu" or "cuda" (decided once for the job); an actor given a GPU
+        # sees only that one, so its local index is 0 whatever its global rank (device.py)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), MASTER_ADDR=master[0],
-                          MASTER_PORT=str(master[1]), LOCAL_RANK=str(self.rank))
+                          MASTER_PORT=str(master[1]), LOCAL_RANK="0")
         torch.set_num_threads(self.threads)
-        init_distributed(cfg.device_type())  # this actor's own view: GPUs only if Ray gave it one
+        init_distributed(cfg.device)
         try:
             return train_rank(cfg, log=print if self.rank == 0 else (lambda *_: None), stop_at=stop_at)
         finally:
@@ -89,6 +91,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
 
     world = cfg.parallel.world_size
     start_ray(address, world)
+    cfg = cfg.resolved(gpus=int(ray.cluster_resources().get("GPU", 0)))  # "auto": GPUs if the cluster has them
     local = cfg.parallel.tp * cfg.parallel.cp_ulysses  # ranks that must share a node
     threads = max(1, (os.cpu_count() or 1) // world)
     gpus = 1 if cfg.device == "cuda" else 0

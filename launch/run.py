@@ -16,6 +16,7 @@ import torch
 from longtrain.parallel.mesh import build_mesh
 
 from . import checkpoint as ckpt
+from .device import job_device_type, local_device
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
 
@@ -77,7 +78,7 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
     `checkpoint.init_from` if given (fresh optimizer, data and schedule)."""
     found = ckpt.latest_valid(root, log=log)  # a collective when distributed: every rank asks
     if found is not None:
-        extra = ckpt.load(found, trainer.model, trainer.opt, trainer.mesh)
+        extra = ckpt.load(found, trainer.model, trainer.opt, trainer.mesh, log=log)
         trainer.step = extra["step"]
         trainer.loader.load_state_dict(extra["loader"])
         log(f"resumed from {found} at step {trainer.step}")
@@ -93,8 +94,8 @@ def _setup(cfg: TrainConfig):
     """(device, mesh or None, trainer, checkpoint root) of this rank."""
     import torch.distributed as dist
 
-    device = cfg.device_type()
-    mesh = build_mesh(cfg.parallel, device_type=device) if dist.is_initialized() else None
+    device = local_device(job_device_type(cfg.device))
+    mesh = build_mesh(cfg.parallel, device_type=device.type) if dist.is_initialized() else None
     trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
     return device, mesh, trainer, Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
 
@@ -105,14 +106,23 @@ def _save(cfg: TrainConfig, trainer: Trainer, root: Path) -> Path:
                      {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
 
 
+def rank_peaks(device: torch.device, mesh) -> list[float]:
+    """Every rank's peak memory (MiB) since the previous call, in rank order, on every rank:
+    the job's peak is their maximum, and imbalance shows in the list."""
+    from longtrain.parallel.comm import all_gather_cat
+
+    from .metrics import peak_memory_mib
+
+    peak = torch.tensor([peak_memory_mib(device)], dtype=torch.float64, device=device)
+    if mesh is not None:
+        peak = all_gather_cat(peak, mesh.group("world"), dim=0)
+    return [round(float(p), 1) for p in peak.cpu()]
+
+
 def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[dict]:
     """Run (or resume) the job described by `cfg` on this rank; returns rank 0's metric rows.
     `stop_at` ends this run early at that step (as a kill would), leaving the schedule intact."""
-    import torch.distributed as dist
-
-    from longtrain.parallel.comm import all_reduce
-
-    from .metrics import MetricsLog, peak_memory_mib
+    from .metrics import MetricsLog
 
     device, mesh, trainer, root = _setup(cfg)
     rank0 = mesh is None or mesh.rank == 0
@@ -133,12 +143,11 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
                 path = _save(cfg, trainer, root)
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
-            peak = torch.tensor(peak_memory_mib(device), device=device)
-            if mesh is not None:
-                peak = all_reduce(peak, None, op=dist.ReduceOp.MAX)
+            peaks = rank_peaks(device, mesh)
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
-                   "peak_mem_mib": round(float(peak), 1), "skipped": r.skipped, "time": time.time()}
+                   "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "skipped": r.skipped,
+                   "time": time.time()}
             evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0
             if evaluated:
                 row.update(evaluate(trainer, held_out_loader(cfg, mesh), cfg.eval_batches, passkey))

@@ -22,27 +22,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, threads: int, fn, args, results) -> None:
+def _entry(rank: int, world: int, port: int, threads: int, device_type: str, fn, args, results) -> None:
+    # all ranks on this machine: the local index is the rank (device.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     from .dist_env import init_distributed
 
-    init_distributed("cpu")
+    init_distributed(device_type)
     try:
         results.put((rank, fn(*args)))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None) -> list[Any]:
-    """Call `fn(*args)` on `world` gloo ranks; return the per-rank results in rank order.
-    If any rank dies, the others are stopped and the failure is raised here."""
+def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None,
+                device_type: str = "cpu") -> list[Any]:
+    """Call `fn(*args)` on `world` ranks of this machine (gloo on "cpu", NCCL on "cuda", rank r
+    on GPU r); return the per-rank results in rank order. If any rank dies, the others are
+    stopped and the failure is raised here."""
     threads = threads or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, fn, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     from .spawn import spawn_local
 
-                    spawn_local(_rank_main, world, cfg)
+                    cfg = cfg.resolved()
+                    spawn_local(_rank_main, world, cfg, device_type=cfg.device)
         except (RuntimeError, ValueError, FileNotFoundError) as e:
             print(f"longtrain train: {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
@@ -83,12 +84,11 @@ def _env_rank(runs: list[TrainConfig]) -> int:
                   f"ranks but this job has {have} (WORLD_SIZE / SLURM_NTASKS); start that many processes or "
                   "change [parallel]", file=sys.stderr)
             return 2
-    cfg = runs[0]
-    device = cfg.device_type()
+    runs = [cfg.resolved() for cfg in runs]  # every rank resolves "auto" the same way: its own GPUs
     if "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", have)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    rank, _ = init_distributed(device)
+    rank, _ = init_distributed(runs[0].device)
     try:
         from .run import train_rank
 

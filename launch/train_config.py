@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from longtrain.models.config import ModelConfig
 from longtrain.parallel.mesh import ParallelDims
 
+from .device import DEVICES, job_device_type
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -91,8 +93,8 @@ class TrainConfig:
         problems = []
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision={self.precision!r} must be 'fp32' or 'bf16'")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if self.device not in DEVICES:
+            problems.append(f"device={self.device!r} must be one of {DEVICES}")
         if self.nan_policy not in ("raise", "skip", "stop"):
             problems.append(f"nan_policy={self.nan_policy!r} must be 'raise', 'skip' or 'stop'")
         if self.steps < 0 or self.grad_accum < 1:
@@ -101,6 +103,7 @@ class TrainConfig:
             self.model.check_layout(self.parallel.tp, self.parallel.cp_ulysses, self.parallel.ep)
         except ValueError as e:
             problems.append(str(e))
+        problems += self._sequence_problems()
         if self.parallel.pp > 1:
             problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
                             "parallel.pp = 1 (use tp / cp / dp for the ranks)")
@@ -109,13 +112,28 @@ class TrainConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def device_type(self) -> str:
-        """"cuda" or "cpu": `device`, with "auto" meaning CUDA when this process sees a GPU."""
-        import torch
+    def _sequence_problems(self) -> list[str]:
+        """The sequence must split over the layout: the zigzag ring needs 2 x cp_ring chunks,
+        Ulysses cp_ulysses slices of each, and TP sequence parallel tp slices of a rank's share."""
+        p = self.parallel
+        tp_split = p.tp if self.sequence_parallel and p.tp > 1 else 1
+        need = (2 * p.cp_ring if p.cp_ring > 1 else 1) * p.cp_ulysses * tp_split
+        if self.data.seq_len % need == 0:
+            return []
+        parts = ([f"2 x cp_ring={p.cp_ring}"] if p.cp_ring > 1 else []) + \
+                ([f"cp_ulysses={p.cp_ulysses}"] if p.cp_ulysses > 1 else []) + \
+                ([f"tp={p.tp} (TP sequence parallel)"] if tp_split > 1 else [])
+        lo, hi = self.data.seq_len // need * need, -(-self.data.seq_len // need) * need
+        choices = " or ".join(str(n) for n in (lo, hi) if n >= 2)
+        return [f"data.seq_len={self.data.seq_len} must be divisible by {need} (= {' x '.join(parts)}); "
+                f"use data.seq_len = {choices}, or change the parallel degrees"]
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+    def resolved(self, gpus: int | None = None) -> "TrainConfig":
+        """A copy whose `device` is "cpu" or "cuda", decided once for the job (see `device.py`);
+        launchers hand this to every rank. `gpus`: the GPUs the job can use (None: this process's)."""
+        import dataclasses
+
+        return dataclasses.replace(self, device=job_device_type(self.device, gpus))
 
     @property
     def tokens_per_step(self) -> int:

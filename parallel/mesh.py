@@ -151,10 +151,6 @@ class ParallelMesh:
         return f"ParallelMesh(rank={self.rank}, {axes}, ep={self.dims.ep}, device={self.device_type})"
 
 
-def default_device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def backend_for(device_type: str) -> str:
     """CPU means gloo, CUDA means NCCL."""
     return "nccl" if device_type == "cuda" else "gloo"
@@ -180,7 +176,8 @@ def build_mesh(
     timeout: timedelta = timedelta(minutes=5),
     with_device_mesh: bool = True,
 ) -> ParallelMesh:
-    """Build this rank's `ParallelMesh`. The default process group must be initialized.
+    """Build this rank's `ParallelMesh`. The default process group must be initialized;
+    `device_type` defaults to the device its backend communicates on.
 
     Validation happens before any group is created, so a bad layout never hangs.
     """
@@ -189,7 +186,7 @@ def build_mesh(
     world = dist.get_world_size()
     dims.check_world_size(world)
     rank = dist.get_rank()
-    device_type = device_type or default_device_type()
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")  # the backend's device
     groups = {a: _new_groups(dims.axis_groups(a), rank, timeout) for a in AXES}
     # both sequence-parallel axes together: checks that must involve every rank of a sequence
     groups["cp"] = _new_groups(dims.axis_groups("cp_ring", "cp_ulysses"), rank, timeout)
@@ -198,6 +195,7 @@ def build_mesh(
     # all ranks of one pipeline stage: different tokens of one batch (MoE balance statistics)
     groups["dp_cp_tp"] = _new_groups(dims.axis_groups("dp", "cp_ring", "cp_ulysses", "tp"), rank, timeout)
     groups["edp"] = _new_groups(dims.edp_groups(), rank, timeout)
+    groups["world"] = dist.group.WORLD if world > 1 else None  # job-wide reports (per-rank peaks)
     ep_group = _new_groups(dims.ep_groups(), rank, timeout) if dims.ep > 1 else None
     device_mesh = None
     if with_device_mesh:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from longtrain.launch.config import ConfigError, load
+from longtrain.launch.config import ConfigError, build, load
 from longtrain.models.config import ModelConfig
 from longtrain.models.moe import MoEConfig
 
@@ -60,3 +60,52 @@ def test_shipped_configs_load_and_fit_their_layouts(name):
     for cfg in expand_stages(load_tree(str(path))):  # building a config checks the model against its layout
         cp = cfg.parallel.cp_ring * cfg.parallel.cp_ulysses
         assert cfg.data.seq_len % (2 * cp) == 0
+
+
+@pytest.mark.parametrize("parallel,seq,need", [
+    ({"cp_ring": 2}, 1030, "divisible by 4 (= 2 x cp_ring=2)"),
+    ({"cp_ring": 2, "cp_ulysses": 2}, 1028, "divisible by 8 (= 2 x cp_ring=2 x cp_ulysses=2)"),
+    ({"tp": 2, "cp_ring": 2}, 1028, "divisible by 8 (= 2 x cp_ring=2 x tp=2 (TP sequence parallel))"),
+    ({"cp_ulysses": 4}, 1030, "divisible by 4 (= cp_ulysses=4)"),
+])
+def test_sequence_length_checked_against_the_layout(parallel, seq, need):
+    """A length the layout cannot split is refused when the config is built (before any process
+    starts), with the nearest lengths that work."""
+    from longtrain.launch.train_config import TrainConfig
+
+    tree = {"parallel": parallel, "data": {"seq_len": seq}}
+    with pytest.raises(ValueError, match=rf"data.seq_len={seq} must be {need.replace('(', '[(]').replace(')', '[)]')}"):
+        build(TrainConfig, tree)
+    n = int(need.split()[2])
+    ok = build(TrainConfig, {**tree, "data": {"seq_len": seq // n * n}})
+    assert ok.data.seq_len % n == 0
+    # without TP sequence parallel the tp split is not needed
+    if "tp" in parallel:
+        build(TrainConfig, {**tree, "data": {"seq_len": 1028 // 4 * 4}, "sequence_parallel": False})
+
+
+def test_one_device_rule(monkeypatch):
+    """"auto" is decided once for the job; each rank's index comes from what it can see: one
+    visible GPU (a Ray actor's own) is index 0 whatever LOCAL_RANK says; several are picked by
+    LOCAL_RANK / SLURM_LOCALID, which must exist and be in range."""
+    import torch
+
+    from longtrain.launch.device import job_device_type, local_device
+
+    assert job_device_type("auto", gpus=0) == "cpu" and job_device_type("auto", gpus=8) == "cuda"
+    assert job_device_type("cpu", gpus=8) == "cpu"
+    assert local_device("cpu", {"LOCAL_RANK": "5"}) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_device("cuda", {"LOCAL_RANK": "3", "RANK": "3"}) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_device("cuda", {"LOCAL_RANK": "2"}) == torch.device("cuda", 2)
+    assert local_device("cuda", {"SLURM_LOCALID": "3"}) == torch.device("cuda", 3)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=5 but this process sees 4 GPUs"):
+        local_device("cuda", {"LOCAL_RANK": "5"})
+    with pytest.raises(RuntimeError, match="neither LOCAL_RANK nor SLURM_LOCALID"):
+        local_device("cuda", {})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        local_device("cuda", {})
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        local_device("auto", {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from longtrain.data.prepare import prepare
 from longtrain.launch.config import build
@@ -21,17 +22,70 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
-def _cfg(data_dir, out_dir, steps, parallel=None):
-    return build(TrainConfig, {
-        "model": MODEL, "parallel": parallel or {}, "steps": steps, "out_dir": out_dir,
-        "data": {"path": data_dir, "seq_len": 64, "batch_size": 2},
-        "optim": {"lr": 3e-3, "warmup_steps": 2}, "checkpoint": {"every": 2, "keep_last": 2},
-        "eval_every": 3, "eval_batches": 1, "log_every": 0})
+def _cfg(data_dir, out_dir, steps, parallel=None, **over):
+    tree = {"model": MODEL, "parallel": parallel or {}, "steps": steps, "out_dir": out_dir,
+            "data": {"path": data_dir, "seq_len": 64, "batch_size": 2},
+            "optim": {"lr": 3e-3, "warmup_steps": 2}, "checkpoint": {"every": 2, "keep_last": 2},
+            "eval_every": 3, "eval_batches": 1, "log_every": 0}
+    for k, v in over.items():
+        tree[k] = {**tree[k], **v} if isinstance(v, dict) and k in tree else v
+    return build(TrainConfig, tree)
 
 
-def _job(data_dir, out_dir, steps, parallel, stop_at=None, rows=False):
-    out = train_rank(_cfg(data_dir, out_dir, steps, parallel), log=lambda *_: None, stop_at=stop_at)
+def _job(data_dir, out_dir, steps, parallel, stop_at=None, rows=False, **over):
+    out = train_rank(_cfg(data_dir, out_dir, steps, parallel, **over), log=lambda *_: None, stop_at=stop_at)
     return out if rows else [r["loss"] for r in out]
+
+
+def _state(data_dir, out_dir, steps, parallel, **over):
+    """The router biases and running activation-quantization scales a finished run leaves in
+    its last checkpoint, as this rank loads them."""
+    from longtrain.launch import run
+
+    cfg = _cfg(data_dir, out_dir, steps, parallel, **over)
+    _, mesh, trainer, root = run._setup(cfg)
+    run._resume_or_init(cfg, trainer, root, lambda *_: None)
+    biases = [m.router.bias.clone() for m in trainer.model.moe_layers()]
+    return biases, trainer.model.quant.state_dict()
+
+
+# state beyond the parameters that a resume must restore exactly (each also with grad_accum 2)
+MOE_BIAS = {"model": {**MODEL, "checkpoint": "selective",
+                      "moe": {"num_experts": 4, "top_k": 2, "expert_bias": True, "bias_update_rate": 0.01}}}
+RUNNING = {"model": {**MODEL, "act_quant": {"dtype": "int8", "scale": "running"}}}
+VARIANTS = {"moe-expert-bias": MOE_BIAS, "actquant-running": RUNNING,
+            "bf16": {"precision": "bf16"}, "grad-accum-2": {"grad_accum": 2}}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_stop_and_resume_exact_with_state(data_dir, tmp_path, name):
+    over = {**VARIANTS[name], "grad_accum": 2}
+    full = _job(data_dir, str(tmp_path / "a"), 6, None, **over)
+    first = _job(data_dir, str(tmp_path / "b"), 6, None, stop_at=2, **over)
+    rest = _job(data_dir, str(tmp_path / "b"), 6, None, **over)
+    assert first + rest == full
+    if name in ("moe-expert-bias", "actquant-running"):  # the state really moved and was saved
+        biases, scales = _state(data_dir, str(tmp_path / "b"), 6, None, **over)
+        assert any(b.abs().sum() > 0 for b in biases) or scales
+
+
+def test_stop_and_resume_moe_bias_and_running_scales_tp2_ring2_ep2(data_dir, tmp_path, pool4):
+    """MoE with expert bias (experts over ep=2) and running activation-quantization scales, with
+    accumulation, on tp2 x ring2: a stop + resume gives the uninterrupted losses exactly, and
+    the router bias equals one process's (it follows the whole step's global load)."""
+    par = {"tp": 2, "cp_ring": 2, "ep": 2}
+    model = {**MOE_BIAS["model"], "act_quant": RUNNING["model"]["act_quant"]}
+    full = pool4.run(_job, data_dir, str(tmp_path / "a"), 4, par, None, False, model=model, grad_accum=2)[0]
+    first = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, par, 2, model=model, grad_accum=2)[0]
+    rest = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, par, model=model, grad_accum=2)[0]
+    assert first + rest == full
+    one = _job(data_dir, str(tmp_path / "c"), 4, None, model=MOE_BIAS["model"], grad_accum=2)
+    one_bias, _ = _state(data_dir, str(tmp_path / "c"), 4, None, model=MOE_BIAS["model"], grad_accum=2)
+    assert one == pytest.approx(full, rel=2e-2)  # quantized gradients: close, not equal
+    for biases, scales in pool4.run(_state, data_dir, str(tmp_path / "b"), 4, par, model=model, grad_accum=2):
+        assert scales
+        for got, want in zip(biases, one_bias):
+            assert torch.allclose(torch.as_tensor(got), want, atol=1e-7), (got, want)
 
 
 def test_stop_and_resume_single_process(data_dir, tmp_path):
@@ -83,3 +137,27 @@ def test_nan_stop_policy_saves_the_last_good_state(data_dir, tmp_path, monkeypat
     cfg.nan_policy = "raise"
     with pytest.raises(trainer_mod.NonFiniteLoss):
         train_rank(cfg, log=said.append)  # resumes at step 3, hits it again, and raises
+
+
+def _peaks(fake: bool):
+    """Every rank's reported peaks; with `fake`, rank r's own peak is 100 + r MiB."""
+    from longtrain.launch import metrics, run
+    from tests.dist import mesh_for
+
+    mesh = mesh_for(tp=2, cp_ring=2)
+    if fake:
+        real, metrics.peak_memory_mib = metrics.peak_memory_mib, lambda device: 100.0 + mesh.rank
+        try:
+            return run.rank_peaks(torch.device("cpu"), mesh)
+        finally:
+            metrics.peak_memory_mib = real
+    return run.rank_peaks(torch.device("cpu"), mesh)
+
+
+def test_peak_memory_is_every_ranks(pool4, data_dir, tmp_path):
+    """The job's peak is the maximum over ranks (not rank 0's), and each rank's peak is kept."""
+    for peaks in pool4.run(_peaks, True):
+        assert peaks == [100.0, 101.0, 102.0, 103.0]
+    rows = pool4.run(_job, data_dir, str(tmp_path), 2, {"tp": 2, "cp_ring": 2}, None, True)[0]
+    for row in rows:
+        assert len(row["peak_mem_mib_ranks"]) == 4 and row["peak_mem_mib"] == max(row["peak_mem_mib_ranks"]) > 0
