@@ -1,6 +1,52 @@
+"""Shared rank pools, and what the `slow` and `gpu` markers (pyproject.toml) do.
+
+`slow` tests are skipped unless asked for (`--runslow`, or a `-m` expression naming `slow`),
+so `python -m pytest -q tests` stays inside CI's limit. `gpu` tests are skipped, with the
+reason, where CUDA is unavailable or where a module named in the marker
+(`@pytest.mark.gpu("flash_attn")`) does not import: GPU kernels are optional fast paths.
+"""
+
+import importlib
+
 import pytest
 
 from tests.dist import RankPool
+
+pytest_plugins = ["pytester"]  # tests/test_gpu.py runs the marker hooks in a scratch session
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (skipped by default; `-m slow` runs only those)")
+
+
+def _gpu_missing(marker) -> str | None:
+    """Why a `gpu`-marked test cannot run here, or None if it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    for name in marker.args:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a broken install counts as missing
+            return f"needs {name} on CUDA ({type(e).__name__}: {e})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or "slow" in (config.getoption("markexpr") or "")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (or -m slow)")
+    gpu_reasons: dict = {}  # marker args -> reason (probe each requirement once)
+    for item in items:
+        if not run_slow and item.get_closest_marker("slow") is not None:
+            item.add_marker(skip_slow)
+        gpu = item.get_closest_marker("gpu")
+        if gpu is not None:
+            if gpu.args not in gpu_reasons:
+                gpu_reasons[gpu.args] = _gpu_missing(gpu)
+            if gpu_reasons[gpu.args] is not None:
+                item.add_marker(pytest.mark.skip(reason=f"gpu: {gpu_reasons[gpu.args]}"))
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # a dependency of the package: missing Ray must fail here, not skip the launcher tests
 
 from longtrain.data.prepare import prepare
 from longtrain.launch.config import build
 from longtrain.launch.train_config import TrainConfig
 from tests.test_trainer import MODEL
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
