@@ -12,6 +12,7 @@ per micro-batch whatever the depth (compare --layers 2 and 4).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -19,27 +20,27 @@ LAYOUTS = {"ring2 x ulysses2": dict(cp_ring=2, cp_ulysses=2), "tp2 x ring2": dic
 KINDS = ("agreement", "doc_ids", "all_to_all", "all_gather", "reduce_scatter", "all_reduce", "ring_kv", "ring_dkv")
 
 
-def _host_copy_counter():
-    """Patch the tensor -> host conversions to count them; returns a function that restores
-    them and gives the count."""
+@contextlib.contextmanager
+def count_host_copies():
+    """Count tensor -> host conversions (bool(t), .item(), .tolist(), .cpu()) inside the block:
+    on GPU each one waits for the device, so the per-layer path must make none."""
     names = ("__bool__", "item", "tolist", "cpu")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
+    saved = {name: getattr(torch.Tensor, name) for name in names}
     count = [0]
 
-    def wrap(f):
-        def counted(self, *a, **kw):
+    def counted(f):
+        def wrapper(self, *args, **kwargs):
             count[0] += 1
-            return f(self, *a, **kw)
-        return counted
+            return f(self, *args, **kwargs)
+        return wrapper
 
-    for n in names:
-        setattr(torch.Tensor, n, wrap(saved[n]))
-
-    def done() -> int:
-        for n in names:
-            setattr(torch.Tensor, n, saved[n])
-        return count[0]
-    return done
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counted(saved[name]))
+        yield count
+    finally:
+        for name in names:
+            setattr(torch.Tensor, name, saved[name])
 
 
 def _measure(layers: int, seq: int) -> dict:
@@ -60,10 +61,10 @@ def _measure(layers: int, seq: int) -> dict:
         doc = torch.sort(torch.randint(0, 4, (2, seq), generator=g), dim=1).values
         local = [shard_sequence(t, mesh) for t in (ids, labels, doc)]
         mesh.stats.reset()
-        done = _host_copy_counter()
-        loss, _ = global_loss(model(*local), mesh.group("dp_cp"))
-        loss.backward()
-        out[name] = (mesh.stats.snapshot(), done())
+        with count_host_copies() as copies:
+            loss, _ = global_loss(model(*local), mesh.group("dp_cp"))
+            loss.backward()
+        out[name] = (mesh.stats.snapshot(), copies[0])
     return out
 
 

@@ -3,13 +3,12 @@ reference over the full sequence: outputs and dq/dk/dv, on 2 and 4 gloo ranks.""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from longtrain.parallel.attention import (plan_attention, sequence_parallel_attention, sequence_positions,
                                           shard_sequence, unshard_sequence)
+from longtrain.benchmarks.comm import count_host_copies
 from tests.dist import mesh_for
 from tests.reference import reference_attention
 
@@ -202,29 +201,6 @@ def plan_layers_case(degrees, shape, causal, windows, docs, seed, layout="zigzag
     during = {kind: mesh.stats.calls[kind] - planned.get(kind, 0) for kind in ("agreement", "doc_ids")}
     during["host_copies"] = copies
     return sequence_positions(s, mesh, layout=layout), layers, planned, during
-
-
-@contextlib.contextmanager
-def count_host_copies():
-    """Count tensor -> host conversions (bool(t), .item(), .tolist(), .cpu()): on GPU each one
-    waits for the device, so the per-layer path must make none."""
-    names = ("__bool__", "item", "tolist", "cpu")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    count = [0]
-
-    def counted(f):
-        def wrapper(self, *args, **kwargs):
-            count[0] += 1
-            return f(self, *args, **kwargs)
-        return wrapper
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, counted(saved[name]))
-        yield count
-    finally:
-        for name in names:
-            setattr(torch.Tensor, name, saved[name])
 
 
 @pytest.mark.parametrize("degrees,shape,windows,docs,layout,gathers", [
