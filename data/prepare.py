@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -78,31 +81,60 @@ def documents(inputs: list[str], text_field: str = "text", limit_bytes: int | No
 
 
 def prepare(inputs: list[str], out_dir: str, tokenizer: str | None = None, text_field: str = "text",
-            shard_tokens: int = 1 << 24, limit_bytes: int | None = None) -> dict:
-    """Tokenize `inputs` into shards of about `shard_tokens` tokens under `out_dir`."""
+            shard_tokens: int = 1 << 24, limit_bytes: int | None = None, overwrite: bool = False) -> dict:
+    """Tokenize `inputs` into shards of about `shard_tokens` tokens under `out_dir`.
+
+    Nothing existing is lost: a non-empty `out_dir` is refused unless `overwrite`; the dataset
+    is written into a temporary folder beside it and renamed into place only when complete, so
+    a failure leaves `out_dir` as it was (and no empty folder), and with `overwrite` the old
+    dataset is replaced in one rename."""
     tok = load_tokenizer(tokenizer)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    token_docs = (tok.encode(d) for d in documents(inputs, text_field, limit_bytes))
-    token_docs = (t for t in token_docs if len(t))
-    entries = [write_shard(out / f"shard-{i:05d}.arrow", group, tok.vocab_size)
-               for i, group in enumerate(batched(token_docs, shard_tokens))]
-    if not entries:
-        raise DataError(f"no text found in {inputs}; nothing to prepare")
-    return write_manifest(out, entries, tok.describe(), " ".join(inputs))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"--out {out} already exists and is not empty; choose another folder, or pass "
+                        "--overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        token_docs = (tok.encode(d) for d in documents(inputs, text_field, limit_bytes))
+        token_docs = (t for t in token_docs if len(t))
+        entries = [write_shard(tmp / f"shard-{i:05d}.arrow", group, tok.vocab_size)
+                   for i, group in enumerate(batched(token_docs, shard_tokens))]
+        if not entries:
+            raise DataError(f"no text found in {inputs}; nothing to prepare")
+        manifest = write_manifest(tmp, entries, tok.describe(), " ".join(inputs))
+        _into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished dataset to `out`; an existing one (only with --overwrite) is moved
+    aside first and deleted after the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="longtrain prepare", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="longtrain prepare", description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("inputs", nargs="+", help="files or directories (.txt/.jsonl/.parquet/...), or 'stdlib'")
     ap.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     ap.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizers JSON file")
     ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     ap.add_argument("--shard-tokens", type=int, default=1 << 24)
     ap.add_argument("--limit-bytes", type=int, default=None, help="stop after about this much input (stdlib)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     args = ap.parse_args(argv)
     try:
-        m = prepare(args.inputs, args.out, args.tokenizer, args.text_field, args.shard_tokens, args.limit_bytes)
+        m = prepare(args.inputs, args.out, args.tokenizer, args.text_field, args.shard_tokens, args.limit_bytes,
+                    overwrite=args.overwrite)
     except DataError as e:
         print(f"longtrain prepare: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,4 +64,9 @@ def load_tokenizer(spec: str | None):
     """'bytes' (default) or a path to a tokenizers JSON file."""
     if spec in (None, "", "bytes"):
         return ByteTokenizer()
+    if not os.path.isfile(spec):
+        from .shards import DataError
+
+        raise DataError(f"tokenizer file {spec} not found; pass --tokenizer bytes or the path of a "
+                        "tokenizers JSON file (tokenizer.json)")
     return HFTokenizer(spec)

@@ -104,8 +104,16 @@ def _committed(root: Path) -> list[Path]:
     return sorted((d for d in root.glob("step-*") if d.is_dir() and (d / MARKER).exists()), reverse=True)
 
 
-def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict, keep_last: int = 3) -> Path:
-    """Write a checkpoint for `step` on every rank; returns the committed directory."""
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was expected; the message names each and what is wrong."""
+
+
+def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict, keep_last: int = 3,
+         identity: dict | None = None) -> Path:
+    """Write a checkpoint for `step` on every rank; returns the committed directory. `identity`
+    (the model config and data it belongs to: `identity.run_identity`) goes into the marker."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1: 0 would delete the checkpoint just written")
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
@@ -121,7 +129,7 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     _barrier()
     if rank0:
         files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files, "run": identity}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _committed(root)[keep_last:]:
@@ -130,38 +138,70 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     return final
 
 
-def verify(path: Path) -> str | None:
-    """None if every file matches the marker, else what is wrong."""
+def verify(path: Path, quick: bool = False) -> str | None:
+    """None if every file matches the marker, else what is wrong (`quick`: sizes only)."""
     try:
         marker = json.loads((path / MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        files = marker["files"].items()
+    except (OSError, ValueError, KeyError, AttributeError) as e:
         return f"unreadable {MARKER} ({e})"
-    for name, info in marker["files"].items():
+    for name, info in files:
         f = path / name
         if not f.exists():
             return f"{name} is missing"
         if f.stat().st_size != info["bytes"]:
             return f"{name} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)"
-        if sha256_file(f) != info["sha256"]:
+        if not quick and sha256_file(f) != info["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
 
-def latest_valid(root: str | os.PathLike, log=print) -> Path | None:
-    """Newest committed checkpoint that verifies (decided on rank 0, shared with all ranks)."""
+def saved_identity(path: Path) -> dict | None:
+    """The model config and data identity recorded with a committed checkpoint (None: older)."""
+    try:
+        return json.loads((path / MARKER).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _none_usable(root: Path, problems: list[str]) -> str:
+    return (f"every checkpoint in {root} is unusable ({'; '.join(problems)}); none was loaded or overwritten. "
+            f"Restore a good copy, or move them away (or choose another out_dir) to start from step 0")
+
+
+def newest_usable(root: str | os.PathLike, quick: bool = False, log=None) -> Path | None:
+    """Newest committed checkpoint in `root` that verifies; None if there is none at all;
+    CheckpointError when there are committed ones but every one is corrupt. No collective."""
     root = Path(root)
-    choice = ""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for path in _committed(root) if root.exists() else []:
-            problem = verify(path)
-            if problem is None:
-                choice = str(path)
-                break
+    problems = []
+    for path in _committed(root) if root.exists() else []:
+        problem = verify(path, quick)
+        if problem is None:
+            return path
+        problems.append(f"{path.name}: {problem}")
+        if log is not None:
             log(f"checkpoint {path} is corrupt: {problem}; trying the previous one")
+    if problems:
+        raise CheckpointError(_none_usable(root, problems))
+    return None
+
+
+def latest_valid(root: str | os.PathLike, log=print) -> Path | None:
+    """Newest committed checkpoint that verifies (decided on rank 0, shared with all ranks);
+    CheckpointError on every rank when all of them are corrupt (never a silent restart)."""
+    choice, error = "", ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            found = newest_usable(root, log=log)
+            choice = str(found) if found else ""
+        except CheckpointError as e:
+            error = str(e)
     if dist.is_initialized():
-        box = [choice]
+        box = [choice, error]
         dist.broadcast_object_list(box, src=0)
-        choice = box[0]
+        choice, error = box
+    if error:
+        raise CheckpointError(error)
     return Path(choice) if choice else None
 
 
@@ -172,7 +212,7 @@ def find(path: str | os.PathLike, log=print) -> Path | None:
     if (path / MARKER).exists():
         problem = verify(path)
         if problem:
-            raise ValueError(f"checkpoint {path} is corrupt: {problem}")
+            raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
         return path
     return latest_valid(path, log=log)
 

@@ -59,6 +59,34 @@ def _dataclass_of(tp) -> type | None:
     return None
 
 
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}
+
+
+def _typed(value, hint, key: str):
+    """`value` checked against the field's annotation (int, float, str, bool, X | None,
+    tuple[str, ...], dict), with an int accepted for a float; ConfigError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in _NAMES and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be {_NAMES[hint]}, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def build(cls, data: dict, where: str = ""):
     """Instantiate dataclass `cls` from a nested dict, recursively, rejecting unknown keys."""
     if not isinstance(data, dict):
@@ -78,8 +106,8 @@ def build(cls, data: dict, where: str = ""):
         elif isinstance(value, list) and typing.get_origin(hints[name]) is list and \
                 dataclasses.is_dataclass(typing.get_args(hints[name])[0]):
             value = [build(typing.get_args(hints[name])[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-        elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
-            value = tuple(value)
+        else:
+            value = _typed(value, hints[name], key)
         kwargs[name] = value
     try:
         return cls(**kwargs)

@@ -19,7 +19,7 @@ def _rank_eval(cfg: TrainConfig, batches: int, checkpoint: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="longtrain eval", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="longtrain eval", description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("config", nargs="?")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--batches", type=int, default=None, help="held-out batches (default: eval_batches)")

@@ -16,6 +16,7 @@ import torch
 from longtrain.parallel.mesh import build_mesh
 
 from . import checkpoint as ckpt
+from . import identity
 from .device import job_device_type, local_device
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
@@ -73,11 +74,26 @@ def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> d
     return row
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Before any process starts: this run's checkpoints (if any) must include a usable one
+    that belongs to this model and data, and an `init_from` checkpoint must fit the model.
+    File reads only (sizes, not checksums: the ranks verify those when they resume)."""
+    found = ckpt.newest_usable(cfg.checkpoint_root, quick=True)
+    if found is not None:
+        identity.check(ckpt.saved_identity(found), cfg, cfg.checkpoint_root)
+    elif cfg.checkpoint.init_from and Path(cfg.checkpoint.init_from).exists():
+        path = Path(cfg.checkpoint.init_from)
+        path = path if (path / ckpt.MARKER).exists() else ckpt.newest_usable(path, quick=True)
+        if path is not None:
+            identity.check(ckpt.saved_identity(path), cfg, str(path), resume=False)
+
+
 def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None:
     """Resume from this run's newest valid checkpoint; with none, start from the weights of
     `checkpoint.init_from` if given (fresh optimizer, data and schedule)."""
     found = ckpt.latest_valid(root, log=log)  # a collective when distributed: every rank asks
     if found is not None:
+        identity.check(ckpt.saved_identity(found), cfg, str(root))  # the same file on every rank
         extra = ckpt.load(found, trainer.model, trainer.opt, trainer.mesh, log=log)
         trainer.step = extra["step"]
         trainer.loader.load_state_dict(extra["loader"])
@@ -86,6 +102,7 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
         path = ckpt.find(cfg.checkpoint.init_from, log=log)
         if path is None:
             raise FileNotFoundError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no valid committed checkpoint there")
+        identity.check(ckpt.saved_identity(path), cfg, str(path), resume=False)
         ckpt.load(path, trainer.model, None, trainer.mesh)
         log(f"initialized the weights from {path}")
 
@@ -97,13 +114,14 @@ def _setup(cfg: TrainConfig):
     device = local_device(job_device_type(cfg.device))
     mesh = build_mesh(cfg.parallel, device_type=device.type) if dist.is_initialized() else None
     trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
-    return device, mesh, trainer, Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
+    return device, mesh, trainer, Path(cfg.checkpoint_root)
 
 
 def _save(cfg: TrainConfig, trainer: Trainer, root: Path) -> Path:
     """Checkpoint this rank's model, optimizer, loader position and step."""
     return ckpt.save(root, trainer.step, trainer.model, trainer.opt, trainer.mesh,
-                     {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last)
+                     {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last,
+                     identity=identity.run_identity(cfg))
 
 
 def rank_peaks(device: torch.device, mesh) -> list[float]:

@@ -28,7 +28,7 @@ def _rank_main(cfg: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="longtrain train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="longtrain train", description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("config", nargs="?", help="TOML file (omit for the defaults)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--launcher", default="ray", choices=["ray", "local", "env"],
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = expand_stages(load_tree(args.config, args.overrides))
-    except (ConfigError, ValueError) as e:
+        from .run import preflight
+
+        for cfg in runs:
+            preflight(cfg)
+    except (ConfigError, ValueError) as e:  # includes checkpoints of another model, or all corrupt
         print(f"longtrain train: {e}", file=sys.stderr)
         return 2
     if args.launcher == "env":
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"longtrain train: {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         print(f"done: metrics in {cfg.out_dir}/metrics.jsonl (TensorBoard: {cfg.out_dir}/tensorboard), loss "
-              f"curve {cfg.out_dir}/loss.png, checkpoints in {cfg.checkpoint.dir or cfg.out_dir + '/checkpoints'}",
+              f"curve {cfg.out_dir}/loss.png, checkpoints in {cfg.checkpoint_root}",
               flush=True)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from longtrain.models.config import ModelConfig
@@ -23,8 +24,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in ("shards", "passkey"):
             raise ValueError(f"data.source={self.source!r} must be 'shards' or 'passkey'")
-        if self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError("data.seq_len must be >= 2 and data.batch_size >= 1")
+        if self.seq_len < 2 or self.batch_size < 1 or self.passkey_digits < 1:
+            raise ValueError("data.seq_len must be >= 2, data.batch_size >= 1 and data.passkey_digits >= 1")
 
 
 @dataclass(kw_only=True)
@@ -37,6 +38,18 @@ class OptimConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # global norm over every parallel group; 0 disables
 
+    def __post_init__(self) -> None:
+        problems = [f"{k}={getattr(self, k)} must be {want}" for k, ok, want in (
+            ("lr", 0 < self.lr < math.inf, "finite and > 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "finite and >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0 (0 disables clipping)")) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
@@ -47,6 +60,12 @@ class CheckpointConfig:
     # valid one) when this run has no checkpoint yet; optimizer, data and schedule start fresh.
     # Any layout: the weights reshard like a resume. Used for context extension (short -> long).
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every={self.every} must be >= 0 (steps between checkpoints; 0 disables them)")
+        if self.keep_last < 1:  # 0 would delete every checkpoint, the one just written included
+            raise ValueError(f"keep_last={self.keep_last} must be >= 1 (the newest checkpoints kept)")
 
 
 @dataclass(kw_only=True)
@@ -97,8 +116,10 @@ class TrainConfig:
             problems.append(f"device={self.device!r} must be one of {DEVICES}")
         if self.nan_policy not in ("raise", "skip", "stop"):
             problems.append(f"nan_policy={self.nan_policy!r} must be 'raise', 'skip' or 'stop'")
-        if self.steps < 0 or self.grad_accum < 1:
-            problems.append("steps must be >= 0 and grad_accum >= 1")
+        if self.steps < 1 or self.grad_accum < 1:
+            problems.append(f"steps={self.steps} and grad_accum={self.grad_accum} must be >= 1")
+        if min(self.log_every, self.eval_every, self.max_nan_skips) < 0 or self.eval_batches < 1:
+            problems.append("log_every, eval_every and max_nan_skips must be >= 0 and eval_batches >= 1")
         try:  # the model must split over this layout; said here, before any process starts
             self.model.check_layout(self.parallel.tp, self.parallel.cp_ulysses, self.parallel.ep)
         except ValueError as e:
@@ -134,6 +155,11 @@ class TrainConfig:
         import dataclasses
 
         return dataclasses.replace(self, device=job_device_type(self.device, gpus))
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where this run's checkpoints go: checkpoint.dir, or <out_dir>/checkpoints."""
+        return self.checkpoint.dir or f"{self.out_dir}/checkpoints"
 
     @property
     def tokens_per_step(self) -> int:

@@ -51,8 +51,9 @@ class ActQuantConfig:
             raise ValueError(f"activation quantization layers {sorted(unknown)} unknown; use 'attention', 'mlp'")
         if self.scale not in ("token", "running"):
             raise ValueError(f"activation quantization scale={self.scale!r} must be 'token' or 'running'")
-        if self.group_size < 1 or not 0.0 <= self.momentum < 1.0:
-            raise ValueError("activation quantization needs group_size >= 1 and 0 <= momentum < 1")
+        if self.group_size < 1 or self.min_elements < 1 or not 0.0 <= self.momentum < 1.0:
+            raise ValueError("activation quantization needs group_size >= 1, min_elements >= 1 and "
+                             "0 <= momentum < 1")
 
 
 @dataclass

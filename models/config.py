@@ -37,26 +37,31 @@ class ModelConfig:
             self.moh = MoHConfig(**self.moh)
         if isinstance(self.act_quant, dict):
             self.act_quant = ActQuantConfig(**self.act_quant)
-        if self.moh is not None:
-            self.moh.check(self.n_heads)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * -(-int(8 * self.dim / 3) // 64)
-        problems = []
-        if self.dim % self.n_heads:
+        problems = [f"{name}={getattr(self, name)} must be positive" for name in
+                    ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "loss_chunk")
+                    if getattr(self, name) < 1]
+        if not problems and self.dim % self.n_heads:  # divisibility needs positive sizes
             problems.append(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        elif self.head_dim % 2:
+        elif not problems and self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.n_heads % self.n_kv_heads:
+        if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.checkpoint not in ("none", "full", "selective"):
             problems.append(f"checkpoint={self.checkpoint!r} must be 'none', 'full' or 'selective'")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "loss_chunk"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive")
+        for name in ("window", "mlp_chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be positive, or unset")
+        for name in ("rope_theta", "rope_scaling", "norm_eps", "init_std"):
+            if not 0 < getattr(self, name) < float("inf"):
+                problems.append(f"{name}={getattr(self, name)} must be finite and > 0")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+        if self.moh is not None:
+            self.moh.check(self.n_heads)
 
     @property
     def head_dim(self) -> int:

@@ -53,6 +53,11 @@ class MoEConfig:
             problems.append(f"score={self.score!r} must be 'softmax' or 'sigmoid'")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             problems.append(f"capacity_factor={self.capacity_factor} must be positive or None")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                problems.append(f"{name}={getattr(self, name)} must be finite and >= 0")
+        if self.every < 1 or (self.expert_hidden is not None and self.expert_hidden < 1):
+            problems.append("every must be >= 1 and expert_hidden positive (or unset)")
         if problems:
             raise ValueError("invalid MoE config: " + "; ".join(problems))
 

@@ -42,6 +42,8 @@ class MoHConfig:
             raise ValueError(f"MoH: shared_heads={self.shared_heads} must be in [0, n_heads={n_heads})")
         if not 1 <= self.top_k <= routed:
             raise ValueError(f"MoH: top_k={self.top_k} must be between 1 and the routed heads ({routed})")
+        if not 0 <= self.balance_coef < float("inf"):
+            raise ValueError(f"MoH: balance_coef={self.balance_coef} must be finite and >= 0")
 
 
 class HeadRouter(nn.Module):

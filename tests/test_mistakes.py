@@ -1,0 +1,111 @@
+"""Ordinary mistakes cost the user nothing: each wrong input is one clear error (exit code, a
+message naming the key, file or field, no traceback) and leaves the user's dataset and
+checkpoints exactly as they were (hashed before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longtrain.launch.cli import main
+
+TINY = ["model.vocab_size=320", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.ffn_hidden=64",
+        "data.seq_len=64", "data.batch_size=1", "optim.warmup_steps=1", "checkpoint.every=1",
+        "log_every=0", "tensorboard=false"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def tree_hash(root: Path) -> str:
+    """Every file's relative path and bytes under `root`."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A dataset, a second dataset, and a run with two committed checkpoints."""
+    root = tmp_path_factory.mktemp("mistakes")
+    assert main(["prepare", "stdlib", "--out", str(root / "data"), "--limit-bytes", "200000"]) == 0
+    src = root / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"doc{i}.txt").write_text(f"another corpus, document {i}. " * 200)
+    assert main(["prepare", str(src), "--out", str(root / "other")]) == 0
+    base = TINY + [f"data.path={root / 'data'}", f"out_dir={root / 'run'}"]
+    assert main(["train", "--launcher", "local", *_sets(base + ["steps=2"])]) == 0
+    assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    broken = root / "broken"  # a copy of the run whose every checkpoint is truncated
+    shutil.copytree(root / "run", broken)
+    for f in broken.glob("checkpoints/*/*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return root, base
+
+
+def _train(*items):
+    return lambda root, base: ["train", "--launcher", "local", *_sets(base + ["steps=4", *items])]
+
+
+# (name, argv builder, exit code, what the message must say)
+CASES = [
+    ("keep_last=0", _train("checkpoint.keep_last=0"), 2, "keep_last=0 must be >= 1"),
+    ("steps=2.5", _train("steps=2.5"), 2, "steps must be an integer, got 2.5"),
+    ("steps=abc", _train("steps=abc"), 2, "steps must be an integer, got 'abc'"),
+    ("steps=0", _train("steps=0"), 2, "steps=0"),
+    ("lr=nan", _train("optim.lr=nan"), 2, "lr=nan must be finite and > 0"),
+    ("lr=-1", _train("optim.lr=-1"), 2, "lr=-1.0 must be finite and > 0"),
+    ("window=0", _train("model.window=0"), 2, "window=0 must be positive"),
+    ("beta2=1.5", _train("optim.beta2=1.5"), 2, "beta2=1.5 must be in [0, 1)"),
+    ("seq_len vs ring", _train("parallel.cp_ring=2", "data.seq_len=66"), 2, "data.seq_len=66 must be divisible by 4"),
+    ("n_heads changed on resume", _train("model.n_heads=8"), 2, "model.n_heads: checkpoint 4, config 8"),
+    ("dim changed on resume", _train("model.dim=128"), 2, "model.dim: checkpoint 64, config 128"),
+    ("other data on resume", lambda root, base: _train(f"data.path={root / 'other'}")(root, base), 2,
+     "manifest.json differs"),
+    ("every checkpoint corrupt", lambda root, base: _train(f"out_dir={root / 'broken'}")(root, base), 2,
+     "every checkpoint in"),
+    ("prepare over a dataset", lambda root, base: ["prepare", "stdlib", "--out", str(root / "data")], 2,
+     "already exists and is not empty"),
+    ("missing tokenizer", lambda root, base: ["prepare", "stdlib", "--out", str(root / "new"), "--tokenizer",
+                                              str(root / "nope.json")], 2, "nope.json not found"),
+]
+
+
+@pytest.mark.parametrize("name,argv,code,says", CASES, ids=[c[0] for c in CASES])
+def test_wrong_input_is_one_clear_error_and_changes_nothing(work, capsys, name, argv, code, says):
+    root, base = work
+    kept = {d: tree_hash(root / d) for d in ("data", "other", "run", "broken")}
+    capsys.readouterr()
+    assert main(argv(root, base)) == code
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert says in out.err, text
+    assert "Traceback" not in text
+    assert {d: tree_hash(root / d) for d in kept} == kept
+    assert not (root / "new").exists()
+
+
+def test_a_failed_prepare_leaves_nothing_and_overwrite_replaces(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("some text")
+    (src / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    assert main(["prepare", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "bad.jsonl:2 is not valid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no temporary folder
+    (src / "bad.jsonl").unlink()
+    assert main(["prepare", str(src), "--out", str(tmp_path / "out")]) == 0
+    first = tree_hash(tmp_path / "out")
+    (src / "more.txt").write_text("more text")
+    assert main(["prepare", str(src), "--out", str(tmp_path / "out")]) == 2  # refused: exists
+    assert tree_hash(tmp_path / "out") == first
+    assert main(["prepare", str(src), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert tree_hash(tmp_path / "out") != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
