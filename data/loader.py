@@ -17,6 +17,11 @@ Samples are dealt to data-parallel ranks only (global batch g holds samples
 data-parallel rank receive the same full sequence and slice it with `shard_sequence`.
 The position (epoch, batch) is the whole state, so a resumed run continues at the exact next
 sample.
+
+Every loader verifies the shards against the manifest's SHA-256 when it opens them (cheaply:
+a shard unchanged since its last hash is not hashed again, see `shards.StampCache`), because a
+shard edited in place would otherwise train silently. `verify_checksum=False` skips the hash
+(the size is still checked) for benchmarks and tests that tamper with shards on purpose.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class LoaderState:
 
 class PackedLoader:
     def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, *, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, verify_checksum: bool = False):
+                 dp_rank: int = 0, dp_size: int = 1, verify_checksum: bool = True):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
         if not 0 <= dp_rank < dp_size:

@@ -6,13 +6,22 @@ offsets and values map straight onto numpy arrays backed by the page cache: open
 corpus costs no memory however large it is. `manifest.json` lists every shard with its
 document and token counts and a SHA-256, plus the tokenizer, so a shard that was truncated,
 swapped or produced by another tokenizer is caught before training starts.
+
+Checksums are verified on every open that training does (`PackedLoader`), on every rank, so
+verification must be cheap: the size is compared always, and the full SHA-256 is computed only
+when a shard's (size, mtime_ns, ctime_ns) differ from the stamp recorded after its last
+successful hash in `<dir>/.verified.json` (see `StampCache`). ctime is in the stamp because an
+edit that restores the old mtime (``cp -p``, ``touch -r``) cannot restore ctime.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +31,13 @@ import pyarrow as pa
 
 FORMAT = "longtrain-shards-v1"
 MANIFEST = "manifest.json"
+STAMPS = ".verified.json"
+STAMPS_FORMAT = "longtrain-verified-v1"
+RACY_NS = 2_000_000_000  # a stamp is recorded only for files last modified at least this long ago
+CHANGED = "the shard changed since `longtrain prepare` wrote it: re-run prepare, or restore the file"
+SHARD_FIELDS = {"file": str, "documents": int, "tokens": int, "bytes": int, "sha256": str}
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -81,15 +97,100 @@ class Shard:
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
 
-def open_shard(path: Path, entry: dict, vocab_size: int, verify_checksum: bool) -> Shard:
+class StampCache:
+    """Which shards were hashed and found intact, keyed by what changes when a file is edited.
+
+    A shard whose current (size, mtime_ns, ctime_ns) and manifest SHA-256 equal its stamp is
+    not hashed again. The cache is advisory: unreadable or malformed means "nothing verified"
+    (everything is rehashed), never an error. Ranks opening the dataset at once each write the
+    whole cache to a temporary name and rename it into place, merged with what is on disk just
+    before, so a reader never sees a half-written file and a lost race costs one rehash. A
+    dataset folder that cannot be written keeps no cache: its shards are hashed on every open.
+    A file modified within RACY_NS of its hash gets no stamp, because a second edit inside the
+    same timestamp tick would leave the stamp unchanged (git's "racy clean" problem).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, trust: bool = True):
+        self.path = Path(data_dir) / STAMPS
+        self.trust = trust  # False: hash every shard (check-data), but still record the stamps
+        self.stamps = self._read() if trust else {}
+        self.new: dict[str, dict] = {}
+
+    def _read(self) -> dict:
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # missing, unreadable, not JSON / not UTF-8
+            return {}
+        ok = isinstance(raw, dict) and raw.get("format") == STAMPS_FORMAT and isinstance(raw.get("shards"), dict)
+        return raw["shards"] if ok else {}
+
+    @staticmethod
+    def _stamp(entry: dict, st: os.stat_result) -> dict:
+        return {"sha256": entry["sha256"], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+    def fresh(self, entry: dict, st: os.stat_result) -> bool:
+        return self.trust and self.stamps.get(entry["file"]) == self._stamp(entry, st)
+
+    def record(self, entry: dict, st: os.stat_result) -> None:
+        """`st` is the stat taken before hashing: an edit during the hash leaves a stale stamp."""
+        if time.time_ns() - st.st_mtime_ns >= RACY_NS:
+            self.new[entry["file"]] = self._stamp(entry, st)
+
+    def save(self) -> None:
+        if not self.new:
+            return
+        shards = {**self._read(), **self.new}
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=STAMPS + ".", suffix=".tmp", dir=self.path.parent)
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the cache from the dataset's other users
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": STAMPS_FORMAT, "shards": shards}, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("cannot record verified shards in %s (%s); they will be hashed again on the next open",
+                        self.path, e)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+        self.new = {}
+
+
+def _stat(path: Path, entry: dict) -> os.stat_result:
+    """The check every open makes: the shard is there, at the size `prepare` wrote."""
     if not path.exists():
-        raise DataError(f"shard {path} listed in the manifest is missing; re-run `longtrain prepare`")
-    size = path.stat().st_size
-    if size != entry.get("bytes", size):
-        raise DataError(f"shard {path} is {size} bytes but the manifest says {entry['bytes']}: "
-                        f"it is truncated or was replaced; re-run `longtrain prepare`")
-    if verify_checksum and sha256_file(path) != entry["sha256"]:
-        raise DataError(f"shard {path} does not match its checksum in the manifest; re-run `longtrain prepare`")
+        raise DataError(f"shard {path} listed in the manifest is missing; re-run `longtrain prepare`, "
+                        "or restore the file")
+    st = path.stat()
+    if st.st_size != entry["bytes"]:
+        raise DataError(f"shard {path} is {st.st_size} bytes but the manifest says {entry['bytes']} "
+                        f"(truncated or replaced): {CHANGED}")
+    return st
+
+
+def verify_shard(path: Path, entry: dict, stamps: StampCache | None) -> None:
+    """Size always; the full SHA-256 unless `stamps` vouches for the file (None: always hash)."""
+    st = _stat(path, entry)
+    if stamps is not None and stamps.fresh(entry, st):
+        return
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise DataError(f"shard {path} cannot be read ({e}); fix its permissions or restore the file") from e
+    if digest != entry["sha256"]:
+        raise DataError(f"shard {path} does not match its SHA-256 checksum in the manifest "
+                        f"(same size, different content): {CHANGED}")
+    if stamps is not None:
+        stamps.record(entry, st)
+
+
+def open_shard(path: Path, entry: dict, vocab_size: int, verify_checksum: bool,
+               stamps: StampCache | None = None) -> Shard:
+    """Memory-map one shard and check it against its manifest entry. With `verify_checksum`,
+    the SHA-256 too (skipped where `stamps` vouches for the file); without, the size only."""
+    if verify_checksum:
+        verify_shard(path, entry, stamps)
+    else:
+        _stat(path, entry)
     try:
         mm = pa.memory_map(str(path), "r")
         table = pa.ipc.open_file(mm).read_all()
@@ -113,26 +214,83 @@ def open_shard(path: Path, entry: dict, vocab_size: int, verify_checksum: bool) 
     return Shard(path, offsets - offsets[0], values[offsets[0]:], mm)
 
 
-def read_manifest(data_dir: str | os.PathLike) -> dict:
+def load_manifest(data_dir: str | os.PathLike) -> dict:
+    """The manifest as JSON, not yet validated (`check-data` lists every problem itself)."""
     path = Path(data_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"no {MANIFEST} in {data_dir}; create the dataset with `longtrain prepare`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); re-run `longtrain prepare`") from e
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} holds a {type(manifest).__name__}, not a manifest object; re-run `longtrain prepare`")
+    return manifest
+
+
+def manifest_problems(manifest: dict, data_dir: str | os.PathLike) -> list[str]:
+    """Every way `manifest` departs from what `write_manifest` writes, one line each."""
+    path = Path(data_dir) / MANIFEST
     if manifest.get("format") != FORMAT:
-        raise DataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if not manifest.get("tokens"):
-        raise DataError(f"the dataset in {data_dir} is empty (0 tokens); prepare it from non-empty inputs")
+        return [f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}"]
+    tok, shards, out = manifest.get("tokenizer"), manifest.get("shards"), []
+    if not isinstance(tok, dict) or not all(_is_int(tok.get(k)) for k in ("vocab_size", "eos_id")):
+        out.append(f"{path}: 'tokenizer' needs integer 'vocab_size' and 'eos_id'; re-run `longtrain prepare`")
+    if shards == []:
+        return out + [f"the dataset in {data_dir} is empty (no shards); prepare it from non-empty inputs"]
+    if not isinstance(shards, list):
+        return out + [f"{path}: 'shards' must be a list; re-run `longtrain prepare`"]
+    for i, e in enumerate(shards):
+        bad = [k for k, t in SHARD_FIELDS.items() if not isinstance(e, dict) or not _is(e.get(k), t)]
+        if bad:
+            out.append(f"{path}: shards[{i}] lacks a valid {', '.join(bad)}; re-run `longtrain prepare`")
+        elif Path(e["file"]).name != e["file"] or e["file"] in (".", ".."):
+            out.append(f"{path}: shards[{i}] file {e['file']!r} is not a plain file name in the dataset folder")
+    if out:
+        return out
+    names = [e["file"] for e in shards]
+    if len(set(names)) != len(names):
+        out.append(f"{path} lists a shard file twice; re-run `longtrain prepare`")
+    for key in ("documents", "tokens"):
+        if manifest.get(key) != sum(e[key] for e in shards):
+            out.append(f"{path}: total {key} {manifest.get(key)!r} is not the sum over its shards")
+    if not out and not manifest["tokens"]:
+        out.append(f"the dataset in {data_dir} is empty (0 tokens); prepare it from non-empty inputs")
+    return out
+
+
+def _is(value, t: type) -> bool:
+    return _is_int(value) if t is int else isinstance(value, t)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The validated manifest; a malformed one fails here with its first problem, not later as a
+    KeyError deep in the loader."""
+    manifest = load_manifest(data_dir)
+    problems = manifest_problems(manifest, data_dir)
+    if len(problems) > 1:
+        problems[0] += f" (and {len(problems) - 1} more; `longtrain check-data {data_dir}` lists them)"
+    if problems:
+        raise DataError(problems[0])
     return manifest
 
 
 def open_dataset(data_dir: str | os.PathLike, verify_checksum: bool = False) -> tuple[dict, list[Shard]]:
-    """Manifest and memory-mapped shards, validated (sizes, schema, counts, token range)."""
+    """Manifest and memory-mapped shards, validated (sizes, schema, counts, token range) and, with
+    `verify_checksum` (what `PackedLoader` does), SHA-256-verified through the stamp cache."""
     manifest = read_manifest(data_dir)
     vocab = int(manifest["tokenizer"]["vocab_size"])
-    shards = [open_shard(Path(data_dir) / e["file"], e, vocab, verify_checksum) for e in manifest["shards"]]
+    stamps = StampCache(data_dir) if verify_checksum else None
+    try:
+        shards = [open_shard(Path(data_dir) / e["file"], e, vocab, verify_checksum, stamps)
+                  for e in manifest["shards"]]
+    finally:  # shards verified before a failure need no rehash once the bad one is fixed
+        if stamps is not None:
+            stamps.save()
     return manifest, shards
 
 

@@ -2,6 +2,7 @@
 
     longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
     longtrain prepare INPUTS --out DIR      text / JSONL / Parquet / 'stdlib' -> Arrow token shards
+    longtrain check-data DIR [--quick]      verify a prepared dataset: manifest, sizes, SHA-256, contents
     longtrain train CONFIG [--set k=v]      train (embedded Ray, a cluster, torchrun/srun, or local ranks;
                                             resumes from the last valid checkpoint)
     longtrain eval CONFIG [--batches N]     held-out loss / accuracy of the run's newest checkpoint
@@ -41,6 +42,12 @@ def _prepare(argv: list[str]) -> int:
     return main(argv)
 
 
+def _check_data(argv: list[str]) -> int:
+    from longtrain.data.check import main
+
+    return main(argv)
+
+
 def _train(argv: list[str]) -> int:
     from .train_cli import main
 
@@ -53,7 +60,8 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare, "train": _train, "eval": _eval}
+COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare, "check-data": _check_data, "train": _train,
+            "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,3 +142,189 @@ def test_a_long_document_does_not_fill_consecutive_steps(tmp_path):
     assert sum(from_long) >= 50  # the long document is still there, whole
     longest_run = max(len(run) for run in "".join("L" if x else "." for x in from_long).split("."))
     assert longest_run <= 10, longest_run
+
+
+# ---------------------------------------------------------------- checksum verification on open
+import longtrain.data.shards as shards_mod  # noqa: E402
+from longtrain.launch.cli import main as cli_main  # noqa: E402
+
+
+def _age(corpus, seconds=3600):
+    """Make the shards look prepared an hour ago: stamps are recorded only for files whose
+    mtime is older than the racy window (a fresh file might still change in the same tick)."""
+    for f in corpus.glob("*.arrow"):
+        t = f.stat().st_mtime_ns - seconds * 10**9
+        os.utime(f, ns=(t, t))
+
+
+def _flip_byte(path):
+    """Change one byte in the middle of the token values, in place: same size, still valid Arrow,
+    every token still inside the vocabulary (the low byte of a uint16 id: Arrow buffers are
+    8-byte aligned), so only the checksum can tell."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2 & ~1)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+
+
+@pytest.fixture()
+def hashes(monkeypatch):
+    """Counts full SHA-256 computations of shards."""
+    calls = []
+    real = shards_mod.sha256_file
+    monkeypatch.setattr(shards_mod, "sha256_file", lambda p: calls.append(p.name) or real(p))
+    return calls
+
+
+def test_a_shard_changed_in_place_is_refused_at_open(corpus):
+    PackedLoader(corpus, seq_len=32, batch_size=2)  # verified (too fresh to be stamped: see _age)
+    shard = sorted(corpus.glob("*.arrow"))[1]
+    _flip_byte(shard)  # within the same timestamp tick as the verification, most likely
+    with pytest.raises(DataError, match=f"{shard.name} does not match its SHA-256 checksum.*restore the file"):
+        PackedLoader(corpus, seq_len=32, batch_size=2)
+
+    _age(corpus)
+    fresh = corpus.parent / "fresh"
+    prepare([str(corpus.parent / "src")], str(fresh), shard_tokens=800)
+    _age(fresh)
+    PackedLoader(fresh, seq_len=32, batch_size=2)  # verified and stamped
+    _flip_byte(fresh / shard.name)  # a later edit: new mtime, the stamp no longer vouches
+    with pytest.raises(DataError, match=f"{shard.name} does not match its SHA-256 checksum"):
+        PackedLoader(fresh, seq_len=32, batch_size=2)
+
+
+def test_a_truncated_shard_is_refused_with_the_fix(corpus):
+    _age(corpus)
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    shard = sorted(corpus.glob("*.arrow"))[0]
+    size = shard.stat().st_size
+    os.truncate(shard, size - 10)
+    with pytest.raises(DataError, match=f"{shard.name} is {size - 10} bytes but the manifest says {size}.*"
+                                        "re-run prepare, or restore the file"):
+        PackedLoader(corpus, seq_len=32, batch_size=2)
+
+
+def test_an_unchanged_dataset_is_hashed_once(corpus, hashes):
+    n = len(list(corpus.glob("*.arrow")))
+    _age(corpus)
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    assert len(hashes) == n
+    PackedLoader(corpus, seq_len=32, batch_size=2, dp_rank=1, dp_size=2)
+    assert len(hashes) == n  # the second open (another rank, another run) hashes nothing
+    stamps = json.loads((corpus / ".verified.json").read_text())
+    assert sorted(stamps["shards"]) == sorted(f.name for f in corpus.glob("*.arrow"))
+
+
+def test_a_touched_shard_is_rehashed_once(corpus, hashes):
+    _age(corpus)
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    hashes.clear()
+    shard = sorted(corpus.glob("*.arrow"))[0]
+    t = shard.stat().st_mtime_ns - 10**9
+    os.utime(shard, ns=(t, t))  # same content, new times
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    assert hashes == [shard.name]
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    assert hashes == [shard.name]
+
+
+def test_a_corrupt_stamp_cache_means_rehash_not_error(corpus, hashes):
+    n = len(list(corpus.glob("*.arrow")))
+    _age(corpus)
+    for junk in (b"{not json", b"\xff\xfe", b'{"format": "longtrain-verified-v1", "shards": [1]}', b"[]"):
+        (corpus / ".verified.json").write_bytes(junk)
+        hashes.clear()
+        PackedLoader(corpus, seq_len=32, batch_size=2)
+        assert len(hashes) == n
+    hashes.clear()
+    PackedLoader(corpus, seq_len=32, batch_size=2)  # the cache was rewritten whole
+    assert hashes == []
+
+
+def test_concurrent_opens_leave_a_whole_cache(corpus):
+    import threading
+
+    _age(corpus)
+    errors = []
+
+    def open_one():
+        try:
+            open_dataset(corpus, verify_checksum=True)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    stamps = json.loads((corpus / ".verified.json").read_text())
+    assert sorted(stamps["shards"]) == sorted(f.name for f in corpus.glob("*.arrow"))
+    assert not list(corpus.glob(".verified.json.*"))  # no temporary files left behind
+
+
+def test_a_read_only_dataset_still_verifies(corpus, hashes):
+    n = len(list(corpus.glob("*.arrow")))
+    _age(corpus)
+    os.chmod(corpus, 0o555)
+    try:
+        if os.access(corpus, os.W_OK):
+            pytest.skip("running as root: chmod does not make the folder read-only")
+        PackedLoader(corpus, seq_len=32, batch_size=2)
+        PackedLoader(corpus, seq_len=32, batch_size=2)
+        assert len(hashes) == 2 * n  # no cache can be kept: every open hashes
+        assert not (corpus / ".verified.json").exists()
+        shard = sorted(corpus.glob("*.arrow"))[0]
+        _flip_byte(shard)
+        with pytest.raises(DataError, match=f"{shard.name} does not match its SHA-256 checksum"):
+            PackedLoader(corpus, seq_len=32, batch_size=2)
+    finally:
+        os.chmod(corpus, 0o755)
+
+
+def test_an_unwritable_cache_falls_back_to_hashing(corpus, hashes, monkeypatch):
+    """The same fallback as the read-only folder, where chmod cannot make one (root)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shards_mod.tempfile, "mkstemp", refuse)
+    n = len(list(corpus.glob("*.arrow")))
+    _age(corpus)
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    PackedLoader(corpus, seq_len=32, batch_size=2)
+    assert len(hashes) == 2 * n and not (corpus / ".verified.json").exists()
+
+
+def test_check_data_command(corpus, capsys, hashes):
+    files = sorted(f.name for f in corpus.glob("*.arrow"))
+    _age(corpus)
+    assert cli_main(["check-data", str(corpus)]) == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in files) and "all verified (full SHA-256)" in out
+    assert len(hashes) == len(files)
+    assert cli_main(["check-data", str(corpus)]) == 0  # a full check always hashes
+    assert len(hashes) == 2 * len(files)
+    assert cli_main(["check-data", str(corpus), "--quick"]) == 0  # --quick trusts the stamps it left
+    assert len(hashes) == 2 * len(files)
+
+    _flip_byte(corpus / files[1])
+    os.truncate(corpus / files[2], 100)
+    capsys.readouterr()
+    assert cli_main(["check-data", str(corpus), "--quick"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "2 problem(s)" in err[-1]
+    assert files[1] in err[0] and "checksum" in err[0] and files[2] in err[1] and "bytes" in err[1]
+
+    m = json.loads((corpus / "manifest.json").read_text())
+    del m["shards"][0]["sha256"]
+    m["shards"][1]["file"] = "../elsewhere.arrow"
+    (corpus / "manifest.json").write_text(json.dumps(m))
+    assert cli_main(["check-data", str(corpus)]) == 1
+    err = capsys.readouterr().err
+    assert "shards[0] lacks a valid sha256" in err and "not a plain file name" in err and "Traceback" not in err
+    assert cli_main(["check-data", str(corpus / "nowhere")]) == 2
+    with pytest.raises(SystemExit) as e:
+        cli_main(["check-data"])
+    assert e.value.code == 2
