@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .shards import STAMPS, DataError, StampCache, load_manifest, manifest_problems, open_shard
+from .shards import DataError, StampCache, load_manifest, manifest_problems, open_shard
 
 PROG = "longtrain check-data"
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].split(": ", 1)[1])
     ap.add_argument("dir", help="dataset folder written by `longtrain prepare --out DIR`")
     ap.add_argument("--quick", action="store_true",
-                    help=f"skip the SHA-256 of shards whose size and times match their stamp in DIR/{STAMPS}")
+                    help="skip the SHA-256 of shards whose size and times match the stamp of their last good hash")
     args = ap.parse_args(argv)
     data_dir = Path(args.dir)
     if not data_dir.is_dir():

@@ -10,8 +10,9 @@ swapped or produced by another tokenizer is caught before training starts.
 Checksums are verified on every open that training does (`PackedLoader`), on every rank, so
 verification must be cheap: the size is compared always, and the full SHA-256 is computed only
 when a shard's (size, mtime_ns, ctime_ns) differ from the stamp recorded after its last
-successful hash in `<dir>/.verified.json` (see `StampCache`). ctime is in the stamp because an
-edit that restores the old mtime (``cp -p``, ``touch -r``) cannot restore ctime.
+successful hash (see `StampCache`). ctime is in the stamp because an edit that restores the old
+mtime (``cp -p``, ``touch -r``) cannot restore ctime. The stamps live in the user's cache folder
+(`stamp_path`), never in the dataset's: training reads a dataset and writes nothing into it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import pyarrow as pa
 
 FORMAT = "longtrain-shards-v1"
 MANIFEST = "manifest.json"
-STAMPS = ".verified.json"
 STAMPS_FORMAT = "longtrain-verified-v1"
 RACY_NS = 2_000_000_000  # a stamp is recorded only for files last modified at least this long ago
 CHANGED = "the shard changed since `longtrain prepare` wrote it: re-run prepare, or restore the file"
@@ -97,6 +97,14 @@ class Shard:
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
 
+def stamp_path(data_dir: str | os.PathLike) -> Path:
+    """This user's stamp cache for a dataset folder: $XDG_CACHE_HOME (or ~/.cache)/longtrain/
+    verified/<hash of the folder's absolute path>.json."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:24]
+    return base / "longtrain" / "verified" / f"{key}.json"
+
+
 class StampCache:
     """Which shards were hashed and found intact, keyed by what changes when a file is edited.
 
@@ -104,14 +112,14 @@ class StampCache:
     not hashed again. The cache is advisory: unreadable or malformed means "nothing verified"
     (everything is rehashed), never an error. Ranks opening the dataset at once each write the
     whole cache to a temporary name and rename it into place, merged with what is on disk just
-    before, so a reader never sees a half-written file and a lost race costs one rehash. A
-    dataset folder that cannot be written keeps no cache: its shards are hashed on every open.
+    before, so a reader never sees a half-written file and a lost race costs one rehash. Where
+    no cache can be written, the shards are hashed on every open.
     A file modified within RACY_NS of its hash gets no stamp, because a second edit inside the
     same timestamp tick would leave the stamp unchanged (git's "racy clean" problem).
     """
 
     def __init__(self, data_dir: str | os.PathLike, trust: bool = True):
-        self.path = Path(data_dir) / STAMPS
+        self.path = stamp_path(data_dir)
         self.trust = trust  # False: hash every shard (check-data), but still record the stamps
         self.stamps = self._read() if trust else {}
         self.new: dict[str, dict] = {}
@@ -142,8 +150,8 @@ class StampCache:
         shards = {**self._read(), **self.new}
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=STAMPS + ".", suffix=".tmp", dir=self.path.parent)
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the cache from the dataset's other users
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             with os.fdopen(fd, "w") as f:
                 json.dump({"format": STAMPS_FORMAT, "shards": shards}, f, indent=1)
             os.replace(tmp, self.path)

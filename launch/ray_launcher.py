@@ -21,6 +21,7 @@ import ray
 
 from longtrain.data.shards import DataError
 
+from .failures import RankFailure, capture
 from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
 
@@ -55,7 +56,8 @@ class RankActor:
         torch.set_num_threads(self.threads)
         init_distributed(cfg.device)
         try:
-            return train_rank(cfg, log=print if self.rank == 0 else (lambda *_: None), stop_at=stop_at)
+            log = print if self.rank == 0 else (lambda *_: None)
+            return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at)  # user errors as values
         finally:
             torch.distributed.destroy_process_group()
 
@@ -123,7 +125,11 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 pending = list(refs)
                 while pending:  # the first failure stops everyone; nobody waits in a collective
                     done, pending = ray.wait(pending, num_returns=1)
-                    ray.get(done)
+                    failure = ray.get(done[0])
+                    if isinstance(failure, RankFailure):  # a user error: said once, not retried
+                        for a in actors:
+                            ray.kill(a, no_restart=True)
+                        raise failure
                 return ray.get(refs[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 for a in actors:

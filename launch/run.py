@@ -77,7 +77,10 @@ def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> d
 def preflight(cfg: TrainConfig) -> None:
     """Before any process starts: this run's checkpoints (if any) must include a usable one
     that belongs to this model and data, and an `init_from` checkpoint must fit the model.
-    File reads only (sizes, not checksums: the ranks verify those when they resume)."""
+    File reads only (sizes, not checksums: the ranks verify those when they resume). The data
+    is opened as the ranks will open it (shards verified, enough tokens for a global batch, a
+    vocabulary the model holds), so a data problem is said here once, not by every rank."""
+    _check_data(cfg)
     found = ckpt.newest_usable(cfg.checkpoint_root, quick=True)
     if found is not None:
         identity.check(ckpt.saved_identity(found), cfg, cfg.checkpoint_root)
@@ -86,6 +89,20 @@ def preflight(cfg: TrainConfig) -> None:
         path = path if (path / ckpt.MARKER).exists() else ckpt.newest_usable(path, quick=True)
         if path is not None:
             identity.check(ckpt.saved_identity(path), cfg, str(path), resume=False)
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    if cfg.data.source != "shards":
+        return
+    from longtrain.data.loader import PackedLoader
+
+    d = cfg.data
+    paths = [d.path] + ([d.eval_path or d.path] if cfg.eval_every else [])
+    for path in dict.fromkeys(paths):
+        loader = PackedLoader(path, d.seq_len, d.batch_size, seed=d.seed, dp_size=cfg.parallel.dp)
+        if loader.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"the data in {path} has {loader.vocab_size} token ids but model.vocab_size is "
+                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of tp)")
 
 
 def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None:

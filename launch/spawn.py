@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
+from .failures import RankFailure
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,8 +32,10 @@ def _entry(rank: int, world: int, port: int, threads: int, device_type: str, fn,
     from .dist_env import init_distributed
 
     init_distributed(device_type)
+    from .failures import capture
+
     try:
-        results.put((rank, fn(*args)))
+        results.put((rank, capture(rank, fn, *args)))  # a user error comes back as a RankFailure
     finally:
         torch.distributed.destroy_process_group()
 
@@ -39,8 +43,8 @@ def _entry(rank: int, world: int, port: int, threads: int, device_type: str, fn,
 def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None,
                 device_type: str = "cpu") -> list[Any]:
     """Call `fn(*args)` on `world` ranks of this machine (gloo on "cpu", NCCL on "cuda", rank r
-    on GPU r); return the per-rank results in rank order. If any rank dies, the others are
-    stopped and the failure is raised here."""
+    on GPU r); return the per-rank results in rank order. If any rank dies, or reports a user
+    error (`failures.RankFailure`), the others are stopped at once and the failure is raised here."""
     threads = threads or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -53,6 +57,10 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
         while len(out) < world:
             try:
                 r, value = results.get(timeout=1.0)
+                if isinstance(value, RankFailure):
+                    for p in procs:  # the others would wait in their next collective
+                        p.kill()
+                    raise value
                 out[r] = value
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]

@@ -17,6 +17,7 @@ import os
 import sys
 
 from .config import ConfigError, load_tree
+from .failures import RankFailure
 from .train_config import TrainConfig, expand_stages
 
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = cfg.resolved()
                     spawn_local(_rank_main, world, cfg, device_type=cfg.device)
         except (RuntimeError, ValueError, FileNotFoundError) as e:
-            print(f"longtrain train: {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            what = str(e) if isinstance(e, RankFailure) else f"{type(e).__name__}: {e}"
+            print(f"longtrain train: {cfg.out_dir} failed: {what}", file=sys.stderr)
             return 1
         print(f"done: metrics in {cfg.out_dir}/metrics.jsonl (TensorBoard: {cfg.out_dir}/tensorboard), loss "
               f"curve {cfg.out_dir}/loss.png, checkpoints in {cfg.checkpoint_root}",

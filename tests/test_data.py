@@ -12,7 +12,7 @@ import torch
 
 from longtrain.data.loader import IGNORE, PackedLoader
 from longtrain.data.prepare import prepare
-from longtrain.data.shards import DataError, open_dataset
+from longtrain.data.shards import DataError, open_dataset, stamp_path
 from longtrain.data.tokenizer import ByteTokenizer
 
 TEXTS = [f"document number {i}: " + "abcdefghij"[i % 10] * (20 + 7 * i) for i in range(40)]
@@ -212,7 +212,7 @@ def test_an_unchanged_dataset_is_hashed_once(corpus, hashes):
     assert len(hashes) == n
     PackedLoader(corpus, seq_len=32, batch_size=2, dp_rank=1, dp_size=2)
     assert len(hashes) == n  # the second open (another rank, another run) hashes nothing
-    stamps = json.loads((corpus / ".verified.json").read_text())
+    stamps = json.loads(stamp_path(corpus).read_text())
     assert sorted(stamps["shards"]) == sorted(f.name for f in corpus.glob("*.arrow"))
 
 
@@ -233,7 +233,7 @@ def test_a_corrupt_stamp_cache_means_rehash_not_error(corpus, hashes):
     n = len(list(corpus.glob("*.arrow")))
     _age(corpus)
     for junk in (b"{not json", b"\xff\xfe", b'{"format": "longtrain-verified-v1", "shards": [1]}', b"[]"):
-        (corpus / ".verified.json").write_bytes(junk)
+        stamp_path(corpus).write_bytes(junk)
         hashes.clear()
         PackedLoader(corpus, seq_len=32, batch_size=2)
         assert len(hashes) == n
@@ -260,23 +260,24 @@ def test_concurrent_opens_leave_a_whole_cache(corpus):
     for t in threads:
         t.join()
     assert not errors
-    stamps = json.loads((corpus / ".verified.json").read_text())
+    stamps = json.loads(stamp_path(corpus).read_text())
     assert sorted(stamps["shards"]) == sorted(f.name for f in corpus.glob("*.arrow"))
-    assert not list(corpus.glob(".verified.json.*"))  # no temporary files left behind
+    assert not list(stamp_path(corpus).parent.glob("*.tmp"))  # no temporary files left behind
 
 
 def test_a_read_only_dataset_still_verifies(corpus, hashes):
+    """Training writes nothing into the dataset folder: a read-only one verifies and is cached."""
     n = len(list(corpus.glob("*.arrow")))
     _age(corpus)
+    before = sorted(p.name for p in corpus.iterdir())
     os.chmod(corpus, 0o555)
     try:
-        if os.access(corpus, os.W_OK):
-            pytest.skip("running as root: chmod does not make the folder read-only")
         PackedLoader(corpus, seq_len=32, batch_size=2)
         PackedLoader(corpus, seq_len=32, batch_size=2)
-        assert len(hashes) == 2 * n  # no cache can be kept: every open hashes
-        assert not (corpus / ".verified.json").exists()
+        assert len(hashes) == n  # hashed once, remembered in the user's cache
+        assert sorted(p.name for p in corpus.iterdir()) == before
         shard = sorted(corpus.glob("*.arrow"))[0]
+        os.chmod(corpus, 0o755)
         _flip_byte(shard)
         with pytest.raises(DataError, match=f"{shard.name} does not match its SHA-256 checksum"):
             PackedLoader(corpus, seq_len=32, batch_size=2)
@@ -285,7 +286,7 @@ def test_a_read_only_dataset_still_verifies(corpus, hashes):
 
 
 def test_an_unwritable_cache_falls_back_to_hashing(corpus, hashes, monkeypatch):
-    """The same fallback as the read-only folder, where chmod cannot make one (root)."""
+    """Where no cache can be written (a read-only home), every open hashes every shard."""
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
@@ -294,7 +295,7 @@ def test_an_unwritable_cache_falls_back_to_hashing(corpus, hashes, monkeypatch):
     _age(corpus)
     PackedLoader(corpus, seq_len=32, batch_size=2)
     PackedLoader(corpus, seq_len=32, batch_size=2)
-    assert len(hashes) == 2 * n and not (corpus / ".verified.json").exists()
+    assert len(hashes) == 2 * n and not stamp_path(corpus).exists()
 
 
 def test_check_data_command(corpus, capsys, hashes):
