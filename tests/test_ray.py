@@ -123,13 +123,15 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, runs):
 
 
 def test_bad_data_fails_at_once_without_restarts(tmp_path, ray_session, capfd):
-    """A deterministic failure (missing shards) is reported as itself, not retried."""
-    from longtrain.data.shards import DataError
+    """A deterministic failure (missing shards) is reported as itself, once, naming the rank,
+    without a traceback, and not retried."""
+    from longtrain.launch.failures import RankFailure
     from longtrain.launch.ray_launcher import launch
 
-    with pytest.raises(DataError, match="manifest"):
+    with pytest.raises(RankFailure, match=r"rank \d: DataError: .*manifest"):
         launch(_cfg(str(tmp_path / "no_data"), tmp_path / "out", 2), max_restarts=3)
-    assert "restarting all ranks" not in capfd.readouterr().out
+    out = capfd.readouterr()
+    assert "restarting all ranks" not in out.out and "Traceback" not in out.out + out.err
 
 
 def test_layout_larger_than_the_cluster_is_refused_before_any_actor(tmp_path, ray_session):
