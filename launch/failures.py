@@ -5,7 +5,7 @@ nan_policy="raise") fails the same way on every restart and on several ranks at 
 that hits it does not print a traceback: it hands the launcher a `RankFailure` (which rank,
 which error, the message), the launcher stops the other ranks at once (they would wait in
 their next collective) and reports that one line. Anything else is a bug or a crash and keeps
-its traceback. `debug=True` prints the traceback of user errors too.
+its traceback. `debug=True` (`longtrain train --debug`) prints the traceback of user errors too.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class RankActor:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def run(self, cfg: TrainConfig, master: tuple[str, int], stop_at: int | None = None) -> list[dict]:
+    def run(self, cfg: TrainConfig, master: tuple[str, int], stop_at: int | None = None,
+            debug: bool = False) -> list[dict]:
         import torch
 
         from .dist_env import init_distributed
@@ -57,7 +58,7 @@ class RankActor:
         init_distributed(cfg.device)
         try:
             log = print if self.rank == 0 else (lambda *_: None)
-            return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at)  # user errors as values
+            return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at, debug=debug)  # user errors as values
         finally:
             torch.distributed.destroy_process_group()
 
@@ -84,7 +85,7 @@ def _check_fits(world: int, local: int, kind: str) -> None:
                            f"{kind}s; add nodes or {kind}s, or shrink the layout")
 
 
-def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3,
+def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
            stop_at: int | None = None, on_start=None) -> list[dict]:
     """Run the job on Ray; returns rank 0's metric rows of the last (successful) attempt.
     `on_start(actors)` is called after each start (tests use it to kill a worker)."""
@@ -118,7 +119,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 names = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
                 print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(nodes)),
                       flush=True)
-            refs = [a.run.remote(cfg, master, stop_at) for a in actors]
+            refs = [a.run.remote(cfg, master, stop_at, debug) for a in actors]
             if on_start is not None:
                 on_start(actors, attempt)
             try:

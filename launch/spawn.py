@@ -24,7 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, threads: int, device_type: str, fn, args, results) -> None:
+def _entry(rank: int, world: int, port: int, threads: int, device_type: str, debug: bool, fn, args,
+           results) -> None:
     # all ranks on this machine: the local index is the rank (device.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LOCAL_RANK=str(rank))
@@ -35,13 +36,13 @@ def _entry(rank: int, world: int, port: int, threads: int, device_type: str, fn,
     from .failures import capture
 
     try:
-        results.put((rank, capture(rank, fn, *args)))  # a user error comes back as a RankFailure
+        results.put((rank, capture(rank, fn, *args, debug=debug)))  # a user error comes back as a RankFailure
     finally:
         torch.distributed.destroy_process_group()
 
 
 def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None,
-                device_type: str = "cpu") -> list[Any]:
+                device_type: str = "cpu", debug: bool = False) -> list[Any]:
     """Call `fn(*args)` on `world` ranks of this machine (gloo on "cpu", NCCL on "cuda", rank r
     on GPU r); return the per-rank results in rank order. If any rank dies, or reports a user
     error (`failures.RankFailure`), the others are stopped at once and the failure is raised here."""
@@ -49,7 +50,7 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, fn, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, debug, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}

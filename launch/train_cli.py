@@ -17,7 +17,7 @@ import os
 import sys
 
 from .config import ConfigError, load_tree
-from .failures import RankFailure
+from .failures import RankFailure, capture
 from .train_config import TrainConfig, expand_stages
 
 
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ray (default), local processes, or env (one rank under torchrun / srun)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     ap.add_argument("--max-restarts", type=int, default=3, help="worker failures tolerated (Ray)")
+    ap.add_argument("--debug", action="store_true",
+                    help="also print the traceback of errors in the input (data, config, checkpoint) raised in a rank")
     args = ap.parse_args(argv)
     try:
         runs = expand_stages(load_tree(args.config, args.overrides))
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longtrain train: {e}", file=sys.stderr)
         return 2
     if args.launcher == "env":
-        return _env_rank(runs)
+        return _env_rank(runs, args.debug)
     for i, cfg in enumerate(runs):
         world = cfg.parallel.world_size
         stage = f" [run {i + 1} of {len(runs)}: {cfg.out_dir}]" if len(runs) > 1 else ""
@@ -59,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.launcher == "ray":
                     from .ray_launcher import launch
 
-                    launch(cfg, address=args.address, max_restarts=args.max_restarts)
+                    launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug)
                 else:
                     from .spawn import spawn_local
 
                     cfg = cfg.resolved()
-                    spawn_local(_rank_main, world, cfg, device_type=cfg.device)
+                    spawn_local(_rank_main, world, cfg, device_type=cfg.device, debug=args.debug)
         except (RuntimeError, ValueError, FileNotFoundError) as e:
             what = str(e) if isinstance(e, RankFailure) else f"{type(e).__name__}: {e}"
             print(f"longtrain train: {cfg.out_dir} failed: {what}", file=sys.stderr)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _env_rank(runs: list[TrainConfig]) -> int:
+def _env_rank(runs: list[TrainConfig], debug: bool = False) -> int:
     """This process as one rank of a torchrun / srun job, running every stage in turn. The
     world size is checked against each layout before the process group (and so any
     collective) exists."""
@@ -99,7 +101,10 @@ def _env_rank(runs: list[TrainConfig]) -> int:
         from .run import train_rank
 
         for cfg in runs:
-            train_rank(cfg, log=print if rank == 0 else (lambda *_: None))
+            out = capture(rank, train_rank, cfg, log=print if rank == 0 else (lambda *_: None), debug=debug)
+            if isinstance(out, RankFailure):  # one line from this rank; torchrun / srun stop the others
+                print(f"longtrain train: {cfg.out_dir} failed: {out}", file=sys.stderr, flush=True)
+                return 1
     finally:
         torch.distributed.destroy_process_group()
     return 0

@@ -114,3 +114,19 @@ def test_a_failed_prepare_leaves_nothing_and_overwrite_replaces(tmp_path, capsys
     assert main(["prepare", str(src), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
     assert tree_hash(tmp_path / "out") != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_a_user_error_in_a_rank_is_a_value_with_its_traceback_only_on_debug(capsys):
+    from longtrain.data.shards import DataError
+    from longtrain.launch.failures import RankFailure, capture
+
+    def bad():
+        raise DataError("shard x is truncated")
+
+    out = capture(3, bad)
+    assert isinstance(out, RankFailure) and str(out) == "rank 3: DataError: shard x is truncated"
+    assert "Traceback" not in capsys.readouterr().err
+    capture(3, bad, debug=True)
+    assert "Traceback" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # a bug is not a user error: it keeps its traceback
+        capture(0, lambda: 1 / 0)
