@@ -66,6 +66,8 @@ def _typed(value, hint, key: str):
     """`value` checked against the field's annotation (int, float, str, bool, X | None,
     tuple[str, ...], dict), with an int accepted for a float; ConfigError naming the key."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):  # a table was expected (tables themselves are built by `build`)
+        raise ConfigError(f"{key} must be a table of settings, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -5,8 +5,8 @@ again on every rank at resume), the run's config is compared with its newest che
 resuming a different model (n_heads 4 -> 8 with the same shapes loads silently and trains
 another function) or on other data (the sample order would continue on different documents)
 is refused, naming the fields, with the two ways forward. Fields that change how the model is
-computed but not what it computes (loss and MLP chunking, activation checkpointing, activation
-quantization) may change on resume; a start from another run's weights (`init_from`, e.g. a
+computed or trained but not what it computes (loss and MLP chunking, activation checkpointing,
+activation quantization, balance-loss coefficients, the init scale) may change on resume; a start from another run's weights (`init_from`, e.g. a
 context extension) needs only the parameter shapes to match.
 """
 
@@ -17,8 +17,10 @@ import hashlib
 import json
 from pathlib import Path
 
-# how the model is computed, not what: free to change between a save and a resume
-EXECUTION = ("loss_chunk", "mlp_chunk", "checkpoint", "act_quant")
+# how the model is computed or trained, not what it computes: free to change on resume
+# (a whole section by its name, or one field by its dotted key)
+EXECUTION = ("loss_chunk", "mlp_chunk", "checkpoint", "act_quant", "init_std", "moe.aux_loss_coef",
+             "moe.z_loss_coef", "moe.bias_update_rate", "moh.balance_coef")
 # what decides the parameters' shapes: must match for init_from
 SHAPES = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "moe.num_experts",
           "moe.expert_hidden", "moe.shared_expert", "moe.every", "moe", "moh", "moh.shared_heads")
@@ -59,8 +61,8 @@ def differences(saved: dict, mine: dict, resume: bool) -> list[str]:
     out = []
     old, new = _flat(saved.get("model", {})), _flat(mine["model"])
     for key in sorted(set(old) | set(new)):
-        top = key.split(".")[0]
-        relevant = top not in EXECUTION if resume else key in SHAPES
+        free = key in EXECUTION or key.split(".")[0] in EXECUTION
+        relevant = not free if resume else key in SHAPES
         if relevant and old.get(key) != new.get(key):
             out.append(f"model.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
     if resume and "data" in saved:

@@ -63,6 +63,7 @@ CASES = [
     ("lr=nan", _train("optim.lr=nan"), 2, "lr=nan must be finite and > 0"),
     ("lr=-1", _train("optim.lr=-1"), 2, "lr=-1.0 must be finite and > 0"),
     ("window=0", _train("model.window=0"), 2, "window=0 must be positive"),
+    ("moe=true", _train("model.moe=true"), 2, "model.moe must be a table of settings, got True"),
     ("beta2=1.5", _train("optim.beta2=1.5"), 2, "beta2=1.5 must be in [0, 1)"),
     ("seq_len vs ring", _train("parallel.cp_ring=2", "data.seq_len=66"), 2, "data.seq_len=66 must be divisible by 4"),
     ("n_heads changed on resume", _train("model.n_heads=8"), 2, "model.n_heads: checkpoint 4, config 8"),
@@ -130,3 +131,15 @@ def test_a_user_error_in_a_rank_is_a_value_with_its_traceback_only_on_debug(caps
     assert "Traceback" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # a bug is not a user error: it keeps its traceback
         capture(0, lambda: 1 / 0)
+
+
+def test_resume_may_change_how_the_model_is_computed(work, tmp_path):
+    """Chunking, activation checkpointing, activation quantization and the balance-loss
+    coefficients change how the model is computed or trained, not what: a resume accepts them."""
+    root, base = work
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    argv = ["train", "--launcher", "local", *_sets(base + [f"out_dir={run}", "steps=3", 'model.checkpoint="selective"',
+                                                           "model.loss_chunk=16", 'model.act_quant.dtype="int8"'])]
+    assert main(argv) == 0
+    assert (run / "checkpoints" / "step-00000003").is_dir()
