@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from .failures import RankFailure
+from .failures import RankFailure, capture
 
 
 def free_port() -> int:
@@ -33,8 +33,6 @@ def _entry(rank: int, world: int, port: int, threads: int, device_type: str, deb
     from .dist_env import init_distributed
 
     init_distributed(device_type)
-    from .failures import capture
-
     try:
         results.put((rank, capture(rank, fn, *args, debug=debug)))  # a user error comes back as a RankFailure
     finally:

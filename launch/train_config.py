@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from longtrain.models.config import ModelConfig
+from longtrain.parallel.attention.layout import sequence_divisor
 from longtrain.parallel.mesh import ParallelDims
 
 from .device import DEVICES, job_device_type
@@ -138,7 +139,7 @@ class TrainConfig:
         Ulysses cp_ulysses slices of each, and TP sequence parallel tp slices of a rank's share."""
         p = self.parallel
         tp_split = p.tp if self.sequence_parallel and p.tp > 1 else 1
-        need = (2 * p.cp_ring if p.cp_ring > 1 else 1) * p.cp_ulysses * tp_split
+        need = sequence_divisor(p.cp_ring, p.cp_ulysses) * tp_split  # the model's zigzag layout
         if self.data.seq_len % need == 0:
             return []
         parts = ([f"2 x cp_ring={p.cp_ring}"] if p.cp_ring > 1 else []) + \

@@ -170,7 +170,7 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         self.last = MoEStats(load=load, dropped=dropped, aux_loss=aux.detach(), z_loss=z.detach())
-        if self.training and torch.is_grad_enabled() and not _recomputing():
+        if self.cfg.expert_bias and self.training and torch.is_grad_enabled() and not _recomputing():
             self.step_load = load.detach() if self.step_load is None else self.step_load + load.detach()
         return out, cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
 

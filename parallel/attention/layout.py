@@ -17,11 +17,17 @@ from ..comm import gather_along, group_rank, group_size
 from .blocks import LAYOUTS, ring_segments
 
 
-def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str = "zigzag") -> None:
+def sequence_divisor(ring: int, ulysses: int, layout: str = "zigzag") -> int:
+    """What a sequence length must be a multiple of to split over ring x Ulysses: the zigzag
+    ring cuts 2 x cp_ring chunks, Ulysses splits each ring rank's share cp_ulysses ways."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sequence layout {layout!r}; use one of {LAYOUTS}")
+    return (2 * ring if ring > 1 and layout == "zigzag" else ring) * ulysses
+
+
+def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str = "zigzag") -> None:
+    need = sequence_divisor(ring, ulysses, layout)
     zig = ring > 1 and layout == "zigzag"
-    need = (2 * ring if zig else ring) * ulysses
     if seq_len % need:
         raise ValueError(
             f"sequence length {seq_len} must be divisible by {need} "
