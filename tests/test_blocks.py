@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tests.reference import allowed
-from longtrain.parallel.attention.blocks import (Kind, RingPlan, Segment, classify, hop_plan, plan_blocks,
+from longtrain.parallel.attention.ringplan import RingPlan
+from longtrain.parallel.attention.tiles import Tiling
+from longtrain.parallel.attention.blocks import (Block, Kind, Segment, classify, hop_plan, plan_blocks,
                                                  ring_segments)
 
 
@@ -51,6 +53,18 @@ def test_hops_grow_with_window_not_sequence():
     assert sum(hop_plan(8 * 2 * 1024, 8, True, 3000)) == 6  # three chunks back, each way
 
 
+def unband(blk: Block, kind, qd, kd):
+    """A batched block (`count` equal tiles along the diagonal) as its single tiles."""
+    if blk.count == 1:
+        return [(blk, kind, qd, kd)]
+    assert qd is None and kind is not Kind.MASKED
+    n, m = blk.rows, blk.keys
+    return [(Block(slice(blk.q.start + i * n, blk.q.start + (i + 1) * n), slice(blk.k.start + i * n,
+                                                                              blk.k.start + i * n + m),
+                   kind, blk.q_start + i * n, blk.k_start + i * n, blk.b), kind, None, None)
+            for i in range(blk.count)]
+
+
 def implied_mask(plan: RingPlan, src: int, causal, window, doc):
     """[b, s_local, s_local] mask that the planned blocks of `plan` against `src` compute."""
     def positions(r):
@@ -58,35 +72,40 @@ def implied_mask(plan: RingPlan, src: int, causal, window, doc):
 
     qpos, kpos = positions(plan.rank), positions(src)
     m = torch.zeros(doc.shape[0], len(qpos), len(kpos), dtype=torch.bool)
-    for blk, kind, qd, kd in plan.blocks(causal, window)[src]:
+    for blk, kind, qd, kd in (x for entry in plan.blocks(causal, window)[src] for x in unband(*entry)):
         qp, kp = qpos[blk.q], kpos[blk.k]
-        assert not m[:, blk.q, blk.k].any(), "blocks overlap"
+        assert not m[blk.b, blk.q, blk.k].any(), "blocks overlap"
         if kind is Kind.FULL:
             sub = torch.ones(len(qp), len(kp), dtype=torch.bool)[None]
         elif kind is Kind.CAUSAL:
             sub = torch.ones(len(qp), len(kp), dtype=torch.bool).tril()[None]
+        elif kind is Kind.ANTI:
+            sub = torch.ones(len(qp), len(kp), dtype=torch.bool).triu()[None]
         else:
             assert kind is Kind.MASKED
-            if qd is not None:  # the kernel takes positions from the block start, docs from qd/kd
-                assert torch.equal(qp, torch.arange(blk.q_start, blk.q_start + len(qp)))
-                assert torch.equal(qd, doc[:, qp]) and torch.equal(kd, doc[:, kp])
+            # the kernel takes positions from the block start, docs from qd/kd
+            assert torch.equal(qp, torch.arange(blk.q_start, blk.q_start + len(qp)))
+            assert torch.equal(kp, torch.arange(blk.k_start, blk.k_start + len(kp)))
+            if qd is not None:
+                assert torch.equal(qd, doc[blk.b][:, qp]) and torch.equal(kd, doc[blk.b][:, kp])
             sub = allowed(qp, kp, causal, window)[None]
             if qd is not None:
                 sub = sub & (qd[:, :, None] == kd[:, None, :])
-        m[:, blk.q, blk.k] = sub
+        m[blk.b, blk.q, blk.k] = sub
     return m, qpos, kpos
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("with_docs", [True, False], ids=["docs", "positions"])
-def test_ring_plan_blocks_are_exact_for_every_mask(layout, with_docs):
+@pytest.mark.parametrize("tiling", [Tiling(), Tiling(band_max=8, leaf=2, group_span=6)], ids=["default", "small"])
+def test_ring_plan_blocks_are_exact_for_every_mask(layout, with_docs, tiling):
     """One plan serves any (causal, window): the blocks it lists compute exactly the mask."""
     size, seq, b = 4, 64, 2
     g = torch.Generator().manual_seed(0)
     doc = torch.sort(torch.randint(0, 5, (b, seq), generator=g), dim=1).values
     doc[1] = torch.randint(0, 3, (seq,), generator=g)  # unsorted ids too: documents may interleave
     for rank in range(size):
-        plan = RingPlan(seq, size, rank, layout, doc if with_docs else None)
+        plan = RingPlan(seq, size, rank, layout, doc if with_docs else None, tiling)
         for causal, window in itertools.product([True, False], [None, 1, 7, 20]):
             for src in range(size):
                 m, qpos, kpos = implied_mask(plan, src, causal, window, doc)
@@ -101,7 +120,7 @@ def test_ring_plan_skips_disjoint_documents():
     """Blocks between segments with no document in common are never listed."""
     size, seq = 2, 32
     doc = torch.arange(seq)[None] // 8  # four documents, one per zigzag chunk
-    plan = RingPlan(seq, size, 0, "zigzag", doc)
+    plan = RingPlan(seq, size, 0, "zigzag", doc, Tiling(leaf=4))
     for per_src in plan.blocks(True, None):
         for blk, kind, _, _ in per_src:
             assert blk.q_start == blk.k_start and kind is Kind.CAUSAL  # only each chunk with itself

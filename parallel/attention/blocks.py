@@ -5,10 +5,9 @@ positions (two per rank for the zigzag ring layout). A mask (causal, sliding win
 document ids) is a function of global positions, so a pair of segments is classified
 exactly as FULL (no masking), CAUSAL (identical positions, lower-triangular: the fused
 kernels' own causal flag), EMPTY (skipped, and if a whole ring hop is empty it is never
-sent), or MASKED (a partial mask: the general kernel). Since the decision uses only
-positions, any layout is computed exactly; the layout only decides the load balance.
-Document ids refine the classes; `RingPlan` does that once per batch for every segment pair,
-so the block lists of any mask are then pure Python, shared by every layer and every hop.
+sent), or MASKED (a partial mask, which `tiles` cuts into fused shapes and small leaves).
+Since the decision uses only positions, any layout is computed exactly; the layout only
+decides the load balance. Document ids refine the blocks once per batch (`ringplan.RingPlan`).
 
 Window semantics: with ``window=W`` a query at position i sees keys j with ``i - W < j``
 (W keys including itself when causal); without causal also ``j - i < W``.
@@ -18,9 +17,8 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 
 
 class Kind(enum.Enum):
@@ -28,6 +26,7 @@ class Kind(enum.Enum):
     CAUSAL = "causal"
     MASKED = "masked"
     EMPTY = "empty"
+    ANTI = "anti"  # a square whose local key >= local query: the causal kernel on reversed rows
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,9 @@ class Block:
 
     `q_start`/`k_start` are the global positions of the first row: MASKED blocks lie within
     one segment on each side, so positions there are contiguous from these starts.
+    With `count` > 1 the block is that many equal tiles computed in one batched kernel call
+    (`bands`): tile i is rows q.start + i*n .. + n against keys k.start + i*n .. + m, where
+    n = len(q) / count and m = len(k) - (count - 1) * n (the bands of a sliding window).
     """
 
     q: slice
@@ -60,6 +62,18 @@ class Block:
     kind: Kind
     q_start: int = 0
     k_start: int = 0
+    b: slice = field(default_factory=lambda: slice(None))  # batch rows (documents may differ between rows)
+    count: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Query rows per tile."""
+        return (self.q.stop - self.q.start) // self.count
+
+    @property
+    def keys(self) -> int:
+        """Keys per tile."""
+        return self.k.stop - self.k.start - (self.count - 1) * self.rows
 
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -161,91 +175,3 @@ def hop_plan(seq_len: int, ring_size: int, causal: bool, window: int | None,
         if k1 + k2 < sum(best):
             best = (k1, k2)
     return best
-
-
-@functools.lru_cache(maxsize=4096)
-def _position_blocks(seq_len: int, size: int, rank: int, src: int, causal: bool, window: int | None,
-                     layout: str, merge: bool) -> tuple[Block, ...]:
-    """`plan_blocks` of ring rank `rank` against the shard of `src`: pure, so cached across batches."""
-    return tuple(plan_blocks(ring_segments(seq_len, size, rank, layout), ring_segments(seq_len, size, src, layout),
-                             causal, window, merge))
-
-
-class _Docs(enum.Enum):
-    """How the documents of a (query segment, key segment) pair meet, in every batch row."""
-
-    SAME = "same"  # one document on both sides: the position mask alone decides
-    DISJOINT = "disjoint"  # no document in common: nothing to compute
-    MIXED = "mixed"  # some pairs match: the general kernel with document ids
-
-
-def _doc_classes(doc_full: torch.Tensor, qsegs: list[Segment], ksegs: list[Segment]) -> dict:
-    """{(q segment start, k segment start): _Docs} for every pair. Sort and binary search, all
-    on the device (no data-dependent shapes), then one host copy of all the answers: the only
-    sync of a plan."""
-    def side(seg: Segment):
-        d = doc_full[:, seg.start:seg.end].contiguous()  # [b, seg.length]
-        return d, d.amin(1), d.amax(1)
-
-    ks = [(*side(s), doc_full[:, s.start:s.end].sort(dim=1).values) for s in ksegs]
-    flags = []
-    for qd, qlo, qhi in (side(s) for s in qsegs):
-        for _, klo, khi, ksorted in ks:
-            same = ((qlo == qhi) & (klo == khi) & (qlo == klo)).all()
-            at = torch.searchsorted(ksorted, qd).clamp_(max=ksorted.shape[1] - 1)
-            meet = (ksorted.gather(1, at) == qd).any()  # some row shares a document id
-            flags.append(torch.stack([same, meet]))
-    found = torch.stack(flags).tolist() if flags else []
-    pairs = [(a.start, b.start) for a in qsegs for b in ksegs]
-    return {p: _Docs.SAME if same else (_Docs.MIXED if meet else _Docs.DISJOINT)
-            for p, (same, meet) in zip(pairs, found)}
-
-
-BlockList = list  # of (Block, Kind, q_doc [b, rows] | None, k_doc [b, rows] | None)
-
-
-class RingPlan:
-    """The blocks one ring rank computes against every shard, for any mask: built once per batch.
-
-    Ring attention visits every shard in forward and again in backward, in every layer, and the
-    blocks depend only on positions, the mask and the document ids, which all layers share.
-    Document ids are compared for every pair of segments once, up front (`_doc_classes`), so
-    the block lists of any mask (another layer's window, say) are then pure Python, cached per
-    (causal, window): no device sync and no collective per layer or per hop.
-    """
-
-    def __init__(self, seq_len: int, size: int, rank: int, layout: str = "zigzag",
-                 doc_full: torch.Tensor | None = None):
-        self.seq_len, self.size, self.rank, self.layout = seq_len, size, rank, layout
-        self.seq_local = seq_len // size
-        self.doc_full = doc_full  # [b, seq_len] in global position order, or None
-        mine = ring_segments(seq_len, size, rank, layout)
-        every = [s for r in range(size) for s in ring_segments(seq_len, size, r, layout)]
-        self._docs = None if doc_full is None else _doc_classes(doc_full, mine, every)
-        self._lists: dict[tuple[bool, int | None], tuple[BlockList, ...]] = {}
-
-    def hops(self, causal: bool, window: int | None) -> tuple[int, int]:
-        return hop_plan(self.seq_len, self.size, causal, window, self.layout)
-
-    def blocks(self, causal: bool, window: int | None) -> tuple[BlockList, ...]:
-        """Per source ring rank: (block, kind, q_doc, k_doc) for the local queries against its shard."""
-        key = (bool(causal), window)
-        if key not in self._lists:
-            self._lists[key] = tuple(self._source(src, *key) for src in range(self.size))
-        return self._lists[key]
-
-    def _source(self, src: int, causal: bool, window: int | None) -> BlockList:
-        merge = self.doc_full is None
-        blocks = _position_blocks(self.seq_len, self.size, self.rank, src, causal, window, self.layout, merge)
-        if merge:
-            return [(b, b.kind, None, None) for b in blocks]
-        out = []
-        for b in blocks:  # unmerged: one segment on each side, starting at b.q_start / b.k_start
-            docs = self._docs[b.q_start, b.k_start]
-            if docs is _Docs.DISJOINT:
-                continue
-            kind = b.kind if docs is _Docs.SAME else Kind.MASKED
-            qd = self.doc_full[:, b.q_start:b.q_start + b.q.stop - b.q.start]  # views, no copy
-            kd = self.doc_full[:, b.k_start:b.k_start + b.k.stop - b.k.start]
-            out.append((b, kind, qd, kd))
-        return out

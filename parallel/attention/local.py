@@ -6,10 +6,11 @@ scores and the merge is done in fp32 (accumulating in bf16 drifts as the ring gr
 
 Kernels, chosen per block by capability:
 - ``fused_cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (FULL / CAUSAL blocks
-  on CPU), whose backward takes the *global* out and lse, as the ring needs;
+  on CPU, and ANTI squares as causal squares of reversed rows), whose backward takes the
+  *global* out and lse, as the ring needs;
 - ``flash``: flash-attn's forward/backward (FULL / CAUSAL blocks on CUDA when installed);
 - ``torch``: a blockwise pure-PyTorch kernel for any mask given by positions and document
-  ids (sliding-window edges, packed documents), fp32 inside, memory bounded by row chunks.
+  ids, fp32 inside, memory bounded by row chunks: the small leaves `tiles` leaves over.
 
 Layouts: q [b, sq, h, d], k/v [b, sk, h_kv, d], out [b, sq, h, d], lse [b, h, sq] (fp32).
 """
@@ -111,12 +112,19 @@ def _mask(i0, i1, j0, j1, causal, window, q_doc, k_doc, device):
     return m
 
 
+def _chunk_rows(elems: int, sk: int, window: int | None) -> int:
+    """Rows r per chunk so that r x (keys r rows see) <= elems: r x sk, or r x (r + window)."""
+    if window is None or window >= sk:
+        return elems // max(1, sk)
+    return int((-window + (window * window + 4 * elems) ** 0.5) / 2)
+
+
 def _masked_scores(q, k, v, q_start, k_start, causal, window, q_doc, k_doc, scale):
     """Yield, per chunk of query rows, (rows, keys, q, k, v, masked scores) in fp32, with the
     key columns cut to those the rows can see (so a window costs O(rows x window))."""
     b, sq, h, _ = q.shape
     sk = k.shape[1]
-    step = max(16, _CHUNK_ELEMS // max(1, b * h * sk))
+    step = max(16, _chunk_rows(_CHUNK_ELEMS // max(1, b * h), sk, window))
     for r0 in range(0, sq, step):
         r1 = min(sq, r0 + step)
         lo, hi = _key_range(q_start + r0, q_start + r1, k_start, sk, causal, window)
@@ -162,6 +170,17 @@ def _masked_bwd(dout, q, k, v, out, lse, q_start, k_start, causal, window, q_doc
 
 # ---------------------------------------------------------------- public block API
 
+def _anti_fwd(q, k, v, scale: float):
+    """An ANTI square (local key >= local query) is the causal square of the reversed rows."""
+    out, lse = _fused_fwd(q.flip(1), k.flip(1), v.flip(1), True, scale)
+    return out.flip(1), lse.flip(-1)
+
+
+def _anti_bwd(dout, q, k, v, out, lse, scale: float):
+    dq, dk, dv = _fused_bwd(dout.flip(1), q.flip(1), k.flip(1), v.flip(1), out.flip(1), lse.flip(-1), True, scale)
+    return dq.flip(1), dk.flip(1), dv.flip(1)
+
+
 def _fused_ok(q: torch.Tensor) -> bool:
     """FULL / CAUSAL blocks go to a fused kernel: the CPU flash kernel, or flash-attn on CUDA."""
     return q.device.type == "cpu" or _use_flash(q)
@@ -180,7 +199,9 @@ def block_forward(q, k, v, kind: Kind, *, scale: float, q_start: int = 0, k_star
         if _fused_ok(q):
             return _fused_fwd(q, k, v, kind is Kind.CAUSAL, scale)
         kw = _as_masked(kind, kw)
-    elif kind is not Kind.MASKED:
+    elif kind is Kind.ANTI and _fused_ok(q):
+        return _anti_fwd(q, k, v, scale)
+    elif kind is not Kind.MASKED and kind is not Kind.ANTI:  # ANTI without a fused kernel: true positions
         raise ValueError(f"no kernel for {kind}")
     return _masked_fwd(q, k, v, kw["q_start"], kw["k_start"], kw["causal"], kw["window"],
                        kw["q_doc"], kw["k_doc"], scale)
@@ -194,7 +215,9 @@ def block_backward(dout, q, k, v, out, lse, kind: Kind, *, scale: float, q_start
         if _fused_ok(q):
             return _fused_bwd(dout, q, k, v, out, lse, kind is Kind.CAUSAL, scale)
         kw = _as_masked(kind, kw)
-    elif kind is not Kind.MASKED:
+    elif kind is Kind.ANTI and _fused_ok(q):
+        return _anti_bwd(dout, q, k, v, out, lse, scale)
+    elif kind is not Kind.MASKED and kind is not Kind.ANTI:
         raise ValueError(f"no kernel for {kind}")
     return _masked_bwd(dout, q, k, v, out, lse, kw["q_start"], kw["k_start"], kw["causal"], kw["window"],
                        kw["q_doc"], kw["k_doc"], scale)

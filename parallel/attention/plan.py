@@ -22,9 +22,10 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, all_gather_cat, check_agreement, group_size
-from .blocks import LAYOUTS, RingPlan
+from .blocks import LAYOUTS
 from .layout import check_sequence_length
 from .ring import ring_plan
+from .ringplan import RingPlan
 from .ulysses import check_ulysses_heads
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}

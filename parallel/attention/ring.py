@@ -21,8 +21,10 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, RingP2P, all_gather_cat, group_rank, group_size
-from .blocks import Block, BlockList, RingPlan, ring_segments
+from .bands import add_band_keys, band_keys, band_lse, band_rows, unband_lse, unband_rows
+from .blocks import Block, ring_segments
 from .local import block_backward, block_forward, merge_
+from .ringplan import BlockList, RingPlan
 
 _TAG_FWD, _TAG_BWD, _TAG_DKV = 11, 13, 17
 
@@ -45,16 +47,21 @@ class _Ctx:
                     window=self.window, q_doc=q_doc, k_doc=k_doc)
 
 
-def _add(acc: torch.Tensor | None, rows: slice, part: torch.Tensor, full_shape) -> torch.Tensor:
-    """acc[rows] += part, in fp32; a first part covering every row is taken as it is (no copy)."""
-    n = full_shape[1]
+def _whole(bsl: slice, rows: slice, part: torch.Tensor, shape) -> bool:
+    """Does `part` cover every batch row and every sequence row of `shape`?"""
+    return bsl == slice(None) and rows.start in (0, None) and rows.stop in (shape[1], None) and \
+        part.shape[1] == shape[1]
+
+
+def _add(acc: torch.Tensor | None, bsl: slice, rows: slice, part: torch.Tensor, full_shape) -> torch.Tensor:
+    """acc[bsl, rows] += part, in fp32; a first part covering everything is taken as it is (no copy)."""
     if acc is None:
-        if rows.start in (0, None) and rows.stop in (n, None) and part.shape[1] == n:
+        if _whole(bsl, rows, part, full_shape):
             return part
         acc = torch.zeros(full_shape, dtype=torch.float32, device=part.device)
     elif acc.dtype != torch.float32:
         acc = acc.float()
-    acc[:, rows] += part
+    acc[bsl, rows] += part
     return acc
 
 
@@ -72,16 +79,15 @@ class _Partial:
         self.out = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
         self.lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=self.device)
 
-    def add(self, rows: slice, o: torch.Tensor, l_: torch.Tensor) -> None:
+    def add(self, bsl: slice, rows: slice, o: torch.Tensor, l_: torch.Tensor) -> None:
         if self.out is None:
-            s = self.shape[1]
-            if rows.start in (0, None) and rows.stop in (s, None) and o.shape[1] == s:
+            if _whole(bsl, rows, o, self.shape):
                 self.out, self.lse = o, l_
                 return
             self._empty()
         if self.out.dtype != torch.float32:
             self.out = self.out.float()
-        merge_(self.out[:, rows], self.lse[:, :, rows], o, l_)
+        merge_(self.out[bsl, rows], self.lse[bsl, :, rows], o, l_)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:  # no key visible to any local query
@@ -89,21 +95,42 @@ class _Partial:
         return self.out, self.lse
 
 
+def _add_keys(acc: torch.Tensor | None, b: Block, part: torch.Tensor, full_shape) -> torch.Tensor:
+    """dk/dv accumulation of a block; a batch of key bands (`count` > 1) is added band by band."""
+    if b.count == 1:
+        return _add(acc, b.b, b.k, part, full_shape)
+    if acc is None:
+        acc = torch.zeros(full_shape, dtype=torch.float32, device=part.device)
+    elif acc.dtype != torch.float32:
+        acc = acc.float()
+    add_band_keys(acc[b.b, b.k], part, b.count, b.rows)
+    return acc
+
+
 def _fwd_step(c: _Ctx, q, k, v, src, acc: _Partial) -> None:
     for b, kind, qd, kd in c.blocks(src):
-        o, l_ = block_forward(q[:, b.q], k[:, b.k], v[:, b.k], kind, **c.kw(b, qd, kd))
-        acc.add(b.q, o, l_)
+        qb, kb, vb = q[b.b, b.q], k[b.b, b.k], v[b.b, b.k]
+        if b.count > 1:  # equal tiles along the diagonal: one batched call
+            qb, kb, vb = band_rows(qb, b.count), band_keys(kb, b.count, b.rows), band_keys(vb, b.count, b.rows)
+        o, l_ = block_forward(qb, kb, vb, kind, **c.kw(b, qd, kd))
+        if b.count > 1:
+            o, l_ = unband_rows(o, b.count), unband_lse(l_, b.count)
+        acc.add(b.b, b.q, o, l_)
 
 
 def _bwd_step(c: _Ctx, dout, q, k, v, out, lse, src, dq):
     """Gradient contributions of one shard: (dq accumulated, dk, dv of that shard)."""
     dk = dv = None
     for b, kind, qd, kd in c.blocks(src):
-        dq_, dk_, dv_ = block_backward(dout[:, b.q], q[:, b.q], k[:, b.k], v[:, b.k], out[:, b.q],
-                                       lse[:, :, b.q], kind, **c.kw(b, qd, kd))
-        dq = _add(dq, b.q, dq_, q.shape)
-        dk = _add(dk, b.k, dk_, k.shape)
-        dv = _add(dv, b.k, dv_, v.shape)
+        rows = [dout[b.b, b.q], q[b.b, b.q], out[b.b, b.q]]
+        lse_, kb, vb = lse[b.b, :, b.q], k[b.b, b.k], v[b.b, b.k]
+        if b.count > 1:
+            rows, lse_ = [band_rows(x, b.count) for x in rows], band_lse(lse_, b.count)
+            kb, vb = band_keys(kb, b.count, b.rows), band_keys(vb, b.count, b.rows)
+        dq_, dk_, dv_ = block_backward(rows[0], rows[1], kb, vb, rows[2], lse_, kind, **c.kw(b, qd, kd))
+        dq = _add(dq, b.b, b.q, unband_rows(dq_, b.count), q.shape)
+        dk = _add_keys(dk, b, dk_, k.shape)
+        dv = _add_keys(dv, b, dv_, v.shape)
     if dk is None:  # nothing of this shard is visible to the local queries
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)

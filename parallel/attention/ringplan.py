@@ -1,0 +1,119 @@
+"""The tiles one ring rank computes against every shard, for any mask: planned once per batch.
+
+Ring attention visits every shard in forward and again in backward, in every layer, and what
+to compute depends only on positions, the mask and the document ids, which all layers share.
+Without documents the tiles are a pure function of the shapes (cached across batches); with
+documents, their runs are read to the host once per batch (`tiles.doc_runs`, the only sync of
+a plan) and the tile lists of any mask (another layer's window, say) are then pure Python,
+cached per (causal, window): no device sync and no collective per layer or per hop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .blocks import Block, Kind, hop_plan, plan_blocks, ring_segments
+from .tiles import Tiling, doc_runs, doc_tiles, position_tiles
+
+BlockList = list  # of (Block, Kind, q_doc [b, rows] | None, k_doc [b, rows] | None)
+
+
+def _to_block(blk: Block, tile, bsl: slice = slice(None), count: int = 1) -> Block:
+    """A tile (global positions) inside the single-segment block `blk`, as local rows; with
+    `count`, that many copies of it shifted by its height along both axes (`bands`)."""
+    q0, n, k0, m, kind = tile
+    qo, ko = blk.q.start + q0 - blk.q_start, blk.k.start + k0 - blk.k_start
+    return Block(slice(qo, qo + count * n), slice(ko, ko + (count - 1) * n + m), kind, q0, k0, bsl, count)
+
+
+def group_bands(tiles: list) -> list[tuple]:
+    """[(tile, count)]: fused tiles of one shape that follow each other along the diagonal
+    (the next starts n rows and n keys later) are chained, to run as one batched call."""
+    out: list[list] = []
+    ends: dict[tuple, int] = {}  # (kind, n, m, k0 - q0, next q0) -> index in out
+    for t in sorted(tiles, key=lambda t: (t[0], t[2])):
+        q0, n, k0, m, kind = t
+        if kind is Kind.MASKED:
+            out.append([t, 1])
+            continue
+        key = (kind, n, m, k0 - q0, q0)
+        i = ends.pop(key, None)
+        if i is None:
+            i = len(out)
+            out.append([t, 0])
+        out[i][1] += 1
+        ends[(kind, n, m, k0 - q0, q0 + n)] = i
+    return [(t, c) for t, c in out]
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment_pairs(seq_len: int, size: int, rank: int, src: int, causal: bool, window: int | None,
+                   layout: str) -> tuple[Block, ...]:
+    """Non-empty (segment, segment) blocks, unmerged: what documents refine."""
+    return tuple(plan_blocks(ring_segments(seq_len, size, rank, layout), ring_segments(seq_len, size, src, layout),
+                             causal, window, merge=False))
+
+
+@functools.lru_cache(maxsize=4096)
+def _position_blocks(seq_len: int, size: int, rank: int, src: int, causal: bool, window: int | None,
+                     layout: str, tiling: Tiling) -> tuple[Block, ...]:
+    """Blocks of ring rank `rank` against the shard of `src`, merged where they can be, with
+    every MASKED block cut into tiles (`tiles.position_tiles`). Pure, so cached across batches."""
+    out = []
+    for blk in plan_blocks(ring_segments(seq_len, size, rank, layout), ring_segments(seq_len, size, src, layout),
+                           causal, window, merge=True):
+        if blk.kind is not Kind.MASKED:
+            out.append(blk)
+            continue
+        nq, nk = blk.q.stop - blk.q.start, blk.k.stop - blk.k.start
+        tiles = position_tiles(blk.q_start, nq, blk.k_start, nk, causal, window, tiling)
+        out.extend(_to_block(blk, t, count=c) for t, c in group_bands(tiles))
+    return tuple(out)
+
+
+class RingPlan:
+    """Per source ring rank, the (block, kind, q_doc, k_doc) list of the local queries."""
+
+    def __init__(self, seq_len: int, size: int, rank: int, layout: str = "zigzag",
+                 doc_full: torch.Tensor | None = None, tiling: Tiling = Tiling()):
+        self.seq_len, self.size, self.rank, self.layout = seq_len, size, rank, layout
+        self.seq_local = seq_len // size
+        self.tiling = tiling
+        self.doc_full = doc_full  # [b, seq_len] in global position order, or None
+        self._runs = None if doc_full is None else doc_runs(doc_full)
+        self._lists: dict[tuple[bool, int | None], tuple[BlockList, ...]] = {}
+
+    def hops(self, causal: bool, window: int | None) -> tuple[int, int]:
+        return hop_plan(self.seq_len, self.size, causal, window, self.layout)
+
+    def blocks(self, causal: bool, window: int | None) -> tuple[BlockList, ...]:
+        """Per source ring rank: (block, kind, q_doc, k_doc) for the local queries against its shard."""
+        key = (bool(causal), window)
+        if key not in self._lists:
+            self._lists[key] = tuple(self._source(src, *key) for src in range(self.size))
+        return self._lists[key]
+
+    def _source(self, src: int, causal: bool, window: int | None) -> BlockList:
+        if self._runs is None:
+            blocks = _position_blocks(self.seq_len, self.size, self.rank, src, causal, window, self.layout,
+                                      self.tiling)
+            return [(b, b.kind, None, None) for b in blocks]
+        out = []
+        for blk in _segment_pairs(self.seq_len, self.size, self.rank, src, causal, window, self.layout):
+            out.extend(self._doc_blocks(blk, causal, window))
+        return out
+
+    def _doc_blocks(self, blk: Block, causal: bool, window: int | None) -> BlockList:
+        out = []
+        nq, nk = blk.q.stop - blk.q.start, blk.k.stop - blk.k.start
+        for bsl, runs in self._runs:
+            tiles = doc_tiles(runs, blk.q_start, nq, blk.k_start, nk, causal, window, self.tiling)
+            for (q0, n, k0, m, kind) in (t for t, with_docs in tiles if with_docs):  # views, no copy
+                b = _to_block(blk, (q0, n, k0, m, kind), bsl)
+                out.append((b, kind, self.doc_full[bsl, q0:q0 + n], self.doc_full[bsl, k0:k0 + m]))
+            for t, c in group_bands([t for t, with_docs in tiles if not with_docs]):
+                b = _to_block(blk, t, bsl, c)
+                out.append((b, b.kind, None, None))
+        return out

@@ -1,0 +1,179 @@
+"""Cut a masked block into tiles the fused kernels can compute, so masks run at their speed.
+
+A sliding window or packed documents leave most of a (query, key) block either fully visible
+or fully hidden; only thin edges are partly masked. The fused kernels (the CPU flash kernel,
+flash-attn) compute two shapes fast: FULL rectangles and lower-triangular CAUSAL squares.
+Reversing the rows of a square turns the *upper* triangle into a lower one, so ANTI squares
+(the far edge of a causal window: local key >= local query) go to the fused causal kernel on
+flipped rows. What cannot be cut into those shapes is left to the general masked kernel in
+small leaves (at most `leaf` rows or keys), where it costs O(leaf) per query row.
+
+A causal window W cut into row bands of n <= W/2 rows gives, per band, exactly three fused
+calls: ANTI [i0-W+1, i0-W+1+n), FULL [i0-W+1+n, i0), CAUSAL [i0, i0+n). Packed documents are
+cut first along document runs (each is a position-only block within one document); runs
+shorter than `leaf` are grouped into one masked tile with their document ids.
+
+Everything here is pure Python on global positions, planned once per batch (or cached per
+shape when there are no documents): the hot path only reads the tile lists.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import Kind, Segment, classify
+
+BAND_MAX = 2048  # rows per band of a window: bigger bands mean fewer, larger kernel calls
+LEAF = 32  # rows or keys below which a partly masked piece goes to the general kernel
+GROUP_SPAN = 256  # tokens of consecutive short documents computed together by the general kernel
+
+Tile = tuple  # (q0, n, k0, m, Kind): global positions of the first query/key, and the counts
+
+
+@dataclass(frozen=True)
+class Tiling:
+    band_max: int = BAND_MAX
+    leaf: int = LEAF
+    group_span: int = GROUP_SPAN
+
+
+def _visible(q0: int, n: int, causal: bool, window: int | None) -> tuple[float, float]:
+    """Keys [lo, hi) that some query in [q0, q0+n) may see."""
+    lo = -float("inf") if window is None else q0 - window + 1
+    hi = q0 + n if causal else (float("inf") if window is None else q0 + n - 1 + window)
+    return lo, hi
+
+
+def tile_kind(q0: int, n: int, k0: int, m: int, causal: bool, window: int | None) -> Kind:
+    """`blocks.classify` plus the square shapes a fused causal kernel computes: ANTI (upper
+    triangle, far edge of a window) and a CAUSAL square shifted by a non-causal window."""
+    kind = classify(Segment(q0, n, 0), Segment(k0, m, 0), causal, window)
+    if kind is Kind.MASKED and n == m and window is not None and n <= window:
+        if q0 - k0 == window - 1:  # keys j >= i - W + 1 is local key >= local query
+            return Kind.ANTI
+        if not causal and k0 - q0 == window - 1:  # keys j <= i + W - 1 is local key <= local query
+            return Kind.CAUSAL
+    return kind
+
+
+def _cuts(q0: int, n: int, causal: bool, window: int | None) -> list[int]:
+    """Key positions where the visibility of the rows [q0, q0+n) changes shape."""
+    if window is None:
+        return [q0] if causal else []
+    far = q0 - window + 1 + n  # ANTI | FULL
+    return [far, q0] if causal else [far, q0 + window - 1]
+
+
+def _band(window: int | None, t: Tiling) -> int:
+    if window is None:
+        return t.band_max
+    b = t.leaf
+    while b * 2 <= min(t.band_max, window // 2):
+        b *= 2
+    return b
+
+
+def position_tiles(q0: int, n: int, k0: int, m: int, causal: bool, window: int | None,
+                   t: Tiling = Tiling()) -> list[Tile]:
+    """Tiles that together compute exactly the (causal, window) mask of queries [q0, q0+n)
+    against keys [k0, k0+m): each pair once, hidden pairs never (beyond MASKED leaves)."""
+    lo, hi = _visible(q0, n, causal, window)
+    a, b = max(k0, lo), min(k0 + m, hi)
+    if b <= a:
+        return []
+    k0, m = int(a), int(b - a)
+    kind = tile_kind(q0, n, k0, m, causal, window)
+    if kind is Kind.EMPTY:
+        return []
+    if kind is not Kind.MASKED:
+        return [(q0, n, k0, m, kind)]
+    if n <= t.leaf or m <= t.leaf:
+        return [(q0, n, k0, m, Kind.MASKED)]
+    band = _band(window, t)
+    if n > band:
+        return [x for r in range(q0, q0 + n, band) for x in position_tiles(r, min(band, q0 + n - r), k0, m,
+                                                                          causal, window, t)]
+    edges = [k0] + [c for c in _cuts(q0, n, causal, window) if k0 < c < k0 + m] + [k0 + m]
+    if len(edges) > 2:  # cut the keys where visibility changes; each piece is one shape or smaller
+        return [x for a, b in zip(edges, edges[1:]) for x in position_tiles(q0, n, a, b - a, causal, window, t)]
+    h = n // 2  # one piece but still mixed (clipped by a shard edge): halve the rows
+    return position_tiles(q0, h, k0, m, causal, window, t) + position_tiles(q0 + h, n - h, k0, m, causal, window, t)
+
+
+# ---------------------------------------------------------------- documents
+
+Runs = tuple  # ((start, end, doc id), ...) in increasing positions, maximal runs of one id
+
+
+def doc_runs(doc_full: torch.Tensor) -> list[tuple[slice, Runs]]:
+    """[(batch rows, runs)] of global document ids [b, S]: one entry when every row has the
+    same runs (the common case), else one per row. One host copy of the run starts."""
+    d = doc_full.detach().to("cpu")
+    b, s = d.shape
+    change = torch.ones(b, s, dtype=torch.bool)
+    change[:, 1:] = d[:, 1:] != d[:, :-1]
+    rows, starts = change.nonzero(as_tuple=True)
+    ids = d[rows, starts]
+    per_row: list[list] = [[] for _ in range(b)]
+    for r, st, i in zip(rows.tolist(), starts.tolist(), ids.tolist()):
+        per_row[r].append([st, s, i])
+    runs = []
+    for lst in per_row:
+        for x, y in zip(lst, lst[1:]):
+            x[1] = y[0]
+        runs.append(tuple(tuple(x) for x in lst))
+    if all(r == runs[0] for r in runs):
+        return [(slice(None), runs[0])]
+    return [(slice(r, r + 1), runs[r]) for r in range(b)]
+
+
+def _clip(runs: Runs, a: int, b: int) -> list[tuple[int, int, int]]:
+    """Runs intersected with [a, b)."""
+    i = max(0, bisect.bisect_right(runs, (a, float("inf"), float("inf"))) - 1)
+    out = []
+    while i < len(runs) and runs[i][0] < b:
+        s, e, d = runs[i]
+        if e > a:
+            out.append((max(s, a), min(e, b), d))
+        i += 1
+    return out
+
+
+def doc_tiles(runs: Runs, q0: int, n: int, k0: int, m: int, causal: bool, window: int | None,
+              t: Tiling = Tiling()) -> list[tuple[Tile, bool]]:
+    """(tile, needs document ids) covering exactly the mask of [q0, q0+n) x [k0, k0+m) with
+    `runs`: pairs of runs with the same id become position-only tiles; consecutive short runs
+    on the diagonal are grouped into one MASKED tile that compares document ids."""
+    qr, kr = _clip(runs, q0, q0 + n), _clip(runs, k0, k0 + m)
+    count: dict[int, int] = {}
+    for _, _, d in runs:
+        count[d] = count.get(d, 0) + 1
+    by_id: dict[int, list] = {}
+    for r in kr:
+        by_id.setdefault(r[2], []).append(r)
+    out: list[tuple[Tile, bool]] = []
+    group: list[tuple[int, int]] = []
+
+    def flush():
+        if group:
+            a, b = group[0][0], group[-1][1]
+            if position_tiles(a, b - a, a, b - a, causal, window, t):
+                out.append(((a, b - a, a, b - a, Kind.MASKED), True))
+            group.clear()
+
+    for qa, qb, d in qr:
+        for ka, kb, _ in by_id.get(d, ()):
+            short = qb - qa < t.leaf and (qa, qb) == (ka, kb) and count[d] == 1
+            if short and (not group or (group[-1][1] == qa and qb - group[0][0] <= t.group_span)):
+                group.append((qa, qb))
+                continue
+            flush()
+            if short:
+                group.append((qa, qb))
+                continue
+            out.extend((x, False) for x in position_tiles(qa, qb - qa, ka, kb - ka, causal, window, t))
+    flush()
+    return out
