@@ -23,6 +23,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     window: int | None = None  # sliding-window attention (keys per query), None = full causal
+    # MASFormer-style patterns: these layers attend over the whole (causal) context, the rest use `window`
+    global_layers: tuple[int, ...] = ()
+    layer_windows: tuple[int, ...] = ()  # or a window per layer (0: full attention); overrides the two above
     loss_chunk: int = 4096  # tokens per LM-head/loss chunk: logits never exist for the whole sequence
     mlp_chunk: int | None = None  # tokens per MLP chunk (None: whole sequence at once)
     checkpoint: str = "none"  # "none" | "full" (recompute the block) | "selective" (keep attention)
@@ -50,6 +53,7 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        problems += self._pattern_problems()
         if self.checkpoint not in ("none", "full", "selective"):
             problems.append(f"checkpoint={self.checkpoint!r} must be 'none', 'full' or 'selective'")
         for name in ("window", "mlp_chunk"):
@@ -62,6 +66,36 @@ class ModelConfig:
             raise ValueError("invalid model config: " + "; ".join(problems))
         if self.moh is not None:
             self.moh.check(self.n_heads)
+
+    def _pattern_problems(self) -> list[str]:
+        self.global_layers, self.layer_windows = tuple(self.global_layers), tuple(self.layer_windows)
+        out = []
+        bad = [i for i in self.global_layers if not 0 <= i < self.n_layers]
+        if bad or len(set(self.global_layers)) != len(self.global_layers):
+            out.append(f"global_layers={list(self.global_layers)} must be distinct layer indices in "
+                       f"0..{self.n_layers - 1}")
+        if self.global_layers and self.window is None:
+            out.append("global_layers needs window (the keys per query of the other layers)")
+        if self.layer_windows:
+            if len(self.layer_windows) != self.n_layers:
+                out.append(f"layer_windows has {len(self.layer_windows)} entries; give one per layer "
+                           f"(n_layers={self.n_layers}), 0 for full attention")
+            if any(w < 0 for w in self.layer_windows):
+                out.append(f"layer_windows={list(self.layer_windows)} must be >= 0 (0: full attention)")
+            if self.global_layers:
+                out.append("give either layer_windows or global_layers (with window), not both")
+        return out
+
+    def layer_window(self, i: int) -> int | None:
+        """Keys per query at layer i (None: full causal attention)."""
+        if self.layer_windows:
+            return self.layer_windows[i] or None
+        return None if i in self.global_layers else self.window
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Every layer's window, in layer order."""
+        return tuple(self.layer_window(i) for i in range(self.n_layers))
 
     @property
     def head_dim(self) -> int:

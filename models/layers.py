@@ -96,9 +96,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel, device=None):
+    def __init__(self, cfg: ModelConfig, par: Parallel, device=None, window: int | None = None):
         super().__init__()
-        self.cfg, self.par = cfg, par
+        self.cfg, self.par, self.window = cfg, par, window  # this layer's keys per query (None: full)
         hd, tp = cfg.head_dim, par.tp
         self.heads, self.kv_heads = cfg.n_heads // tp, cfg.n_kv_heads // tp
         g = par.tp_group
@@ -135,7 +135,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, plan: AttentionPlan | None = None):
         """`plan`: built once per batch (`LongLM.hidden`), it carries the doc ids; without one
         each call validates across ranks on its own."""
-        return sequence_parallel_attention(q, k, v, self.par.mesh, causal=True, window=self.cfg.window, plan=plan)
+        return sequence_parallel_attention(q, k, v, self.par.mesh, causal=True, window=self.window, plan=plan)
 
     def output(self, o: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Heads [b, s, heads/tp, hd] -> partial sums over tp; MoH weights each head first."""

@@ -38,7 +38,7 @@ class Block(nn.Module):
         super().__init__()
         self.cfg, self.par, self.index, self.quant = cfg, par, index, quant
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.attn = Attention(cfg, par, device)
+        self.attn = Attention(cfg, par, device, window=cfg.layer_window(index))
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.moe = cfg.is_moe_layer(index)
         if self.moe:
@@ -116,7 +116,8 @@ class LongLM(nn.Module):
         # Attention sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first.
         cfg, tp = self.cfg, par.tp
         plan = plan_attention(par.mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // tp, cfg.head_dim),
-                              cfg.n_kv_heads // tp, causal=True, window=cfg.window, doc_ids=doc_ids,
+                              cfg.n_kv_heads // tp, causal=True, window=cfg.layer_window(0),
+                              windows=cfg.windows, doc_ids=doc_ids,
                               device=input_ids.device)
         x = self.embed(input_ids)
         x = par.leave(x)  # complete the vocab-parallel lookup (and split the sequence under TP-SP)

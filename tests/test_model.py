@@ -211,3 +211,32 @@ def test_buffers_materialized_on_every_layout(pool4):
     model.norm.register_buffer("scale", ones)
     materialize(model, seed=0)
     assert torch.equal(model.layers[0].later, torch.zeros(3)) and torch.equal(model.norm.scale, torch.ones(2))
+
+
+# MASFormer-style patterns: full attention at some layers, sliding windows at the others
+MAS = dict(CFG, n_layers=3, window=12, global_layers=(1,))
+MAS_LW = dict(CFG, n_layers=3, layer_windows=(0, 9, 20))
+
+
+def test_layer_patterns_take_effect():
+    """Each layer attends with its own window: the pattern differs from every uniform choice."""
+    assert ModelConfig(**MAS).windows == (12, None, 12) and ModelConfig(**MAS_LW).windows == (None, 9, 20)
+    model = build_model(ModelConfig(**MAS), None, seed=0)
+    assert [blk.attn.window for blk in model.layers] == [12, None, 12]
+    losses = {reference(cfg, 2, 64, 0)[0] for cfg in (MAS, dict(CFG, n_layers=3, window=12), dict(CFG, n_layers=3))}
+    assert len(losses) == 3
+    for bad, match in [(dict(global_layers=(3,)), "global_layers"), (dict(global_layers=(0,)), "needs window"),
+                       (dict(layer_windows=(4,)), "one per layer"), (dict(window=5, layer_windows=(1, 2, 3),
+                                                                          global_layers=(0,)), "not both")]:
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**dict(CFG, n_layers=3, **bad))
+
+
+@pytest.mark.parametrize("name,cfg", [("ring2", MAS), ("ulysses2", MAS_LW)])
+def test_layer_patterns_two_ranks(pool2, name, cfg):
+    compare(pool2.run(parallel_step, LAYOUTS2[name], cfg, 2, 64, 6, docs=True), reference(cfg, 2, 64, 6, docs=True))
+
+
+@pytest.mark.parametrize("name,cfg", [("ring2xulysses2", MAS_LW), ("tp2xring2", MAS)])
+def test_layer_patterns_four_ranks(pool4, name, cfg):
+    compare(pool4.run(parallel_step, LAYOUTS4[name], cfg, 2, 64, 7), reference(cfg, 2, 64, 7))
