@@ -7,6 +7,13 @@ step: every configuration runs in fresh processes). FLOPs follow the FlashAttent
 convention: forward 4*b*h*S^2*d (halved when causal), backward 2.5x forward.
 
     longtrain bench attention --seq 8192 32768 --write-docs docs/benchmarks.md
+
+With ``--masks`` it measures masked attention instead (sliding window, packed documents,
+both: `masks`), counting only the (query, key) pairs each mask keeps, against the fused
+causal kernel (SDPA, one process, at ``--ref-seq``) measured in the same run:
+
+    longtrain bench attention --masks window docs window+docs --seq 32768 131072 \
+        --heads 8 --head-dim 32 --write-docs docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 
 LAYOUTS = {  # name -> (ranks, degrees, sequence layout)
     "sdpa (1 process)": (1, {}, None),
+    "longtrain (1 process)": (1, {}, "zigzag"),
     "ring": (2, {"cp_ring": 2}, "contiguous"),
     "zigzag ring": (2, {"cp_ring": 2}, "zigzag"),
     "ulysses": (2, {"cp_ulysses": 2}, "zigzag"),
@@ -40,6 +48,9 @@ class Result:
     gflops: float
     bytes_per_rank: float
     peak_mib: float
+    mask: str = "causal"
+    fwd_seconds: float = 0.0
+    fwd_gflops: float = 0.0
 
 
 def _rss_mib() -> float:
@@ -61,10 +72,23 @@ def _count_all_to_all(counter: dict) -> None:
     dist.all_to_all_single = counted
 
 
-def _attention_fn(name: str, degrees: dict, layout: str | None):
+def _attention_fn(name: str, degrees: dict, layout: str | None, mask: tuple = ("causal", 0, 0), seq: int = 0,
+                  shape: tuple = ()):
     """Returns (attend(q, k, v) -> out, bytes_sent() -> int, reset())."""
-    from longtrain.parallel.attention import sequence_parallel_attention
+    from longtrain.parallel.attention import plan_attention, sequence_parallel_attention, shard_sequence
 
+    if mask[0] != "causal" or name.startswith("longtrain"):
+        from .masks import mask_args
+        from longtrain.parallel import ParallelDims, build_mesh
+
+        mesh = build_mesh(ParallelDims(**degrees), device_type="cpu") if degrees else None
+        window, doc = mask_args(mask[0], seq, mask[1], mask[2])
+        doc = None if doc is None else shard_sequence(doc, mesh, layout=layout)
+        plan = plan_attention(mesh, shape, shape[2], window=window, doc_ids=doc, layout=layout)  # once per batch
+        stats = mesh.stats if mesh is not None else None
+        return ((lambda q, k, v: sequence_parallel_attention(q, k, v, mesh, window=window, layout=layout,
+                                                             plan=plan)),
+                (stats.total_bytes if stats else (lambda: 0)), (stats.reset if stats else (lambda: None)))
     if not degrees:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return (lambda q, k, v: sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -91,54 +115,67 @@ def _attention_fn(name: str, degrees: dict, layout: str | None):
             mesh.stats.total_bytes, mesh.stats.reset)
 
 
-def _run_rank(name: str, seq: int, heads: int, head_dim: int, iters: int, dtype: str) -> dict:
+def _run_rank(name: str, seq: int, heads: int, head_dim: int, iters: int, dtype: str,
+              mask: tuple = ("causal", 0, 0)) -> dict:
     ranks, degrees, layout = LAYOUTS[name]
-    attend, sent, reset = _attention_fn(name, degrees, layout)
+    shape = (1, seq // ranks, heads, head_dim)
+    attend, sent, reset = _attention_fn(name, degrees, layout, mask, seq, shape)
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
-    shape = (1, seq // ranks, heads, head_dim)
     q, k, v = (torch.randn(shape, generator=g, dtype=dt).requires_grad_() for _ in range(3))
     dout = torch.randn(shape, generator=g, dtype=dt)
     base = _rss_mib()
-    times = []
+    times, fwd = [], []
     for i in range(iters + 1):  # the first step warms up
         if i == 1:
             reset()
         if ranks > 1:
             torch.distributed.barrier()
         t0 = time.perf_counter()
-        attend(q, k, v).backward(dout)
+        out = attend(q, k, v)
+        fwd.append(time.perf_counter() - t0)
+        out.backward(dout)
         times.append(time.perf_counter() - t0)
         q.grad = k.grad = v.grad = None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"seconds": statistics.median(times[1:]), "bytes": sent() / iters, "peak_mib": peak}
+    return {"seconds": statistics.median(times[1:]), "fwd_seconds": statistics.median(fwd[1:]),
+            "bytes": sent() / iters, "peak_mib": peak}
 
 
 def _flops(seq: int, heads: int, head_dim: int) -> float:
     return 3.5 * 4 * heads * seq * seq * head_dim * 0.5
 
 
-def run(layouts: list[str], seqs: list[int], heads: int, head_dim: int, iters: int, dtype: str,
-        rounds: int) -> list[Result]:
-    """Every configuration runs `rounds` times, interleaved with the others (in alternating
-    order), in fresh processes; the median over rounds damps the drift of a shared machine."""
+def measure(cases: list[tuple[str, int, tuple]], heads: int, head_dim: int, iters: int, dtype: str,
+            rounds: int) -> list[dict]:
+    """Per case (layout, seq, mask): seconds (fwd+bwd and fwd, slowest rank), bytes and peak
+    per rank. Every case runs `rounds` times, interleaved with the others (alternating order),
+    in fresh processes; the median over rounds damps the drift of a shared machine."""
     from longtrain.launch.spawn import spawn_local
 
+    samples: list[list] = [[] for _ in cases]
+    for rnd in range(rounds):
+        order = list(range(len(cases)))
+        for i in (order if rnd % 2 == 0 else order[::-1]):  # alternate order: no position bias
+            name, seq, mask = cases[i]
+            ranks = LAYOUTS[name][0]
+            threads = max(1, (os.cpu_count() or 1) // ranks)
+            samples[i].append(spawn_local(_run_rank, ranks, name, seq, heads, head_dim, iters, dtype, mask,
+                                          threads=threads))
+    return [{"seconds": statistics.median(max(r["seconds"] for r in rnd) for rnd in per_round),
+             "fwd_seconds": statistics.median(max(r["fwd_seconds"] for r in rnd) for rnd in per_round),
+             "bytes": max(r["bytes"] for rnd in per_round for r in rnd),
+             "peak_mib": max(r["peak_mib"] for rnd in per_round for r in rnd)} for per_round in samples]
+
+
+def run(layouts: list[str], seqs: list[int], heads: int, head_dim: int, iters: int, dtype: str,
+        rounds: int) -> list[Result]:
     out = []
     for seq in seqs:
-        samples: dict[str, list] = {name: [] for name in layouts}
-        for rnd in range(rounds):
-            for name in (layouts if rnd % 2 == 0 else layouts[::-1]):  # alternate order: no position bias
-                ranks = LAYOUTS[name][0]
-                threads = max(1, (os.cpu_count() or 1) // ranks)
-                samples[name].append(spawn_local(_run_rank, ranks, name, seq, heads, head_dim, iters, dtype,
-                                                 threads=threads))
-        for name in layouts:
-            per_round = samples[name]
-            sec = statistics.median(max(r["seconds"] for r in rnd) for rnd in per_round)
-            res = Result(name, seq, LAYOUTS[name][0], sec, _flops(seq, heads, head_dim) / sec / 1e9,
-                         max(r["bytes"] for rnd in per_round for r in rnd),
-                         max(r["peak_mib"] for rnd in per_round for r in rnd))
+        cases = [(name, seq, ("causal", 0, 0)) for name in layouts]
+        for (name, _, _), m in zip(cases, measure(cases, heads, head_dim, iters, dtype, rounds)):
+            res = Result(name, seq, LAYOUTS[name][0], m["seconds"], _flops(seq, heads, head_dim) / m["seconds"] / 1e9,
+                         m["bytes"], m["peak_mib"])
             print(_row(res), flush=True)
             out.append(res)
     return out
@@ -167,9 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS), metavar="LAYOUT")
+    ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), metavar="LAYOUT",
+                    help=f"of {list(LAYOUTS)}; default: all but 'longtrain (1 process)' (with --masks: it and "
+                         f"'zigzag ring')")
     ap.add_argument("--write-docs", metavar="PATH", help="record the table in this markdown file")
+    ap.add_argument("--masks", nargs="+", choices=["window", "docs", "window+docs"],
+                    help="measure these masks (kept pairs only) against the fused causal kernel instead")
+    ap.add_argument("--window", type=int, default=2048, help="keys per query of the window masks")
+    ap.add_argument("--docs", type=int, default=8, help="documents packed into a sequence (docs masks)")
+    ap.add_argument("--ref-seq", type=int, default=8192, help="sequence length of the fused causal reference")
     args = ap.parse_args(argv)
+    if args.masks:
+        from .masks import main_masked
+
+        return main_masked(args, "longtrain bench attention " + " ".join(argv or sys.argv[1:]))
+    args.layouts = args.layouts or [n for n in LAYOUTS if not n.startswith("longtrain")]
     print(HEADER, flush=True)
     results = run(args.layouts, args.seq, args.heads, args.head_dim, args.iters, args.dtype, args.rounds)
     if args.write_docs:

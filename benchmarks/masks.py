@@ -1,0 +1,98 @@
+"""The masks `longtrain bench attention --masks` measures, and the work each one keeps.
+
+A masked step is only worth the pairs its mask keeps: a window of W over S tokens is
+S x W pairs, not S^2 / 2, and 8 documents over S tokens are 8 x (S/8)^2 / 2. Counting only
+kept (query, key) pairs makes the GFLOP/s of every mask comparable with the fused causal
+kernel's, which is the target (FlashAttention convention: forward 4*h*d per kept pair,
+backward 2.5x forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASKS = ("causal", "window", "docs", "window+docs")
+
+
+def doc_ids(seq: int, docs: int, seed: int = 0) -> torch.Tensor | None:
+    """[1, seq] ids of `docs` packed documents of random lengths (fixed seed), or None."""
+    if docs <= 1:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(seq - 1, generator=g)[:docs - 1].sort().values + 1
+    return torch.searchsorted(cuts, torch.arange(seq), right=True)[None]
+
+
+def mask_args(mask: str, seq: int, window: int, docs: int) -> tuple[int | None, torch.Tensor | None]:
+    """(window, doc ids [1, seq]) of a named causal mask."""
+    if mask not in MASKS:
+        raise ValueError(f"unknown mask {mask!r}; use one of {MASKS}")
+    w = window if "window" in mask else None
+    return w, (doc_ids(seq, docs) if "docs" in mask else None)
+
+
+def kept_pairs(seq: int, window: int | None, doc: torch.Tensor | None) -> int:
+    """(query, key) pairs a causal mask with this window and these documents keeps."""
+    lengths = [seq] if doc is None else torch.unique_consecutive(doc[0], return_counts=True)[1].tolist()
+    total = 0
+    for n in lengths:
+        if window is None or window >= n:
+            total += n * (n + 1) // 2
+        else:  # the first W rows see 1..W keys, the rest W each
+            total += window * (window + 1) // 2 + (n - window) * window
+    return total
+
+
+def flops(pairs: int, heads: int, head_dim: int) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs of attention over `pairs` kept pairs."""
+    fwd = 4.0 * heads * head_dim * pairs
+    return fwd, 3.5 * fwd
+
+
+HEADER = ("| layout | mask | S | ranks | fwd s | fwd+bwd s | fwd GFLOP/s | fwd+bwd GFLOP/s | vs fused causal "
+          "(fwd / fwd+bwd) | MiB sent/rank | peak MiB/rank |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(name: str, mask: str, seq: int, ranks: int, m: dict, pairs: int, heads: int, head_dim: int,
+         ref: dict | None) -> tuple[str, dict]:
+    ff, fb = flops(pairs, heads, head_dim)
+    rate = {"fwd": ff / m["fwd_seconds"] / 1e9, "all": fb / m["seconds"] / 1e9}
+    vs = "reference" if ref is None else f"{rate['fwd'] / ref['fwd']:.2f} / {rate['all'] / ref['all']:.2f}"
+    line = (f"| {name} | {mask} | {seq} | {ranks} | {m['fwd_seconds']:.3f} | {m['seconds']:.3f} | "
+            f"{rate['fwd']:.1f} | {rate['all']:.1f} | {vs} | {m['bytes'] / 2**20:.1f} | {m['peak_mib']:.0f} |")
+    return line, rate
+
+
+def main_masked(args, command: str) -> int:
+    """Masked rows against the fused causal kernel (one process, --ref-seq), all in one run."""
+    import os
+
+    from .attention import LAYOUTS, measure
+
+    layouts = args.layouts or ["longtrain (1 process)", "zigzag ring"]
+    cases = [("sdpa (1 process)", args.ref_seq, ("causal", 0, 0))]
+    cases += [(name, seq, (mask, args.window, args.docs)) for seq in args.seq for mask in args.masks
+              for name in layouts]
+    print(HEADER, flush=True)
+    measured = measure(cases, args.heads, args.head_dim, args.iters, args.dtype, args.rounds)
+    lines, ref = [], None
+    for (name, seq, (mask, w, d)), m in zip(cases, measured):
+        window, doc = mask_args(mask, seq, w, d)
+        line, rate = _row(name, mask, seq, LAYOUTS[name][0], m, kept_pairs(seq, window, doc), args.heads,
+                          args.head_dim, ref)
+        ref = ref or rate
+        lines.append(line)
+        print(line, flush=True)
+    if args.write_docs:
+        from .report import replace_section
+
+        note = (f"b=1, h={args.heads}, d={args.head_dim}, {args.dtype}, causal; window {args.window}; "
+                f"{args.docs} documents of random lengths (fixed seed) per sequence. GFLOP/s count only the "
+                f"(query, key) pairs the mask keeps (forward 4*h*d per pair, backward 2.5x). The first row is "
+                f"the fused causal kernel (SDPA, one process) in the same run; the ratio column divides each "
+                f"row's rate by it. {os.cpu_count()} cores shared by the ranks; per run the median of "
+                f"{args.iters} steps after one warm-up, then the median over {args.rounds} interleaved runs.")
+        body = "\n".join([f"Command: `{command}`", "", note, "", HEADER] + lines)
+        replace_section(args.write_docs, "masked", "Masked attention (window, documents) vs the fused kernel",
+                        body)
+    return 0
