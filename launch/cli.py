@@ -6,10 +6,12 @@
     longtrain train CONFIG [--set k=v]      train (embedded Ray, a cluster, torchrun/srun, or local ranks;
                                             resumes from the last valid checkpoint)
     longtrain eval CONFIG [--batches N]     held-out loss / accuracy of the run's newest checkpoint
+    longtrain plan CONFIG [--world N]       memory per rank, bytes, FLOPs and a step-time bound, before launch
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
     longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
     longtrain bench passkey [CONFIG]        train + evaluate passkey retrieval at 16K (docs/benchmarks.md)
     longtrain bench comm [--layers 4]       collectives and host syncs of one micro-batch, per kind
+    longtrain bench plan [--only NAME]      the plan (memory, bytes) against short training runs
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-BENCHMARKS = ("attention", "actquant", "passkey", "comm")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan")
 
 
 def _bench(argv: list[str]) -> int:
@@ -60,7 +62,13 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"check": _check, "bench": _bench, "prepare": _prepare, "check-data": _check_data, "train": _train,
+def _plan(argv: list[str]) -> int:
+    from longtrain.planner.cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"plan": _plan, "check": _check, "bench": _bench, "prepare": _prepare, "check-data": _check_data, "train": _train,
             "eval": _eval}
 
 

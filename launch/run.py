@@ -154,6 +154,15 @@ def rank_peaks(device: torch.device, mesh) -> list[float]:
     return [round(float(p), 1) for p in peak.cpu()]
 
 
+def _sent(mesh) -> dict[str, int]:
+    """Bytes this rank sent per collective kind since the last call (`CommStats`), then reset."""
+    if mesh is None:
+        return {}
+    sent = {k: v["bytes"] for k, v in mesh.stats.snapshot().items()}
+    mesh.stats.reset()
+    return sent
+
+
 def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[dict]:
     """Run (or resume) the job described by `cfg` on this rank; returns rank 0's metric rows.
     `stop_at` ends this run early at that step (as a kill would), leaving the schedule intact."""
@@ -166,6 +175,7 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
     passkey = cfg.data.source == "passkey"
     rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
+    _sent(mesh)  # set-up and resume are not the first step's
     try:
         while trainer.step < min(cfg.steps, stop_at or cfg.steps):
             try:
@@ -178,17 +188,19 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
                 path = _save(cfg, trainer, root)
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
+            sent = _sent(mesh)  # this step's collectives (rank 0's count), before peaks adds its own
             peaks = rank_peaks(device, mesh)
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
-                   "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "skipped": r.skipped,
-                   "time": time.time()}
+                   "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
+                   "skipped": r.skipped, "time": time.time()}
             evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0
             if evaluated:
                 row.update(evaluate(trainer, held_out_loader(cfg, mesh), cfg.eval_batches, passkey))
             saved = cfg.checkpoint.every and (trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.steps)
             if saved:
                 _save(cfg, trainer, root)
+            _sent(mesh)  # evaluation and saving are not the step's
             if rank0:
                 rows.append(row)
                 metrics.write(row)

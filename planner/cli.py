@@ -1,0 +1,119 @@
+"""`longtrain plan CONFIG [--set k=v] [--world N] [--device-memory 80GiB] [--json]`: know before you launch.
+
+Per rank: parameters, gradients, optimizer state, activations saved under the config's
+checkpoint and act-quant policy, attention and loss workspace, communication buffers and the
+peak; FLOPs per step; bytes sent per step per collective kind; a lower bound on the step
+time. With --world N: the layouts of N ranks that fit, best first. --json prints one object
+whose `peak_mib` is the largest rank's planned peak, in the unit and sense of the
+`peak_mem_mib` that training writes to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from .memory import MIB
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9,
+          "tb": 1e12}
+
+
+def parse_size(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"size {text!r}: give a number and a unit, e.g. 80GiB, 24GB or 512MiB")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _size(text: str) -> float:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(prog="longtrain plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", nargs="?", help="TOML file (omit for the defaults)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--world", type=int, help="list the layouts of this many ranks that fit, best first")
+    ap.add_argument("--device-memory", type=_size, metavar="SIZE",
+                    help="memory per rank (default on CPU: this machine's memory shared by the ranks)")
+    ap.add_argument("--gpu", choices=["h100", "h200", "a100", "l40s"],
+                    help="plan for this GPU: datasheet bf16 rate, allocator peak (no process baseline)")
+    ap.add_argument("--baseline-mib", type=float, help="a rank's resident baseline (default: measured, CPU)")
+    ap.add_argument("--rate-gflops", type=float, help="FLOP rate per rank (default: measured fp32 matmul, CPU)")
+    ap.add_argument("--link-gbps", type=float, default=10.0, help="GB/s a rank sends at (step-time bound)")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    return ap.parse_args(argv)
+
+
+def _machine(cfg, args, ranks_here: int) -> tuple[float, float, float | None, str]:
+    """(baseline bytes, FLOP/s per rank, memory limit per rank, where the numbers come from)."""
+    from .flops import DATASHEET
+    from .machine import matmul_rate, measure_baseline_mib
+
+    if args.gpu or cfg.device == "cuda":
+        gpu = args.gpu or "h100"
+        rate = (args.rate_gflops or 0) * 1e9 or DATASHEET[gpu]
+        return (args.baseline_mib or 0) * MIB, rate, args.device_memory, f"{gpu} datasheet (unverified on GPU)"
+    threads = max(1, (os.cpu_count() or 1) // ranks_here)
+    rate = (args.rate_gflops or 0) * 1e9 or matmul_rate(threads)
+    if args.baseline_mib is not None:
+        base, how = args.baseline_mib * MIB, "given baseline"
+    else:
+        try:
+            base, how = measure_baseline_mib(cfg, ranks_here) * MIB, "measured baseline"
+        except Exception as e:  # noqa: BLE001 - no data here: say so, plan without it
+            base, how = 0.0, f"no baseline ({str(e).splitlines()[0][:80]}); pass --baseline-mib"
+    limit = args.device_memory
+    if limit is None:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks_here
+    return base, rate, limit, f"{how}; fp32 matmul {rate / 1e9:.0f} GFLOP/s per rank ({threads} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    from longtrain.launch.config import ConfigError, load_tree
+    from longtrain.launch.train_config import expand_stages
+
+    try:
+        cfg = expand_stages(load_tree(args.config, args.overrides))[-1]
+        if args.world is not None and args.world < 1:
+            raise ValueError(f"--world {args.world} must be >= 1")
+    except (ConfigError, ValueError) as e:
+        print(f"longtrain plan: {e}", file=sys.stderr)
+        return 2
+    from .report import layout_table, plan_object, plan_text
+
+    ranks_here = args.world or cfg.parallel.world_size
+    base, rate, limit, source = _machine(cfg, args, ranks_here)
+    link = args.link_gbps * 1e9
+    if args.world is not None:
+        from .search import search
+
+        fits, rejected = search(cfg, args.world, limit, base, rate, link)
+        if args.json:
+            print(json.dumps({"world": args.world, "fits": [plan_object(
+                _with(cfg, c.parallel), base, rate, link, source) for c in fits],
+                "rejected": [{"layout": str(d), "why": why} for d, why in rejected]}))
+        else:
+            print(layout_table(fits, rejected, limit, source))
+        return 0 if fits else 1
+    obj = plan_object(cfg, base, rate, link, source, limit)
+    print(json.dumps(obj) if args.json else plan_text(cfg, obj))
+    return 0
+
+
+def _with(cfg, dims):
+    import dataclasses
+
+    return dataclasses.replace(cfg, parallel=dims)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

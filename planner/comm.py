@@ -1,0 +1,97 @@
+"""Bytes one rank sends per optimizer step, per collective kind, as `CommStats` counts them.
+
+Mirrors the collectives the model issues (`models.transformer`, `parallel.*`) and their byte
+convention (`parallel.comm`: all-reduce 2(P-1)/P of its input, all-gather (P-1) shards,
+reduce-scatter and all-to-all (P-1)/P of their input, a ring hop its whole message), with the
+forward collectives that activation checkpointing repeats in backward. Expert all-to-alls
+depend on routing; they are planned for a uniform router (the balance losses' target).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from longtrain.launch.train_config import TrainConfig
+from longtrain.parallel.attention.blocks import hop_plan
+
+from .shapes import local_sizes, param_counts
+
+META_INTS = 11  # values in the attention plan's agreement vector (`attention.plan._validate`)
+
+
+def _ar(nbytes: float, p: int) -> float:
+    return 2 * nbytes * (p - 1) / p if p > 1 else 0.0
+
+
+def _rs(nbytes: float, p: int) -> float:  # reduce-scatter and all-to-all of an `nbytes` input
+    return nbytes * (p - 1) / p if p > 1 else 0.0
+
+
+def act_bytes(cfg: TrainConfig) -> int:
+    return 2 if cfg.precision == "bf16" else 4
+
+
+def _layer(cfg: TrainConfig, window: int | None, moe: bool) -> Counter:
+    """One layer, forward + backward (recomputation included), one micro-batch."""
+    m, p, e = cfg.model, cfg.parallel, act_bytes(cfg)
+    loc = local_sizes(m, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
+    c: Counter = Counter()
+    # Checkpointed blocks run their forward again in backward, up to the last op that saves a
+    # tensor (torch's early stop): the tp regions' entries again, and every exit but the last.
+    recompute = 0 if m.checkpoint == "none" else 1
+    attn_again = 1 if m.checkpoint == "full" else 0  # Ulysses and ring run again only under full
+    x = loc.tokens * m.dim * e
+    regions = 2 if not moe or m.moe.shared_expert else 1  # attention, then the dense FFN (or shared expert)
+    if p.tp > 1 and cfg.sequence_parallel:  # gather in, reduce-scatter out of each region
+        c["all_gather"] += _rs(x, p.tp) * regions * (2 + recompute)
+        c["reduce_scatter"] += _rs(x, p.tp) * (regions * 2 + recompute * (regions - 1))
+    elif p.tp > 1:  # backward all-reduce in, forward all-reduce out
+        c["all_reduce"] += _ar(x, p.tp) * (regions * 2 + recompute * (regions - 1))
+    u = p.cp_ulysses
+    if u > 1:
+        kv_heads = max(m.n_kv_heads // p.tp, u)  # replicated up to the Ulysses degree
+        qkvo = loc.tokens * (2 * loc.q_dim + 2 * kv_heads * m.head_dim) * e
+        c["all_to_all"] += _rs(qkvo, u) * (2 + attn_again)
+    if p.cp_ring > 1:
+        k1, k2 = hop_plan(cfg.data.seq_len, p.cp_ring, True, window, "zigzag")
+        kv = 2 * loc.ring_tokens * (loc.kv_dim_ring // u) * e  # stacked K and V after Ulysses
+        c["ring_kv"] += (k1 + k2) * kv * (2 + attn_again)
+        c["ring_dkv"] += (k1 + k2) * kv // e * 4  # fp32 accumulators travel home
+    if moe and p.ep > 1:
+        rows = loc.stream * m.moe.top_k * m.dim * e * (p.ep - 1) / p.ep  # uniform routing
+        c["expert_all_to_all"] += rows * 2 * (2 + recompute)
+    return c
+
+
+def micro_batch_bytes(cfg: TrainConfig) -> Counter:
+    """Forward + backward of one micro-batch (the plan's collectives included)."""
+    m, p = cfg.model, cfg.parallel
+    loc = local_sizes(m, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
+    c: Counter = Counter()
+    for i in range(m.n_layers):
+        c.update(_layer(cfg, m.layer_window(i), m.is_moe_layer(i)))
+    cp = p.cp_ring * p.cp_ulysses
+    if cp > 1:
+        c["agreement"] += META_INTS * 8 * (cp - 1)
+        b, s = cfg.data.batch_size, cfg.data.seq_len
+        c["doc_ids"] += b * s // cp * 8 * (p.cp_ulysses - 1) + b * s // p.cp_ring * 8 * (p.cp_ring - 1)
+    if p.tp > 1:
+        x = loc.tokens * m.dim * act_bytes(cfg)
+        if cfg.sequence_parallel:  # embedding reduce-scatter, loss-input gather (and their backward)
+            c["reduce_scatter"] += 2 * _rs(x, p.tp)
+            c["all_gather"] += 2 * _rs(x, p.tp)
+        else:
+            c["all_reduce"] += 2 * _ar(x, p.tp)
+        # vocab-parallel cross-entropy: max, sum-exp and target per token (fp32), again in backward
+        c["all_reduce"] += 6 * _ar(loc.tokens * 4, p.tp)
+    return c
+
+
+def step_bytes(cfg: TrainConfig) -> dict[str, float]:
+    """Every kind for one optimizer step: micro-batches, then the gradient reductions."""
+    m, p = cfg.model, cfg.parallel
+    c = Counter({k: v * cfg.grad_accum for k, v in micro_batch_bytes(cfg).items()})
+    n = param_counts(m, p, cfg.sequence_parallel)
+    dp_cp = p.dp * p.cp_ring * p.cp_ulysses
+    c["all_reduce"] += _ar(n.dense * 4, dp_cp) + _ar(n.expert * 4, dp_cp // p.ep) + _ar(n.tp_partial * 4, p.tp)
+    return {k: float(v) for k, v in sorted(c.items()) if v}

@@ -1,0 +1,161 @@
+"""Peak memory of one rank, tensor by tensor, from the config and the layout.
+
+The peak of a training step is the larger of two moments:
+- backward of the top layer: weights, gradients and optimizer state, everything every layer
+  saved for backward (what the checkpoint policy keeps, quantized where act_quant says), the
+  tensors the top layer recomputes and the gradients it produces, plus the buffers of its
+  collectives (ring K/V in flight, Ulysses all-to-all copies);
+- the gradient sync and optimizer step: weights, gradients, moments and one bucket.
+On CPU the measured peak is the resident set, so the process's own baseline (Python, torch,
+the backend, the data reader) is added; on GPU the allocator's peak, without it.
+Sizes follow the code (`models.transformer`, `models.layers`, `parallel.attention`):
+`bench plan` measures them side by side with real runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longtrain.launch.train_config import TrainConfig
+
+from .comm import act_bytes
+from .shapes import Local, local_sizes, param_counts
+
+MIB = 2**20
+BUCKET = 64 * MIB  # gradient all-reduce bucket (`parallel.grads`)
+
+
+@dataclass
+class Item:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """Per-rank memory items (bytes) in groups, and the peak."""
+
+    groups: dict[str, list[Item]] = field(default_factory=dict)
+    baseline: float = 0.0
+
+    def total(self, group: str) -> float:
+        return sum(i.bytes for i in self.groups.get(group, []))
+
+    @property
+    def backward_peak(self) -> float:
+        return self.baseline + sum(self.total(g) for g in ("state", "batch", "saved", "transient"))
+
+    @property
+    def step_peak(self) -> float:
+        return self.baseline + self.total("state") + self.total("batch") + self.total("sync")
+
+    @property
+    def peak(self) -> float:
+        return max(self.backward_peak, self.step_peak)
+
+
+def _state(cfg: TrainConfig) -> list[Item]:
+    n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel).total
+    return [Item("parameters", 4 * n, f"{n:,} fp32 on this rank"),
+            Item("gradients", 4 * n, "fp32, from the first backward to the optimizer step"),
+            Item("AdamW moments", 8 * n, "exp_avg + exp_avg_sq, fp32")]
+
+
+def _batch(cfg: TrainConfig, loc: Local) -> list[Item]:
+    full = cfg.data.batch_size * (cfg.data.seq_len + 1) * cfg.grad_accum
+    cp = cfg.parallel.cp_ring > 1
+    return [Item("batches", 8 * 3 * full + 8 * 3 * loc.tokens * cfg.grad_accum,
+                 "ids, labels, doc ids: the loader's full sequences and this rank's shards, int64"),
+            Item("document ids, whole sequence", 8 * cfg.data.batch_size * cfg.data.seq_len if cp else 0,
+                 "gathered once per batch for the ring plan")]
+
+
+def _attention_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
+    """What one layer's attention keeps for backward: q, k, v, out and the fp32 lse; int8 under act_quant."""
+    m = cfg.model
+    kvp = max(cfg.parallel.cp_ulysses, m.n_kv_heads // cfg.parallel.tp) * m.head_dim  # K/V after Ulysses
+    elems = loc.tokens * (2 * loc.q_dim + 2 * kvp)
+    lse = loc.tokens * loc.heads * 4
+    q = m.act_quant
+    if q is not None and "attention" in q.layers:  # [.., heads, head_dim] tensors: 1 byte + a scale per head
+        return elems + (elems / m.head_dim * 4 if q.scale == "token" else 0) + lse
+    return elems * e + lse
+
+
+def _layer_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
+    m, p = cfg.model, cfg.parallel
+    x = loc.stream * m.dim * e  # the layer's input: every policy keeps it
+    if m.checkpoint == "full":
+        return x
+    q = m.act_quant
+    # the attention output as the rest of the block receives it: a new tensor after the Ulysses
+    # all-to-all, and kept in full precision beside attention's quantized copy under act_quant
+    o = loc.tokens * loc.q_dim * e if p.cp_ulysses > 1 or (q is not None and "attention" in q.layers) else 0
+    gates = loc.tokens * loc.heads * 4 if m.moh is not None else 0
+    saved = x + _attention_saved(cfg, loc, e) + o + gates
+    if m.checkpoint == "selective":
+        return saved
+    # no checkpointing: both norms keep their input, normalized value and 1/rms; the linears
+    # their (tp-gathered) input; SwiGLU its gate, up, activation and product (unless chunked,
+    # which recomputes them). RoPE keeps only its tables (shared).
+    sp = p.tp > 1 and cfg.sequence_parallel
+    norms = 3 * x + 2 * loc.stream * 4  # h, both normalized values, both 1/rms
+    linear_in = 2 * loc.tokens * m.dim * e if sp else 2 * loc.stream * m.dim * e
+    mlp_e = 1 + 4 / q.group_size if q is not None and "mlp" in q.layers else e
+    mlp = 0 if m.mlp_chunk else 4 * loc.tokens * loc.ffn * mlp_e
+    return saved + norms + linear_in + mlp
+
+
+def _saved(cfg: TrainConfig, loc: Local) -> list[Item]:
+    m, e = cfg.model, act_bytes(cfg)
+    per = _layer_saved(cfg, loc, e)
+    sp = cfg.parallel.tp > 1 and cfg.sequence_parallel
+    final = 3 * loc.stream * m.dim * e + loc.stream * 4 + (loc.tokens * m.dim * e if sp else 0)
+    return [Item("layers", per * m.n_layers, f"{per / max(1, loc.tokens):.0f} B per local token per layer "
+                                             f"(checkpoint={m.checkpoint})"),
+            Item("final norm + loss input", final, "norm input, 1/rms, normalized and output (gathered over tp "
+                                                  "under TP-SP)"),
+            Item("rotary tables", loc.tokens * m.head_dim * 4, "cos, sin [tokens, head_dim/2] fp32")]
+
+
+def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
+    m, p, e = cfg.model, cfg.parallel, act_bytes(cfg)
+    kvp = max(p.cp_ulysses, m.n_kv_heads // p.tp) * m.head_dim
+    qkv = loc.tokens * (loc.q_dim + 2 * kvp)
+    attn = loc.tokens * loc.q_dim * e + qkv * 4  # dout, dq/dk/dv accumulators (fp32)
+    if m.checkpoint == "full":
+        attn += _attention_saved(cfg, loc, e)  # recomputed q, k, v, out, lse
+    if p.cp_ring > 1:  # K/V in flight both ways (send + receive), dK/dV accumulators travelling
+        kv = 2 * loc.ring_tokens * (kvp // p.cp_ulysses) * e
+        attn += 4 * kv + 4 * kv // e * 4
+    if p.cp_ulysses > 1:  # send stack + receive buffer of the largest all-to-all
+        attn += 2 * loc.tokens * loc.q_dim * e
+    sp = p.tp > 1 and cfg.sequence_parallel
+    chunk = min(m.mlp_chunk or loc.tokens, loc.tokens)
+    rest = (3 * loc.stream + (loc.tokens if sp else 0) + loc.tokens) * m.dim * e  # h, normed, gathered, out
+    rest += 6 * chunk * loc.ffn * e  # SwiGLU hidden states and their gradients
+    resid = 2 * loc.stream * m.dim * e  # gradient of the residual stream, in and out
+    rows = min(m.loss_chunk, loc.tokens // cfg.data.batch_size) * cfg.data.batch_size
+    loss = 3 * rows * (m.vocab_size // p.tp) * 4  # logits, softmax, gradient of one chunk (fp32)
+    return [Item("top layer backward", max(attn, rest) + resid,
+                 f"max(attention {attn / MIB:.0f} MiB, MLP part {rest / MIB:.0f} MiB) + residual gradients"),
+            Item("loss chunk", loss, f"{rows} rows x vocab/tp logits, fp32, recomputed per chunk")]
+
+
+def _sync(cfg: TrainConfig) -> list[Item]:
+    n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel).total
+    return [Item("gradient bucket", 2 * min(BUCKET, 4 * n), "flattened bucket and its reduced copy")]
+
+
+def memory_plan(cfg: TrainConfig, baseline_bytes: float = 0.0) -> MemoryPlan:
+    loc = local_sizes(cfg.model, cfg.parallel, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
+    return MemoryPlan({"state": _state(cfg), "batch": _batch(cfg, loc), "saved": _saved(cfg, loc),
+                       "transient": _transient(cfg, loc), "sync": _sync(cfg)}, baseline_bytes)
+
+
+def bytes_per_token(cfg: TrainConfig) -> float:
+    """Activation bytes (saved + transient) per local token per layer: the rate memory grows with S."""
+    loc = local_sizes(cfg.model, cfg.parallel, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
+    plan = memory_plan(cfg)
+    return (plan.total("saved") + plan.total("transient")) / loc.tokens / cfg.model.n_layers

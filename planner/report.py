@@ -1,0 +1,80 @@
+"""The plan as one JSON-ready object, and as the tables `longtrain plan` prints."""
+
+from __future__ import annotations
+
+from longtrain.launch.train_config import TrainConfig
+
+from .comm import step_bytes
+from .flops import step_flops
+from .memory import MIB, memory_plan
+from .search import evaluate
+from .shapes import local_sizes
+
+
+def plan_object(cfg: TrainConfig, baseline: float, rate: float, link: float, source: str,
+                limit: float | None = None) -> dict:
+    p = cfg.parallel
+    mem = memory_plan(cfg, baseline)
+    fl = step_flops(cfg)
+    loc = local_sizes(cfg.model, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
+    cand = evaluate(cfg, baseline, rate, link)
+    return {
+        "layout": {"tp": p.tp, "cp_ulysses": p.cp_ulysses, "cp_ring": p.cp_ring, "dp": p.dp, "ep": p.ep, "pp": p.pp,
+                   "world": p.world_size},
+        "tokens_per_rank": loc.tokens,
+        "peak_mib": round(mem.peak / MIB, 1),
+        "fits": None if limit is None else mem.peak <= limit,
+        "limit_mib": None if limit is None else round(limit / MIB, 1),
+        "memory_mib": {"baseline": round(mem.baseline / MIB, 1),
+                       **{g: {i.name: round(i.bytes / MIB, 1) for i in items} for g, items in mem.groups.items()},
+                       "backward_peak": round(mem.backward_peak / MIB, 1), "step_peak": round(mem.step_peak / MIB, 1)},
+        "activation_bytes_per_token_per_layer": round((mem.total("saved") + mem.total("transient"))
+                                                      / loc.tokens / cfg.model.n_layers, 1),
+        "flops": {"model_per_step": fl.model, "hardware_per_step": fl.hardware, "per_rank": fl.per_rank},
+        "bytes_per_step": {k: round(v) for k, v in step_bytes(cfg).items()},
+        "step_seconds_min": round(cand.seconds, 3),
+        "rate_flops_per_rank": rate,
+        "source": source,
+    }
+
+
+def _mib(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def plan_text(cfg: TrainConfig, obj: dict) -> str:
+    lay = obj["layout"]
+    ep = f" (ep {lay['ep']})" if lay["ep"] > 1 else ""
+    lines = [f"layout: tp {lay['tp']} x cp_ulysses {lay['cp_ulysses']} x cp_ring {lay['cp_ring']} x dp {lay['dp']}"
+             f"{ep} = {lay['world']} ranks; "
+             f"{obj['tokens_per_rank']:,} tokens per rank per micro-batch", "",
+             "| memory per rank | MiB | what |", "|---|---|---|",
+             f"| baseline | {_mib(obj['memory_mib']['baseline'])} | the process before its tensors ({obj['source']}) |"]
+    mem = memory_plan(cfg)
+    for group, items in mem.groups.items():
+        for i in items:
+            lines.append(f"| {group}: {i.name} | {_mib(i.bytes / MIB)} | {i.note} |")
+    m = obj["memory_mib"]
+    fits = "" if obj["fits"] is None else (" (fits)" if obj["fits"] else f" (does NOT fit {obj['limit_mib']:,.0f})")
+    lines += [f"| **peak** | **{_mib(obj['peak_mib'])}**{fits} | max(backward {_mib(m['backward_peak'])}, "
+              f"optimizer step {_mib(m['step_peak'])}) |", "",
+              f"activations: {obj['activation_bytes_per_token_per_layer']:,.0f} B per local token per layer", "",
+              "| sent per step per rank | MiB |", "|---|---|"]
+    lines += [f"| {k} | {v / MIB:,.2f} |" for k, v in obj["bytes_per_step"].items()]
+    f = obj["flops"]
+    lines += ["", f"FLOPs per step: model {f['model_per_step']:.3g}, with recomputation {f['hardware_per_step']:.3g} "
+                  f"({f['per_rank']:.3g} per rank)",
+              f"step time >= {obj['step_seconds_min']:.2f} s at {obj['rate_flops_per_rank'] / 1e9:,.0f} GFLOP/s per rank"]
+    return "\n".join(lines)
+
+
+def layout_table(fits, rejected, limit: float | None, source: str) -> str:
+    lines = [f"layouts that fit{'' if limit is None else f' in {limit / MIB:,.0f} MiB per rank'}, best first "
+             f"({source}):", "", "| layout | peak MiB | step s >= | compute s | blocking comm s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {c.name()} | {_mib(c.peak_bytes / MIB)} | {c.seconds:.2f} | {c.compute_seconds:.2f} | "
+              f"{c.comm_seconds:.2f} |" for c in fits]
+    if rejected:
+        lines += ["", "not possible:"] + [f"- tp{d.tp} x ulysses{d.cp_ulysses} x ring{d.cp_ring} x dp{d.dp}"
+                                          f"{f' (ep{d.ep})' if d.ep > 1 else ''}: {why}" for d, why in rejected]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The planner's arithmetic against real models on real layouts: parameters per rank, and the
+bytes every collective kind sends in a training micro-batch and gradient sync (CommStats)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longtrain.launch.train_config import DataConfig, TrainConfig
+from longtrain.models.config import ModelConfig
+from longtrain.models.transformer import IGNORE, build_model
+from longtrain.parallel.attention import shard_sequence
+from longtrain.parallel.grads import sync_gradients
+from longtrain.parallel.mesh import ParallelDims
+from longtrain.planner.comm import step_bytes
+from longtrain.planner.shapes import param_counts
+from tests.dist import mesh_for
+
+BASE = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, loss_chunk=40)
+
+
+def _cfg(degrees: dict, model: dict, seq: int, batch: int, sp: bool = True) -> TrainConfig:
+    return TrainConfig(model=ModelConfig(**model), parallel=ParallelDims(**degrees),
+                       data=DataConfig(seq_len=seq, batch_size=batch), sequence_parallel=sp)
+
+
+def measured_step(degrees: dict, model: dict, seq: int, batch: int, sp: bool):
+    """One trainer-like micro-batch + gradient sync: (CommStats bytes per kind, local params)."""
+    cfg = _cfg(degrees, model, seq, batch, sp)
+    mesh = mesh_for(**degrees)
+    net = build_model(cfg.model, mesh, seed=0, sequence_parallel=sp)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = IGNORE
+    doc = torch.sort(torch.randint(0, 3, (batch, seq), generator=g), dim=1).values
+    local = [shard_sequence(t, mesh) for t in (ids, labels, doc)]
+    mesh.stats.reset()
+    out = net(*local)
+    (out.loss_sum / 100.0 + out.aux).backward()
+    sync_gradients(net.parameters(), mesh)
+    return dict(mesh.stats.bytes_sent), sum(p.numel() for p in net.parameters())
+
+
+MOE = dict(BASE, moe=dict(num_experts=2, top_k=2, shared_expert=True), checkpoint="selective")  # every token to every expert: routing-independent
+CASES = {  # name: (degrees, model, seq, batch, sequence_parallel)
+    "tp2-sp-selective": (dict(tp=2, dp=2), dict(BASE, checkpoint="selective"), 64, 2, True),
+    "ring2-layer-windows": (dict(cp_ring=2, dp=2), dict(BASE, n_layers=3, layer_windows=(0, 12, 40)), 128, 1, True),
+    "ulysses2-mqa-full": (dict(cp_ulysses=2, tp=2), dict(BASE, n_kv_heads=2, checkpoint="full"), 64, 2, True),
+    "ring2xulysses2": (dict(cp_ring=2, cp_ulysses=2), dict(BASE, window=24), 128, 2, True),
+    "tp2-ring2-no-sp": (dict(tp=2, cp_ring=2), dict(BASE, moh=dict(shared_heads=1, top_k=2), checkpoint="full"), 64, 1,
+                        False),
+    "ep2-moe-dp2": (dict(dp=2, cp_ring=2, ep=2), MOE, 64, 1, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bytes_and_params_match_a_real_step(pool4, name):
+    degrees, model, seq, batch, sp = CASES[name]
+    cfg = _cfg(degrees, model, seq, batch, sp)
+    want = step_bytes(cfg)
+    results = pool4.run(measured_step, degrees, model, seq, batch, sp)
+    for got, n_params in results:
+        assert n_params == param_counts(cfg.model, cfg.parallel, sp).total
+        assert set(got) == set(want), (sorted(got), sorted(want))
+        for kind, b in got.items():
+            assert abs(b - want[kind]) <= 0.01 * b + 16, (kind, b, want[kind])
+
+
+# ---------------------------------------------------------------- memory, FLOPs, layouts (one process)
+
+def _saved_by_autograd(cfg: TrainConfig) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward (one process)."""
+    model = build_model(cfg.model, None, seed=0)
+    b, s = cfg.data.batch_size, cfg.data.seq_len
+    ids = torch.randint(0, cfg.model.vocab_size, (b, s))
+    doc = (torch.arange(s) // 100).expand(b, s)
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        kept[st.data_ptr()] = max(kept.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, torch.roll(ids, -1, 1), doc)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    quantized = model.quant.meter.stored  # what act_quant's own hooks kept (ours do not see those)
+    return sum(v for k, v in kept.items() if k not in params) + quantized
+
+
+@pytest.mark.parametrize("model", [
+    dict(checkpoint="selective", mlp_chunk=64), dict(checkpoint="full"), dict(checkpoint="none"),
+    dict(checkpoint="none", mlp_chunk=64), dict(checkpoint="selective", act_quant=dict(layers=["attention"])),
+    dict(checkpoint="selective", window=100, n_kv_heads=1),
+], ids=["selective", "full", "none", "none-mlp-chunk", "selective-actquant", "selective-window-mqa"])
+def test_saved_activations_match_autograd(model):
+    """What the plan says is kept for backward is what autograd keeps (to 3%)."""
+    cfg = _cfg({}, dict(BASE, dim=128, n_heads=4, ffn_hidden=256, loss_chunk=256, **model), 1024, 1)
+    from longtrain.planner.memory import memory_plan
+
+    planned = memory_plan(cfg).total("saved")
+    got = _saved_by_autograd(cfg)
+    assert abs(planned - got) <= 0.03 * got, (planned, got)
+
+
+def test_model_flops_match_flop_counter():
+    """Matmul FLOPs of a step (no recomputation) against torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longtrain.planner.flops import kept_pairs, step_flops
+
+    cfg = _cfg({}, dict(BASE, loss_chunk=64), 128, 2)
+    model = build_model(cfg.model, None, seed=0)
+    ids = torch.randint(0, 64, (2, 128))
+    with FlopCounterMode(display=False) as counter:
+        out = model(ids, torch.roll(ids, -1, 1))
+        (out.loss_sum / out.tokens).backward()
+    counted = counter.get_total_flops()
+    m = cfg.model
+    attention = 3 * 4 * m.n_heads * m.head_dim * kept_pairs(128, None) * 2 * m.n_layers
+    planned = step_flops(cfg).model - attention  # the counter does not see the CPU flash kernel
+    loss_recompute = 2 * m.vocab_size * m.dim * 256  # the loss chunks' logits, recomputed in backward
+    assert abs(planned + loss_recompute - counted) <= 0.02 * counted, (planned, counted)
+
+
+def test_plan_cli_json_and_layouts(capsys):
+    from longtrain.planner.cli import main
+
+    sets = ["--set", "model.n_layers=2", "--set", "model.dim=128", "--set", "data.seq_len=4096",
+            "--baseline-mib", "300", "--rate-gflops", "50"]
+    assert main(["--json", "--set", "parallel.cp_ring=2", *sets]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["peak_mib"] > 300 and obj["layout"]["world"] == 2 and obj["bytes_per_step"]["ring_kv"] > 0
+    assert main(["--world", "4", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=2", *sets]) == 0
+    text = capsys.readouterr().out
+    assert "tp1 x ulysses1 x ring4 x dp1" in text and "tp4" in text.split("not possible:")[1]  # 2 heads: no tp4
+    with pytest.raises(SystemExit):
+        main(["--device-memory", "80 parsecs", *sets])
+    assert "give a number and a unit" in capsys.readouterr().err
+
+
+def test_plan_rejects_a_bad_config(capsys):
+    from longtrain.planner.cli import main
+
+    assert main(["--set", "data.seq_len=1004", "--set", "parallel.cp_ring=4", "--baseline-mib", "1"]) == 2
+    assert "divisible by 8" in capsys.readouterr().err
