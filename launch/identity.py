@@ -53,14 +53,24 @@ def data_identity(data) -> dict:
 
 
 def run_identity(cfg) -> dict:
-    return {"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data)}
+    """As saved in COMMITTED.json (JSON: tuples become lists), so saved and current compare equal."""
+    return json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data)}))
+
+
+def _model_defaults() -> dict:
+    from longtrain.models.config import ModelConfig
+
+    return _flat(json.loads(json.dumps(dataclasses.asdict(ModelConfig()))))
 
 
 def differences(saved: dict, mine: dict, resume: bool) -> list[str]:
     """Human-readable differences that forbid loading `saved` into a run described by `mine`."""
     out = []
     old, new = _flat(saved.get("model", {})), _flat(mine["model"])
+    defaults = _model_defaults()
     for key in sorted(set(old) | set(new)):
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a setting added since the checkpoint was written, left at its default
         free = key in EXECUTION or key.split(".")[0] in EXECUTION
         relevant = not free if resume else key in SHAPES
         if relevant and old.get(key) != new.get(key):

@@ -174,11 +174,12 @@ class RingP2P:
     def _global(self, r: int) -> int:
         return dist.get_global_rank(self.group, r % self.size)
 
-    def exchange(self, t: torch.Tensor, shift: int = 1) -> None:
+    def exchange(self, t: torch.Tensor, shift: int = 1, recv_shape: tuple[int, ...] | None = None) -> None:
+        """`recv_shape`: what the sender `shift` places behind sends (default: the shape of `t`)."""
         if self._works:
             raise RuntimeError("RingP2P.exchange called before the previous exchange was waited on")
         t = t.contiguous()
-        self._recv = torch.empty_like(t)
+        self._recv = torch.empty(recv_shape or t.shape, dtype=t.dtype, device=t.device)
         ops = [dist.P2POp(dist.isend, t, self._global(self.rank + shift), self.group, self.tag),
                dist.P2POp(dist.irecv, self._recv, self._global(self.rank - shift), self.group, self.tag)]
         self._works = dist.batch_isend_irecv(ops)

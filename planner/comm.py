@@ -13,6 +13,7 @@ from collections import Counter
 
 from longtrain.launch.train_config import TrainConfig
 from longtrain.parallel.attention.blocks import hop_plan
+from longtrain.parallel.attention.ringplan import message_rows
 
 from .shapes import local_sizes, param_counts
 
@@ -31,7 +32,20 @@ def act_bytes(cfg: TrainConfig) -> int:
     return 2 if cfg.precision == "bf16" else 4
 
 
-def _layer(cfg: TrainConfig, window: int | None, moe: bool) -> Counter:
+def ring_rows(seq_len: int, ring: int, window: int | None, rank: int = 0) -> tuple[int, int]:
+    """(K/V rows ring rank `rank` sends in one pass, dK/dV rows it sends in backward): its own
+    message and those it relays, in each direction (`ringplan.message_rows`)."""
+    sent = acc = 0
+    for shift, hops in zip((1, -1), hop_plan(seq_len, ring, True, window, "zigzag")):
+        rows = [message_rows(seq_len, ring, (rank - s * shift) % ring, shift, True, window, "zigzag")
+                for s in range(hops + 1)]
+        sizes = [hi - lo for lo, hi in rows]
+        sent += sum(sizes[:hops])  # own message, then the ones received, relayed on (not the last)
+        acc += sum(sizes[1:hops + 1]) if hops else 0  # relayed accumulators, then the last one home
+    return sent, acc
+
+
+def _layer(cfg: TrainConfig, window: int | None, moe: bool, ring_rank: int) -> Counter:
     """One layer, forward + backward (recomputation included), one micro-batch."""
     m, p, e = cfg.model, cfg.parallel, act_bytes(cfg)
     loc = local_sizes(m, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
@@ -53,23 +67,25 @@ def _layer(cfg: TrainConfig, window: int | None, moe: bool) -> Counter:
         qkvo = loc.tokens * (2 * loc.q_dim + 2 * kv_heads * m.head_dim) * e
         c["all_to_all"] += _rs(qkvo, u) * (2 + attn_again)
     if p.cp_ring > 1:
-        k1, k2 = hop_plan(cfg.data.seq_len, p.cp_ring, True, window, "zigzag")
-        kv = 2 * loc.ring_tokens * (loc.kv_dim_ring // u) * e  # stacked K and V after Ulysses
-        c["ring_kv"] += (k1 + k2) * kv * (2 + attn_again)
-        c["ring_dkv"] += (k1 + k2) * kv // e * 4  # fp32 accumulators travel home
+        row = 2 * cfg.data.batch_size * (loc.kv_dim_ring // u) * e  # stacked K and V of one position
+        sent, acc = ring_rows(cfg.data.seq_len, p.cp_ring, window, ring_rank)
+        c["ring_kv"] += sent * row * (2 + attn_again)
+        c["ring_dkv"] += acc * row // e * 4  # fp32 accumulators travel home
     if moe and p.ep > 1:
         rows = loc.stream * m.moe.top_k * m.dim * e * (p.ep - 1) / p.ep  # uniform routing
         c["expert_all_to_all"] += rows * 2 * (2 + recompute)
     return c
 
 
-def micro_batch_bytes(cfg: TrainConfig) -> Counter:
-    """Forward + backward of one micro-batch (the plan's collectives included)."""
+def micro_batch_bytes(cfg: TrainConfig, ring_rank: int = 0) -> Counter:
+    """Forward + backward of one micro-batch (the plan's collectives included), on a rank at
+    `ring_rank` of its ring (ring messages carry only the keys their receivers need, so ring
+    ranks send different amounts)."""
     m, p = cfg.model, cfg.parallel
     loc = local_sizes(m, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
     c: Counter = Counter()
     for i in range(m.n_layers):
-        c.update(_layer(cfg, m.layer_window(i), m.is_moe_layer(i)))
+        c.update(_layer(cfg, m.layer_window(i), m.is_moe_layer(i), ring_rank))
     cp = p.cp_ring * p.cp_ulysses
     if cp > 1:
         c["agreement"] += META_INTS * 8 * (cp - 1)
@@ -87,10 +103,13 @@ def micro_batch_bytes(cfg: TrainConfig) -> Counter:
     return c
 
 
-def step_bytes(cfg: TrainConfig) -> dict[str, float]:
-    """Every kind for one optimizer step: micro-batches, then the gradient reductions."""
+def step_bytes(cfg: TrainConfig, ring_rank: int | None = None) -> dict[str, float]:
+    """Every kind for one optimizer step: micro-batches, then the gradient reductions, sent by a
+    rank at `ring_rank` of its ring (None: the ring rank that sends the most)."""
     m, p = cfg.model, cfg.parallel
-    c = Counter({k: v * cfg.grad_accum for k, v in micro_batch_bytes(cfg).items()})
+    if ring_rank is None:
+        ring_rank = max(range(p.cp_ring), key=lambda r: sum(micro_batch_bytes(cfg, r).values()))
+    c = Counter({k: v * cfg.grad_accum for k, v in micro_batch_bytes(cfg, ring_rank).items()})
     n = param_counts(m, p, cfg.sequence_parallel)
     dp_cp = p.dp * p.cp_ring * p.cp_ulysses
     c["all_reduce"] += _ar(n.dense * 4, dp_cp) + _ar(n.expert * 4, dp_cp // p.ep) + _ar(n.tp_partial * 4, p.tp)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from longtrain.launch.train_config import TrainConfig
 
+from longtrain.parallel.attention.ringplan import message_rows
+
 from .comm import act_bytes
 from .shapes import Local, local_sizes, param_counts
 
@@ -126,8 +128,10 @@ def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
     attn = loc.tokens * loc.q_dim * e + qkv * 4  # dout, dq/dk/dv accumulators (fp32)
     if m.checkpoint == "full":
         attn += _attention_saved(cfg, loc, e)  # recomputed q, k, v, out, lse
-    if p.cp_ring > 1:  # K/V in flight both ways (send + receive), dK/dV accumulators travelling
-        kv = 2 * loc.ring_tokens * (kvp // p.cp_ulysses) * e
+    if p.cp_ring > 1:  # K/V messages in flight both ways (send + receive), dK/dV accumulators travelling
+        rows = max(hi - lo for i in range(m.n_layers) for r in range(p.cp_ring) for s in (1, -1)
+                   for lo, hi in [message_rows(cfg.data.seq_len, p.cp_ring, r, s, True, m.layer_window(i), "zigzag")])
+        kv = 2 * cfg.data.batch_size * rows * (kvp // p.cp_ulysses) * e
         attn += 4 * kv + 4 * kv // e * 4
     if p.cp_ulysses > 1:  # send stack + receive buffer of the largest all-to-all
         attn += 2 * loc.tokens * loc.q_dim * e

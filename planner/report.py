@@ -31,7 +31,8 @@ def plan_object(cfg: TrainConfig, baseline: float, rate: float, link: float, sou
         "activation_bytes_per_token_per_layer": round((mem.total("saved") + mem.total("transient"))
                                                       / loc.tokens / cfg.model.n_layers, 1),
         "flops": {"model_per_step": fl.model, "hardware_per_step": fl.hardware, "per_rank": fl.per_rank},
-        "bytes_per_step": {k: round(v) for k, v in step_bytes(cfg).items()},
+        "bytes_per_step": {k: round(v) for k, v in step_bytes(cfg).items()},  # the busiest ring rank
+        "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0).items()},  # what metrics.jsonl counts
         "step_seconds_min": round(cand.seconds, 3),
         "rate_flops_per_rank": rate,
         "source": source,

@@ -124,3 +124,19 @@ def test_ring_plan_skips_disjoint_documents():
     for per_src in plan.blocks(True, None):
         for blk, kind, _, _ in per_src:
             assert blk.q_start == blk.k_start and kind is Kind.CAUSAL  # only each chunk with itself
+
+
+def test_ring_messages_carry_only_the_keys_their_receivers_use():
+    """A window's ring message is the window's keys, not the whole shard; without a window the
+    zigzag ring still skips the chunk no receiver looks back at."""
+    from longtrain.parallel.attention.ringplan import message_rows
+
+    seq, size, window = 65536, 4, 1000
+    for layout in ("zigzag", "contiguous"):
+        for src in range(size):
+            for shift in (1, -1):
+                lo, hi = message_rows(seq, size, src, shift, True, window, layout)
+                assert hi - lo <= window - 1 or (lo, hi) == (0, 1), (layout, src, shift, lo, hi)
+    chunk = seq // (2 * size)
+    assert message_rows(seq, size, 0, 1, True, None, "zigzag") == (0, chunk)  # rank 0's late chunk is nobody's past
+    assert message_rows(seq, size, 1, 1, True, None, "zigzag") == (0, 2 * chunk)

@@ -136,3 +136,14 @@ def test_kernels_on_tiles_match_reference(causal, window, ndocs, hkv):
             assert err < 2e-5 * max(1.0, y.abs().max().item()), (name, err, tiling)
         if window is not None and tiling.leaf == 16:
             assert Kind.ANTI in kinds and Kind.FULL in kinds, kinds
+
+
+def test_band_groups_cover_every_tile_once_and_stay_bounded():
+    from longtrain.parallel.attention.ringplan import group_bands
+
+    tiles = position_tiles(0, 65536, 0, 65536, True, 4096)
+    groups = group_bands(tiles, max_rows=16384)
+    assert sum(c for _, c in groups) == len(tiles)
+    assert all(c * t[1] <= 16384 for t, c in groups)
+    expanded = sorted((t[0] + i * t[1], t[1], t[2] + i * t[1], t[3], t[4]) for t, c in groups for i in range(c))
+    assert expanded == sorted(tiles)

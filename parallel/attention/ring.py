@@ -34,13 +34,26 @@ class _Ctx:
 
     def __init__(self, group, plan: RingPlan, causal, window, scale, stats):
         self.group, self.causal, self.window, self.scale, self.stats = group, causal, window, scale, stats
-        self.size, self.rank = plan.size, plan.rank
+        self.plan, self.size, self.rank = plan, plan.size, plan.rank
         self.lists = plan.blocks(causal, window)  # cached in the plan: computed once per mask
         self.hops = plan.hops(causal, window)
 
-    def blocks(self, src: int) -> BlockList:
-        """(block, kind, q_doc, k_doc) for local queries against the shard of ring rank `src`."""
-        return self.lists[src % self.size]
+    def blocks(self, src: int, shift: int = 0) -> BlockList:
+        """(block, kind, q_doc, k_doc) for local queries against the shard of ring rank `src`:
+        its whole shard (shift 0: our own), or the message it sent in direction `shift`."""
+        if shift == 0:
+            return self.lists[src % self.size]
+        return self.plan.received(src, shift, self.causal, self.window)
+
+    def rows(self, src: int, shift: int) -> slice:
+        """The K/V rows of `src` its message in direction `shift` carries."""
+        lo, hi = self.plan.message(src, shift, self.causal, self.window)
+        return slice(lo, hi)
+
+    def message_shape(self, src: int, shift: int, like: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the stacked [2, b, rows, h_kv, d] message `src` sends in direction `shift`."""
+        r = self.rows(src, shift)
+        return (like.shape[0], like.shape[1], r.stop - r.start, *like.shape[3:])
 
     def kw(self, b: Block, q_doc, k_doc) -> dict:
         return dict(scale=self.scale, q_start=b.q_start, k_start=b.k_start, causal=self.causal,
@@ -107,8 +120,8 @@ def _add_keys(acc: torch.Tensor | None, b: Block, part: torch.Tensor, full_shape
     return acc
 
 
-def _fwd_step(c: _Ctx, q, k, v, src, acc: _Partial) -> None:
-    for b, kind, qd, kd in c.blocks(src):
+def _fwd_step(c: _Ctx, q, k, v, blocks: BlockList, acc: _Partial) -> None:
+    for b, kind, qd, kd in blocks:
         qb, kb, vb = q[b.b, b.q], k[b.b, b.k], v[b.b, b.k]
         if b.count > 1:  # equal tiles along the diagonal: one batched call
             qb, kb, vb = band_rows(qb, b.count), band_keys(kb, b.count, b.rows), band_keys(vb, b.count, b.rows)
@@ -118,10 +131,10 @@ def _fwd_step(c: _Ctx, q, k, v, src, acc: _Partial) -> None:
         acc.add(b.b, b.q, o, l_)
 
 
-def _bwd_step(c: _Ctx, dout, q, k, v, out, lse, src, dq):
-    """Gradient contributions of one shard: (dq accumulated, dk, dv of that shard)."""
+def _bwd_step(c: _Ctx, dout, q, k, v, out, lse, blocks: BlockList, dq):
+    """Gradient contributions of one shard (or message): (dq accumulated, dk, dv of its rows)."""
     dk = dv = None
-    for b, kind, qd, kd in c.blocks(src):
+    for b, kind, qd, kd in blocks:
         rows = [dout[b.b, b.q], q[b.b, b.q], out[b.b, b.q]]
         lse_, kb, vb = lse[b.b, :, b.q], k[b.b, b.k], v[b.b, b.k]
         if b.count > 1:
@@ -143,20 +156,27 @@ def _directions(c: _Ctx) -> list[tuple[int, int]]:
     return [(s, n) for s, n in ((1, fwd), (-1, bwd)) if n > 0]
 
 
+def _send_own(c: _Ctx, comm: RingP2P, k, v, shift: int) -> None:
+    """First hop of a direction: the rows of our K/V that direction needs, one message."""
+    rows = c.rows(c.rank, shift)
+    msg = torch.stack([k[:, rows], v[:, rows]])
+    comm.exchange(msg, shift, c.message_shape(c.rank - shift, shift, msg))
+
+
 def _ring_forward(c: _Ctx, q, k, v):
     acc = _Partial(q)
     comms = []
     for shift, hops in _directions(c):  # start the first hop of each direction before computing
         comm = RingP2P(c.group, c.stats, "ring_kv", _TAG_FWD + (shift < 0))
-        comm.exchange(torch.stack([k, v]), shift)  # one message per hop
+        _send_own(c, comm, k, v, shift)
         comms.append((comm, shift, hops))
-    _fwd_step(c, q, k, v, c.rank, acc)
+    _fwd_step(c, q, k, v, c.blocks(c.rank), acc)
     for comm, shift, hops in comms:
         for step in range(1, hops + 1):
-            cur = comm.wait()
+            cur = comm.wait()  # the message of rank - step * shift, relayed on unchanged
             if step < hops:
-                comm.exchange(cur, shift)
-            _fwd_step(c, q, cur[0], cur[1], c.rank - step * shift, acc)
+                comm.exchange(cur, shift, c.message_shape(c.rank - (step + 1) * shift, shift, cur))
+            _fwd_step(c, q, cur[0], cur[1], c.blocks(c.rank - step * shift, shift), acc)
     return acc.result()
 
 
@@ -165,23 +185,27 @@ def _ring_backward(c: _Ctx, dout, q, k, v, out, lse):
     for shift, hops in _directions(c):  # first hops in flight while the own shard is computed
         kv_comm = RingP2P(c.group, c.stats, "ring_kv", _TAG_BWD + (shift < 0))
         acc_comm = RingP2P(c.group, c.stats, "ring_dkv", _TAG_DKV + (shift < 0))
-        kv_comm.exchange(torch.stack([k, v]), shift)
+        _send_own(c, kv_comm, k, v, shift)
         comms.append((kv_comm, acc_comm, shift, hops))
-    dq, dk, dv = _bwd_step(c, dout, q, k, v, out, lse, c.rank, None)
+    dq, dk, dv = _bwd_step(c, dout, q, k, v, out, lse, c.blocks(c.rank), None)
+    dk, dv = dk.float(), dv.float()
     for kv_comm, acc_comm, shift, hops in comms:
         acc = None
         for step in range(1, hops + 1):
             cur = kv_comm.wait()
+            src = c.rank - step * shift
             if step < hops:
-                kv_comm.exchange(cur, shift)
-            dq, dk_, dv_ = _bwd_step(c, dout, q, cur[0], cur[1], out, lse, c.rank - step * shift, dq)
+                kv_comm.exchange(cur, shift, c.message_shape(src - shift, shift, cur))
+            dq, dk_, dv_ = _bwd_step(c, dout, q, cur[0], cur[1], out, lse, c.blocks(src, shift), dq)
             part = torch.stack([dk_.float(), dv_.float()])
             acc = part if acc is None else acc_comm.wait().add_(part)
-            if step < hops:
-                acc_comm.exchange(acc, shift)  # travels on with the shard it belongs to
-        acc_comm.exchange(acc, -hops * shift)  # home: to the rank that owns that shard
+            if step < hops:  # travels on with the message it belongs to
+                acc_comm.exchange(acc, shift, c.message_shape(src - shift, shift, acc))
+        mine = c.rows(c.rank, shift)  # home: each owner gets the gradients of the rows it sent
+        acc_comm.exchange(acc, -hops * shift, c.message_shape(c.rank, shift, acc))
         home = acc_comm.wait()
-        dk, dv = dk.float() + home[0], dv.float() + home[1]
+        dk[:, mine] += home[0]
+        dv[:, mine] += home[1]
     return dq, dk, dv
 
 

@@ -28,9 +28,13 @@ def _to_block(blk: Block, tile, bsl: slice = slice(None), count: int = 1) -> Blo
     return Block(slice(qo, qo + count * n), slice(ko, ko + (count - 1) * n + m), kind, q0, k0, bsl, count)
 
 
-def group_bands(tiles: list) -> list[tuple]:
+BAND_ROWS = 32768  # query rows of one batched call: bounds its temporaries (flips, gradients) as S grows
+
+
+def group_bands(tiles: list, max_rows: int = BAND_ROWS) -> list[tuple]:
     """[(tile, count)]: fused tiles of one shape that follow each other along the diagonal
-    (the next starts n rows and n keys later) are chained, to run as one batched call."""
+    (the next starts n rows and n keys later) are chained, to run as one batched call of at
+    most `max_rows` query rows."""
     out: list[list] = []
     ends: dict[tuple, int] = {}  # (kind, n, m, k0 - q0, next q0) -> index in out
     for t in sorted(tiles, key=lambda t: (t[0], t[2])):
@@ -44,7 +48,8 @@ def group_bands(tiles: list) -> list[tuple]:
             i = len(out)
             out.append([t, 0])
         out[i][1] += 1
-        ends[(kind, n, m, k0 - q0, q0 + n)] = i
+        if (out[i][1] + 1) * n <= max_rows:
+            ends[(kind, n, m, k0 - q0, q0 + n)] = i
     return [(t, c) for t, c in out]
 
 
@@ -73,6 +78,33 @@ def _position_blocks(seq_len: int, size: int, rank: int, src: int, causal: bool,
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=4096)
+def message_rows(seq_len: int, size: int, src: int, shift: int, causal: bool, window: int | None,
+                 layout: str, tiling: Tiling = Tiling()) -> tuple[int, int]:
+    """Rows [lo, hi) of ring rank `src`'s K/V that travel in direction `shift` (+1: to the next
+    ranks, -1: to the previous): every key some rank on that relay path uses. Without a window
+    that is the whole shard; with one, only the keys within the window of the receivers (one
+    shard of a 1M-token ring is 256K tokens, a window 4K). At least one row: the message of a
+    hop that carries nothing still keeps the ring's rhythm."""
+    hops = hop_plan(seq_len, size, causal, window, layout)[0 if shift > 0 else 1]
+    lo, hi = seq_len, 0
+    for h in range(1, hops + 1):
+        for b in _position_blocks(seq_len, size, (src + h * shift) % size, src, causal, window, layout, tiling):
+            lo, hi = min(lo, b.k.start), max(hi, b.k.stop)
+    return (lo, hi) if hi > lo else (0, 1)
+
+
+def _shifted(blocks: BlockList, lo: int) -> BlockList:
+    """The block list with key rows counted from `lo` (the first row of a message)."""
+    if lo == 0:
+        return blocks
+    out = []
+    for b, kind, qd, kd in blocks:
+        k = slice(b.k.start - lo, b.k.stop - lo)
+        out.append((Block(b.q, k, b.kind, b.q_start, b.k_start, b.b, b.count), kind, qd, kd))
+    return out
+
+
 class RingPlan:
     """Per source ring rank, the (block, kind, q_doc, k_doc) list of the local queries."""
 
@@ -84,6 +116,7 @@ class RingPlan:
         self.doc_full = doc_full  # [b, seq_len] in global position order, or None
         self._runs = None if doc_full is None else doc_runs(doc_full)
         self._lists: dict[tuple[bool, int | None], tuple[BlockList, ...]] = {}
+        self._msgs: dict[tuple, BlockList] = {}
 
     def hops(self, causal: bool, window: int | None) -> tuple[int, int]:
         return hop_plan(self.seq_len, self.size, causal, window, self.layout)
@@ -94,6 +127,19 @@ class RingPlan:
         if key not in self._lists:
             self._lists[key] = tuple(self._source(src, *key) for src in range(self.size))
         return self._lists[key]
+
+    def message(self, src: int, shift: int, causal: bool, window: int | None) -> tuple[int, int]:
+        """Rows of `src`'s K/V (its local rows) sent in direction `shift` (`message_rows`)."""
+        return message_rows(self.seq_len, self.size, src % self.size, shift, bool(causal), window, self.layout,
+                            self.tiling)
+
+    def received(self, src: int, shift: int, causal: bool, window: int | None) -> BlockList:
+        """The blocks against `src`'s shard, with key rows counted in the message it sent."""
+        key = (src % self.size, shift, bool(causal), window)
+        if key not in self._msgs:
+            lo = self.message(src, shift, causal, window)[0]
+            self._msgs[key] = _shifted(self.blocks(causal, window)[src % self.size], lo)
+        return self._msgs[key]
 
     def _source(self, src: int, causal: bool, window: int | None) -> BlockList:
         if self._runs is None:
