@@ -55,7 +55,7 @@ def measure(name: str, config: str | None, sets: list[str], steps: int) -> dict:
     later = rows[1:] or rows
     peak = max(r["peak_mem_mib"] for r in later)
     sent = sum(later[-1].get("bytes_sent", {}).values())
-    want = sum(plan["bytes_per_step"].values())
+    want = sum(plan["bytes_per_step_rank0"].values())  # metrics.jsonl counts rank 0's
     return {"name": name, "world": plan["layout"]["world"], "tokens": plan["tokens_per_rank"],
             "planned_mib": plan["peak_mib"], "measured_mib": peak, "baseline_mib": plan["memory_mib"]["baseline"],
             "planned_bytes": want, "measured_bytes": sent, "seconds": later[-1].get("tokens_per_s")}
