@@ -12,6 +12,7 @@
     longtrain bench passkey [CONFIG]        train + evaluate passkey retrieval at 16K (docs/benchmarks.md)
     longtrain bench comm [--layers 4]       collectives and host syncs of one micro-batch, per kind
     longtrain bench plan [--only NAME]      the plan (memory, bytes) against short training runs
+    longtrain bench longrun CONFIG [...]    a long-context run against its plan, killed and resumed (1M tokens)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun")
 
 
 def _bench(argv: list[str]) -> int:

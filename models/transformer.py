@@ -105,9 +105,12 @@ class LongLM(nn.Module):
             for p in self.parameters():  # not split over tp: each tp rank saw only its sequence slice
                 if getattr(p, "shard_group", None) is not g:
                     p.tp_partial_grad = True
+        if self.par.tp > 1:  # the final norm runs inside the tp region, per loss chunk: each tp
+            self.norm.weight.tp_partial_grad = True  # rank differentiates it through its vocab shard only
 
-    def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None):
-        """(final normed hidden states [b, s_local(/tp with TP-SP), dim], summed balance losses)."""
+    def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, norm: bool = True):
+        """(final hidden states [b, s_local(/tp with TP-SP), dim], normed unless `norm=False`,
+        summed balance losses)."""
         par = self.par
         seq_len = input_ids.shape[1] * _cp(par.mesh)
         pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
@@ -125,11 +128,11 @@ class LongLM(nn.Module):
         for layer in self.layers:
             x, a = layer(x, cos, sin, plan)
             aux = aux + a
-        return self.norm(x), aux
+        return (self.norm(x) if norm else x), aux
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> LossOutput:
-        h, aux = self.hidden(input_ids, doc_ids)
-        out = chunked_lm_loss(self.par.enter(h), self.head, labels, self.cfg.loss_chunk, self.par)
+        h, aux = self.hidden(input_ids, doc_ids, norm=False)  # the final norm runs per loss chunk
+        out = chunked_lm_loss(self.par.enter(h), self.head, labels, self.cfg.loss_chunk, self.par, self.norm)
         out.aux = aux
         return out
 
@@ -172,7 +175,9 @@ def _ulysses(mesh) -> int:
     return 1 if mesh is None else mesh.size("cp_ulysses")
 
 
-def _chunk_loss(h, weight, labels, par):
+def _chunk_loss(h, weight, labels, par, norm=None, norm_weight=None):
+    if norm is not None:  # the norm's weight is an explicit input, so the recompute sees it
+        h = norm(h)
     return _logits_loss(torch.nn.functional.linear(h, weight), labels, par)  # logits [b, c, V/tp]
 
 
@@ -198,14 +203,17 @@ def _logits_correct(logits, labels, par) -> torch.Tensor:
 
 
 def chunked_lm_loss(h: torch.Tensor, head: ColumnParallelLinear, labels: torch.Tensor, chunk: int,
-                    par: Parallel) -> LossOutput:
-    """Sum of token losses over [b, s] in chunks of `chunk` tokens, logits recomputed in backward."""
+                    par: Parallel, norm: nn.Module | None = None) -> LossOutput:
+    """Sum of token losses over [b, s] in chunks of `chunk` tokens, logits recomputed in backward.
+    With `norm`, `h` is the un-normed residual stream and each chunk normalizes its own tokens
+    inside the recomputed region: backward keeps only `h`, not h and its normalized copies."""
     total = h.new_zeros((), dtype=torch.float32)
+    w = None if norm is None else norm.weight
     for hc, lc in zip(h.split(chunk, dim=1), labels.split(chunk, dim=1)):
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hc, head.weight, lc, par, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, hc, head.weight, lc, par, norm, w, use_reentrant=False)
         else:
-            total = total + _chunk_loss(hc, head.weight, lc, par)
+            total = total + _chunk_loss(hc, head.weight, lc, par, norm, w)
     return LossOutput(total, (labels != IGNORE).sum())
 
 

@@ -113,11 +113,11 @@ def _saved(cfg: TrainConfig, loc: Local) -> list[Item]:
     m, e = cfg.model, act_bytes(cfg)
     per = _layer_saved(cfg, loc, e)
     sp = cfg.parallel.tp > 1 and cfg.sequence_parallel
-    final = 3 * loc.stream * m.dim * e + loc.stream * 4 + (loc.tokens * m.dim * e if sp else 0)
+    final = (loc.tokens if sp else loc.stream) * m.dim * e  # the loss chunks' input; each norms its own
     return [Item("layers", per * m.n_layers, f"{per / max(1, loc.tokens):.0f} B per local token per layer "
                                              f"(checkpoint={m.checkpoint})"),
-            Item("final norm + loss input", final, "norm input, 1/rms, normalized and output (gathered over tp "
-                                                  "under TP-SP)"),
+            Item("final norm + loss input", final, "the last layer's output (gathered over tp under TP-SP); "
+                                                  "the norm and logits are recomputed per chunk"),
             Item("rotary tables", loc.tokens * m.head_dim * 4, "cos, sin [tokens, head_dim/2] fp32")]
 
 

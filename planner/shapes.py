@@ -79,7 +79,9 @@ def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True
                 dense += _swiglu(d, hidden, tp)
         else:
             dense += _swiglu(d, m.ffn_hidden, tp)
-    partial = (replicated if sequence_parallel else 0) + routers if tp > 1 else 0
+    # under TP-SP every unsplit weight; without it the final norm (it runs inside the tp region,
+    # per loss chunk) and the MoH routers
+    partial = (replicated if sequence_parallel else d) + routers if tp > 1 else 0
     return Params(dense=dense, expert=expert, tp_partial=partial)
 
 
