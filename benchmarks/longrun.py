@@ -96,9 +96,11 @@ def summarize(cfg, rows: list[dict], plan: dict, rate: float, killed: dict | Non
            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
            "losses": [round(r["loss"], 4) for r in rows], "matmul_gflops": rate / 1e9,
            "mfu": plan["flops"]["model_per_step"] / seconds / rate}
-    if killed is not None:
+    if killed is not None:  # the resumed run must have computed that step again (not kept the killed run's row)
+        again = resumed.get("time") != killed.get("time")
         out["resume"] = {"step": killed["step"], "killed_loss": killed["loss"], "resumed_loss": resumed["loss"],
-                         "exact": abs(killed["loss"] - resumed["loss"]) <= 1e-6 * abs(killed["loss"])}
+                         "recomputed": again,
+                         "exact": again and abs(killed["loss"] - resumed["loss"]) <= 1e-6 * abs(killed["loss"])}
     return out
 
 
@@ -119,9 +121,11 @@ def write_docs(args, r: dict, cfg) -> None:
              "", f"Losses: {r['losses']}"]
     if "resume" in r:
         z = r["resume"]
+        verdict = "exact" if z["exact"] else ("NOT exact" if z["recomputed"] else
+                                              "not recomputed: a checkpoint came after it before the kill")
         lines.append(f"\nKilled (SIGKILL to the job) after step {z['step']} was logged, resumed from the last "
                      f"checkpoint: step {z['step']} again gave loss {z['resumed_loss']:.6f} (killed run: "
-                     f"{z['killed_loss']:.6f}; {'exact' if z['exact'] else 'NOT exact'}).")
+                     f"{z['killed_loss']:.6f}; {verdict}).")
     replace_section(args.write_docs, f"run-{name}", f"Long run: {name}", "\n".join(lines))
 
 

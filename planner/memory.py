@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from longtrain.launch.train_config import TrainConfig
 
-from longtrain.parallel.attention.ringplan import message_rows
+from longtrain.parallel.attention.ringplan import BAND_ROWS, message_rows
 
 from .comm import act_bytes
 from .shapes import Local, local_sizes, param_counts
@@ -90,23 +90,34 @@ def _layer_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
     x = loc.stream * m.dim * e  # the layer's input: every policy keeps it
     if m.checkpoint == "full":
         return x
+    if m.checkpoint == "selective":
+        return _selective_layer_saved(cfg, loc, e)
+    return _none_layer_saved(cfg, loc, e)
+
+
+def _selective_layer_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
+    m, p = cfg.model, cfg.parallel
     q = m.act_quant
     # the attention output as the rest of the block receives it: a new tensor after the Ulysses
     # all-to-all, and kept in full precision beside attention's quantized copy under act_quant
     o = loc.tokens * loc.q_dim * e if p.cp_ulysses > 1 or (q is not None and "attention" in q.layers) else 0
     gates = loc.tokens * loc.heads * 4 if m.moh is not None else 0
-    saved = x + _attention_saved(cfg, loc, e) + o + gates
-    if m.checkpoint == "selective":
-        return saved
-    # no checkpointing: both norms keep their input, normalized value and 1/rms; the linears
-    # their (tp-gathered) input; SwiGLU its gate, up, activation and product (unless chunked,
-    # which recomputes them). RoPE keeps only its tables (shared).
+    return loc.stream * m.dim * e + _attention_saved(cfg, loc, e) + o + gates
+
+
+def _none_layer_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
+    """No checkpointing: both norms keep their input, normalized value and 1/rms; the linears
+    their (tp-gathered) input; SwiGLU its gate, up, activation and product (unless chunked,
+    which recomputes them). RoPE keeps only its tables (shared)."""
+    m, p = cfg.model, cfg.parallel
+    x = loc.stream * m.dim * e
     sp = p.tp > 1 and cfg.sequence_parallel
     norms = 3 * x + 2 * loc.stream * 4  # h, both normalized values, both 1/rms
     linear_in = 2 * loc.tokens * m.dim * e if sp else 2 * loc.stream * m.dim * e
+    q = m.act_quant
     mlp_e = 1 + 4 / q.group_size if q is not None and "mlp" in q.layers else e
     mlp = 0 if m.mlp_chunk else 4 * loc.tokens * loc.ffn * mlp_e
-    return saved + norms + linear_in + mlp
+    return _selective_layer_saved(cfg, loc, e) + norms + linear_in + mlp
 
 
 def _saved(cfg: TrainConfig, loc: Local) -> list[Item]:
@@ -121,29 +132,52 @@ def _saved(cfg: TrainConfig, loc: Local) -> list[Item]:
             Item("rotary tables", loc.tokens * m.head_dim * 4, "cos, sin [tokens, head_dim/2] fp32")]
 
 
-def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
-    m, p, e = cfg.model, cfg.parallel, act_bytes(cfg)
+def _attention_backward(cfg: TrainConfig, loc: Local, e: int) -> float:
+    """Attention's backward workspace: dout, fp32 dq/dk/dv accumulators, one batched tile call's
+    gradients and reversed copies (`bands`, at most BAND_ROWS rows), ring messages in flight
+    both ways with their dK/dV accumulators, the Ulysses all-to-all buffers."""
+    m, p = cfg.model, cfg.parallel
     kvp = max(p.cp_ulysses, m.n_kv_heads // p.tp) * m.head_dim
     qkv = loc.tokens * (loc.q_dim + 2 * kvp)
-    attn = loc.tokens * loc.q_dim * e + qkv * 4  # dout, dq/dk/dv accumulators (fp32)
-    if m.checkpoint == "full":
-        attn += _attention_saved(cfg, loc, e)  # recomputed q, k, v, out, lse
-    if p.cp_ring > 1:  # K/V messages in flight both ways (send + receive), dK/dV accumulators travelling
+    tile_rows = min(loc.tokens, BAND_ROWS * cfg.data.batch_size)
+    out = loc.tokens * loc.q_dim * e + qkv * 4
+    out += tile_rows * (loc.q_dim + 2 * kvp) * 4 + 5 * tile_rows * loc.q_dim * e
+    if p.cp_ring > 1:
         rows = max(hi - lo for i in range(m.n_layers) for r in range(p.cp_ring) for s in (1, -1)
                    for lo, hi in [message_rows(cfg.data.seq_len, p.cp_ring, r, s, True, m.layer_window(i), "zigzag")])
         kv = 2 * cfg.data.batch_size * rows * (kvp // p.cp_ulysses) * e
-        attn += 4 * kv + 4 * kv // e * 4
+        out += 4 * kv + 4 * kv // e * 4
     if p.cp_ulysses > 1:  # send stack + receive buffer of the largest all-to-all
-        attn += 2 * loc.tokens * loc.q_dim * e
+        out += 2 * loc.tokens * loc.q_dim * e
+    return out
+
+
+def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
+    """The top layer's backward: what it recomputes (all that no checkpointing would have kept,
+    less what the policy did keep), attention's backward workspace, the residual gradients."""
+    m, p, e = cfg.model, cfg.parallel, act_bytes(cfg)
+    attn = _attention_backward(cfg, loc, e)
     sp = p.tp > 1 and cfg.sequence_parallel
+    x = loc.stream * m.dim * e
     chunk = min(m.mlp_chunk or loc.tokens, loc.tokens)
-    rest = (3 * loc.stream + (loc.tokens if sp else 0) + loc.tokens) * m.dim * e  # h, normed, gathered, out
-    rest += 6 * chunk * loc.ffn * e  # SwiGLU hidden states and their gradients
-    resid = 2 * loc.stream * m.dim * e  # gradient of the residual stream, in and out
+    mlp = 6 * chunk * loc.ffn * e  # SwiGLU hidden states of one chunk and their gradients
+    linear_in = (loc.tokens if sp else loc.stream) * m.dim * e
+    if m.checkpoint == "full":  # the whole block again, then its gradients
+        redo = _none_layer_saved(cfg, loc, e) - x
+        work = redo + max(attn, mlp + 2 * linear_in)
+        what = f"the block recomputed ({redo / MIB:.0f} MiB) + attention backward ({attn / MIB:.0f} MiB)"
+    elif m.checkpoint == "selective":  # the MLP half recomputed, later the q/k/v projections
+        rest = 3 * x + linear_in + loc.tokens * m.dim * e + mlp  # h, norm, gathered, partial out
+        qkv = linear_in + 2 * loc.tokens * (loc.q_dim + 2 * loc.kv_dim) * e  # normed in, q/k/v and grads
+        work = max(rest, attn, qkv)
+        what = f"max(MLP part {rest / MIB:.0f}, attention {attn / MIB:.0f}, q/k/v part {qkv / MIB:.0f} MiB)"
+    else:
+        work = attn + 2 * linear_in
+        what = f"attention backward {attn / MIB:.0f} MiB"
+    resid = 2 * x  # gradient of the residual stream, in and out
     rows = min(m.loss_chunk, loc.tokens // cfg.data.batch_size) * cfg.data.batch_size
     loss = 3 * rows * (m.vocab_size // p.tp) * 4  # logits, softmax, gradient of one chunk (fp32)
-    return [Item("top layer backward", max(attn, rest) + resid,
-                 f"max(attention {attn / MIB:.0f} MiB, MLP part {rest / MIB:.0f} MiB) + residual gradients"),
+    return [Item("top layer backward", work + resid, what + " + residual gradients"),
             Item("loss chunk", loss, f"{rows} rows x vocab/tp logits, fp32, recomputed per chunk")]
 
 

@@ -147,3 +147,30 @@ def test_plan_rejects_a_bad_config(capsys):
 
     assert main(["--set", "data.seq_len=1004", "--set", "parallel.cp_ring=4", "--baseline-mib", "1"]) == 2
     assert "divisible by 8" in capsys.readouterr().err
+
+
+def test_bench_longrun_kills_resumes_and_compares(tmp_path):
+    """The long-run benchmark on a tiny job: killed once step 3 is logged, resumed from the step-2
+    checkpoint, step 3 recomputed with the same loss; the docs section says so."""
+    from longtrain.benchmarks.longrun import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f"""steps = 5
+out_dir = "{tmp_path / 'run'}"
+tensorboard = false
+log_every = 1
+[model]
+vocab_size = 258
+dim = 32
+n_layers = 1
+n_heads = 2
+[data]
+source = "passkey"
+seq_len = 256
+[checkpoint]
+every = 2
+""")
+    docs = tmp_path / "bench.md"
+    assert main([str(cfg), "--kill-at", "3", "--write-docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert "step 3 again gave loss" in text and "; exact)." in text, text
