@@ -93,9 +93,11 @@ def position_tiles(q0: int, n: int, k0: int, m: int, causal: bool, window: int |
     if n <= t.leaf or m <= t.leaf:
         return [(q0, n, k0, m, Kind.MASKED)]
     band = _band(window, t)
-    if n > band:
-        return [x for r in range(q0, q0 + n, band) for x in position_tiles(r, min(band, q0 + n - r), k0, m,
-                                                                          causal, window, t)]
+    if n > band:  # the partial band first, where a causal window's keys are clipped anyway: the full
+        first = n % band or band  # bands after it are equal and batch into one call per shape
+        starts = [q0] + list(range(q0 + first, q0 + n, band))
+        ends = starts[1:] + [q0 + n]
+        return [x for a, b in zip(starts, ends) for x in position_tiles(a, b - a, k0, m, causal, window, t)]
     edges = [k0] + [c for c in _cuts(q0, n, causal, window) if k0 < c < k0 + m] + [k0 + m]
     if len(edges) > 2:  # cut the keys where visibility changes; each piece is one shape or smaller
         return [x for a, b in zip(edges, edges[1:]) for x in position_tiles(q0, n, a, b - a, causal, window, t)]
