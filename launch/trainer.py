@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from longtrain.data.loader import IGNORE
+from longtrain.models.memtrim import trim
 from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
 from longtrain.parallel.comm import all_reduce
@@ -95,6 +96,7 @@ class Trainer:
         for m in micro:
             with autocast:
                 out = self.model(m["input_ids"], m["labels"], m.get("doc_ids"))
+            trim()  # the forward's freed temporaries: give their heap pages back before backward (CPU)
             loss = out.loss_sum / count.clamp(min=1)
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()

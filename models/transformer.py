@@ -26,6 +26,7 @@ from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbeddi
 from .config import ModelConfig
 from .layers import Attention, DenseFFN, Parallel, RMSNorm, rope_tables
 from .actquant import ActQuant
+from .memtrim import trim_after_backward
 from .moe import MoELayer
 
 IGNORE = -100
@@ -71,6 +72,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, plan: AttentionPlan | None = None):
         """`plan`: the batch's attention plan (doc ids included), shared by every layer."""
         mode = self.cfg.checkpoint if self.training and torch.is_grad_enabled() else "none"
+        trim_after_backward(x)  # this block's backward freed its workspace: give it back (CPU heap)
         if mode == "full":
             return checkpoint(self._full, x, cos, sin, plan, use_reentrant=False)
         if mode == "selective":  # attention keeps its own saved tensors; the rest is recomputed
