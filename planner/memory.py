@@ -86,7 +86,7 @@ def _attention_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
 
 
 def _layer_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
-    m, p = cfg.model, cfg.parallel
+    m = cfg.model
     x = loc.stream * m.dim * e  # the layer's input: every policy keeps it
     if m.checkpoint == "full":
         return x

@@ -3,7 +3,6 @@ against the float64 reference, in one process."""
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
