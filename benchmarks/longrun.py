@@ -40,7 +40,7 @@ def _train(config: str, sets: list[str], out_dir: str, kill_at: int | None) -> d
     """Run the job; with `kill_at`, SIGKILL it once that step is logged and return that row."""
     proc = subprocess.Popen(_cmd("train", config, sets) + ["--launcher", "local"], start_new_session=True)
     while proc.poll() is None:
-        time.sleep(2)
+        time.sleep(0.5)
         if kill_at is not None:
             row = next((r for r in _rows(out_dir) if r.get("step") == kill_at), None)
             if row is not None:
