@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(cfg, rows, plan, rate, killed, resumed)
     print(json.dumps(result, indent=1))
     if args.write_docs:
-        write_docs(args, result, cfg)
+        write_docs(args, result, cfg, "longtrain bench longrun " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 
@@ -104,11 +104,10 @@ def summarize(cfg, rows: list[dict], plan: dict, rate: float, killed: dict | Non
     return out
 
 
-def write_docs(args, r: dict, cfg) -> None:
+def write_docs(args, r: dict, cfg, cmd: str) -> None:
     from .report import replace_section
 
     name = args.name or Path(args.config).stem
-    cmd = "longtrain bench longrun " + " ".join(_argv(args))
     m, p = cfg.model, cfg.parallel
     lines = [f"Command: `{cmd}`", "",
              f"{cfg.data.seq_len:,} tokens per sequence, {p.world_size} local ranks (tp {p.tp}, ulysses "
@@ -127,13 +126,6 @@ def write_docs(args, r: dict, cfg) -> None:
                      f"checkpoint: step {z['step']} again gave loss {z['resumed_loss']:.6f} (killed run: "
                      f"{z['killed_loss']:.6f}; {verdict}).")
     replace_section(args.write_docs, f"run-{name}", f"Long run: {name}", "\n".join(lines))
-
-
-def _argv(args) -> list[str]:
-    out = [args.config] + sum((["--set", s] for s in args.overrides), [])
-    out += (["--steps", str(args.steps)] if args.steps else []) + (["--kill-at", str(args.kill_at)] if args.kill_at else [])
-    out += (["--name", args.name] if args.name else []) + ["--write-docs", args.write_docs]
-    return out
 
 
 if __name__ == "__main__":

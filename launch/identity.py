@@ -52,15 +52,19 @@ def data_identity(data) -> dict:
     return {"source": "shards", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "tokenizer": tokenizer}
 
 
+def _as_saved(tree):
+    """As COMMITTED.json holds it (tuples become lists), so saved and current compare equal."""
+    return json.loads(json.dumps(tree))
+
+
 def run_identity(cfg) -> dict:
-    """As saved in COMMITTED.json (JSON: tuples become lists), so saved and current compare equal."""
-    return json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data)}))
+    return _as_saved({"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data)})
 
 
 def _model_defaults() -> dict:
     from longtrain.models.config import ModelConfig
 
-    return _flat(json.loads(json.dumps(dataclasses.asdict(ModelConfig()))))
+    return _flat(_as_saved(dataclasses.asdict(ModelConfig())))
 
 
 def differences(saved: dict, mine: dict, resume: bool) -> list[str]:

@@ -99,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         fits, rejected = search(cfg, args.world, limit, base, rate, link)
         if args.json:
             print(json.dumps({"world": args.world, "fits": [plan_object(
-                _with(cfg, c.parallel), base, rate, link, source) for c in fits],
+                _with(cfg, c.parallel), c, rate, source, limit) for c in fits],
                 "rejected": [{"layout": str(d), "why": why} for d, why in rejected]}))
         else:
             print(layout_table(fits, rejected, limit, source))
         return 0 if fits else 1
-    obj = plan_object(cfg, base, rate, link, source, limit)
-    print(json.dumps(obj) if args.json else plan_text(cfg, obj))
+    from .search import evaluate
+
+    cand = evaluate(cfg, base, rate, link)
+    obj = plan_object(cfg, cand, rate, source, limit)
+    print(json.dumps(obj) if args.json else plan_text(obj, cand.memory))
     return 0
 
 

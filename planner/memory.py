@@ -191,9 +191,3 @@ def memory_plan(cfg: TrainConfig, baseline_bytes: float = 0.0) -> MemoryPlan:
     return MemoryPlan({"state": _state(cfg), "batch": _batch(cfg, loc), "saved": _saved(cfg, loc),
                        "transient": _transient(cfg, loc), "sync": _sync(cfg)}, baseline_bytes)
 
-
-def bytes_per_token(cfg: TrainConfig) -> float:
-    """Activation bytes (saved + transient) per local token per layer: the rate memory grows with S."""
-    loc = local_sizes(cfg.model, cfg.parallel, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
-    plan = memory_plan(cfg)
-    return (plan.total("saved") + plan.total("transient")) / loc.tokens / cfg.model.n_layers

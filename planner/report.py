@@ -5,19 +5,15 @@ from __future__ import annotations
 from longtrain.launch.train_config import TrainConfig
 
 from .comm import step_bytes
-from .flops import step_flops
-from .memory import MIB, memory_plan
-from .search import evaluate
+from .memory import MIB, MemoryPlan
+from .search import Candidate
 from .shapes import local_sizes
 
 
-def plan_object(cfg: TrainConfig, baseline: float, rate: float, link: float, source: str,
-                limit: float | None = None) -> dict:
-    p = cfg.parallel
-    mem = memory_plan(cfg, baseline)
-    fl = step_flops(cfg)
+def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, limit: float | None = None) -> dict:
+    """The plan of `cfg` (its layout evaluated as `cand`) as one JSON-ready object."""
+    p, mem, fl = cfg.parallel, cand.memory, cand.flops
     loc = local_sizes(cfg.model, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
-    cand = evaluate(cfg, baseline, rate, link)
     return {
         "layout": {"tp": p.tp, "cp_ulysses": p.cp_ulysses, "cp_ring": p.cp_ring, "dp": p.dp, "ep": p.ep, "pp": p.pp,
                    "world": p.world_size},
@@ -31,7 +27,7 @@ def plan_object(cfg: TrainConfig, baseline: float, rate: float, link: float, sou
         "activation_bytes_per_token_per_layer": round((mem.total("saved") + mem.total("transient"))
                                                       / loc.tokens / cfg.model.n_layers, 1),
         "flops": {"model_per_step": fl.model, "hardware_per_step": fl.hardware, "per_rank": fl.per_rank},
-        "bytes_per_step": {k: round(v) for k, v in step_bytes(cfg).items()},  # the busiest ring rank
+        "bytes_per_step": {k: round(v) for k, v in cand.sent.items()},  # the busiest ring rank
         "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0).items()},  # what metrics.jsonl counts
         "step_seconds_min": round(cand.seconds, 3),
         "rate_flops_per_rank": rate,
@@ -43,7 +39,7 @@ def _mib(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def plan_text(cfg: TrainConfig, obj: dict) -> str:
+def plan_text(obj: dict, mem: MemoryPlan) -> str:
     lay = obj["layout"]
     ep = f" (ep {lay['ep']})" if lay["ep"] > 1 else ""
     lines = [f"layout: tp {lay['tp']} x cp_ulysses {lay['cp_ulysses']} x cp_ring {lay['cp_ring']} x dp {lay['dp']}"
@@ -51,7 +47,6 @@ def plan_text(cfg: TrainConfig, obj: dict) -> str:
              f"{obj['tokens_per_rank']:,} tokens per rank per micro-batch", "",
              "| memory per rank | MiB | what |", "|---|---|---|",
              f"| baseline | {_mib(obj['memory_mib']['baseline'])} | the process before its tensors ({obj['source']}) |"]
-    mem = memory_plan(cfg)
     for group, items in mem.groups.items():
         for i in items:
             lines.append(f"| {group}: {i.name} | {_mib(i.bytes / MIB)} | {i.note} |")

@@ -17,19 +17,27 @@ from longtrain.launch.train_config import TrainConfig
 from longtrain.parallel.mesh import ParallelDims
 
 from .comm import step_bytes
-from .flops import step_flops
-from .memory import memory_plan
+from .flops import StepFlops, step_flops
+from .memory import MemoryPlan, memory_plan
 
 BLOCKING = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "expert_all_to_all", "doc_ids", "agreement")
 
 
 @dataclass
 class Candidate:
+    """One layout planned: its memory, FLOPs and bytes, and the step-time bound they give."""
+
     parallel: ParallelDims
-    peak_bytes: float
+    memory: MemoryPlan
+    flops: StepFlops
+    sent: dict[str, float]  # bytes per kind, the busiest ring rank
     seconds: float  # lower bound on the step time
     compute_seconds: float
     comm_seconds: float
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.memory.peak
 
     def name(self) -> str:
         p = self.parallel
@@ -59,7 +67,7 @@ def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float) -> Can
     blocking = sum(v for k, v in sent.items() if k in BLOCKING) / link
     ring = sum(v for k, v in sent.items() if k.startswith("ring")) / link
     comm = blocking + max(0.0, ring - compute)
-    return Candidate(cfg.parallel, mem.peak, compute + comm, compute, comm)
+    return Candidate(cfg.parallel, mem, fl, sent, compute + comm, compute, comm)
 
 
 def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: float, rate: float,

@@ -66,14 +66,18 @@ def _whole(bsl: slice, rows: slice, part: torch.Tensor, shape) -> bool:
         part.shape[1] == shape[1]
 
 
+def _fp32(acc: torch.Tensor | None, full_shape, device) -> torch.Tensor:
+    """An fp32 accumulator: `acc` itself (converted if needed), or zeros."""
+    if acc is None:
+        return torch.zeros(full_shape, dtype=torch.float32, device=device)
+    return acc if acc.dtype == torch.float32 else acc.float()
+
+
 def _add(acc: torch.Tensor | None, bsl: slice, rows: slice, part: torch.Tensor, full_shape) -> torch.Tensor:
     """acc[bsl, rows] += part, in fp32; a first part covering everything is taken as it is (no copy)."""
-    if acc is None:
-        if _whole(bsl, rows, part, full_shape):
-            return part
-        acc = torch.zeros(full_shape, dtype=torch.float32, device=part.device)
-    elif acc.dtype != torch.float32:
-        acc = acc.float()
+    if acc is None and _whole(bsl, rows, part, full_shape):
+        return part
+    acc = _fp32(acc, full_shape, part.device)
     acc[bsl, rows] += part
     return acc
 
@@ -112,10 +116,7 @@ def _add_keys(acc: torch.Tensor | None, b: Block, part: torch.Tensor, full_shape
     """dk/dv accumulation of a block; a batch of key bands (`count` > 1) is added band by band."""
     if b.count == 1:
         return _add(acc, b.b, b.k, part, full_shape)
-    if acc is None:
-        acc = torch.zeros(full_shape, dtype=torch.float32, device=part.device)
-    elif acc.dtype != torch.float32:
-        acc = acc.float()
+    acc = _fp32(acc, full_shape, part.device)
     add_band_keys(acc[b.b, b.k], part, b.count, b.rows)
     return acc
 
@@ -145,8 +146,7 @@ def _bwd_step(c: _Ctx, dout, q, k, v, out, lse, blocks: BlockList, dq):
         dk = _add_keys(dk, b, dk_, k.shape)
         dv = _add_keys(dv, b, dv_, v.shape)
     if dk is None:  # nothing of this shard is visible to the local queries
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros_like(dk)
+        dk, dv = _fp32(None, k.shape, k.device), _fp32(None, v.shape, v.device)
     return dq, dk, dv
 
 
