@@ -52,6 +52,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def plain_file(folder: Path, name) -> Path | None:
+    """`folder / name` if `name` is a plain file name that stays in `folder` (no separators, no
+    `..`, no symbolic link leading out), else None."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        return None
+    target = folder / name
+    if target.is_symlink() and target.resolve().parent != folder.resolve():
+        return None
+    return target
+
+
 def _dtype(vocab_size: int):
     return (np.uint16, pa.uint16()) if vocab_size <= 65536 else (np.uint32, pa.uint32())
 
@@ -227,6 +238,9 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"no {MANIFEST} in {data_dir}; create the dataset with `longtrain prepare`")
+    if plain_file(Path(data_dir), MANIFEST) is None:
+        raise DataError(f"{path} is a symbolic link leading out of the dataset folder; a dataset is read only "
+                        "from the folder it names: copy the manifest into it")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -252,8 +266,9 @@ def manifest_problems(manifest: dict, data_dir: str | os.PathLike) -> list[str]:
         bad = [k for k, t in SHARD_FIELDS.items() if not isinstance(e, dict) or not _is(e.get(k), t)]
         if bad:
             out.append(f"{path}: shards[{i}] lacks a valid {', '.join(bad)}; re-run `longtrain prepare`")
-        elif Path(e["file"]).name != e["file"] or e["file"] in (".", ".."):
-            out.append(f"{path}: shards[{i}] file {e['file']!r} is not a plain file name in the dataset folder")
+        elif plain_file(Path(data_dir), e["file"]) is None:
+            out.append(f"{path}: shards[{i}] file {e['file']!r} is not a plain file of the dataset folder (a path, "
+                       "or a symbolic link leading out of it); list files that are in the folder")
     if out:
         return out
     names = [e["file"] for e in shards]

@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longtrain.data.shards import sha256_file
+from longtrain.data.shards import plain_file, sha256_file
+
+from . import safe_dcp
+from .safe_dcp import read_metadata
 
 MARKER = "COMMITTED.json"
 
@@ -146,7 +149,9 @@ def verify(path: Path, quick: bool = False) -> str | None:
     except (OSError, ValueError, KeyError, AttributeError) as e:
         return f"unreadable {MARKER} ({e})"
     for name, info in files:
-        f = path / name
+        f = plain_file(path, name)
+        if f is None:
+            return f"{MARKER} names {name!r}, which is not a plain file of the checkpoint's folder"
         if not f.exists():
             return f"{name} is missing"
         if f.stat().st_size != info["bytes"]:
@@ -229,12 +234,11 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
     """Load a checkpoint into this rank's (possibly differently sharded) model and optimizer
     (None: the weights and buffers only); returns the `extra` dict saved with it. A resume on
     the layout the checkpoint was written on also restores each rank's own state (running
-    activation-quantization scales); on another layout those start afresh, as at step 0."""
-    import torch.distributed.checkpoint as dcp
-
+    activation-quantization scales); on another layout those start afresh, as at step 0.
+    Nothing in the checkpoint can run code (`safe_dcp`): a tampered one is refused."""
     if optimizer is not None:
         _init_optimizer_state(optimizer)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = read_metadata(path).state_dict_metadata
     sd = state_for_checkpoint(model, optimizer, mesh, extra={})
     sd.pop("rank_state", None)
     if "layout" not in saved:  # written before layouts were recorded
@@ -245,7 +249,7 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
         own = _saved_rank_state(saved, mesh)
         if own is not None:
             sd["rank_state"] = {f"rank{_rank(mesh)}": own}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    safe_dcp.load(sd, path, no_dist=not dist.is_initialized())  # no code runs from a checkpoint
     own = sd.get("rank_state", {}).get(f"rank{_rank(mesh)}")
     if own is not None:
         if json.loads(sd["layout"]) == _layout(mesh):

@@ -35,10 +35,12 @@ class RankActor:
     def __init__(self, rank: int, world: int, threads: int):
         self.rank, self.world, self.threads = rank, world, threads
 
-    def address(self) -> tuple[str, int]:
+    def address(self, loopback: bool) -> tuple[str, int]:
+        """The rendezvous: this node's IP, or 127.0.0.1 when every rank is on this machine (an
+        embedded Ray), so that nothing of the job listens beyond loopback."""
         from .spawn import free_port
 
-        return ray.util.get_node_ip_address(), free_port()
+        return ("127.0.0.1" if loopback else ray.util.get_node_ip_address()), free_port()
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -63,15 +65,21 @@ class RankActor:
             torch.distributed.destroy_process_group()
 
 
-def start_ray(address: str | None, world: int) -> None:
-    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local instance."""
-    if ray.is_initialized():
-        return
+def start_ray(address: str | None, world: int) -> bool:
+    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local instance, its
+    token private to this user (`ray_auth`). Returns whether every node is this machine."""
+    from .ray_auth import private_token, warn_if_unauthenticated
+
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return len(ray.nodes()) == 1 and not address
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        warn_if_unauthenticated(address)
+        return False
+    private_token()
+    ray.init(num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def _check_fits(world: int, local: int, kind: str) -> None:
@@ -93,7 +101,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     world = cfg.parallel.world_size
-    start_ray(address, world)
+    embedded = start_ray(address, world)
     cfg = cfg.resolved(gpus=int(ray.cluster_resources().get("GPU", 0)))  # "auto": GPUs if the cluster has them
     local = cfg.parallel.tp * cfg.parallel.cp_ulysses  # ranks that must share a node
     threads = max(1, (os.cpu_count() or 1) // world)
@@ -113,7 +121,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
             actors = [RankActor.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
                 for r in range(world)]
-            master = ray.get(actors[0].address.remote())
+            master = ray.get(actors[0].address.remote(embedded))
             if attempt == 0:
                 nodes = ray.get([a.node.remote() for a in actors])
                 names = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
