@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .actquant import ActQuantConfig
 from .moe import MoEConfig
 from .moh import MoHConfig
+from .rope import RopeScaling
 
 
 @dataclass(kw_only=True)
@@ -19,7 +20,10 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None: same as n_heads (MHA); fewer: GQA / MQA
     ffn_hidden: int | None = None  # None: SwiGLU default, 8/3 * dim rounded up to a multiple of 64
     rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # NTK-aware context extension: theta *= s ** (d / (d - 2))
+    # context extension: a number s is NTK-aware (theta *= s ** (d / (d - 2))); a table picks
+    # transformers' linear / dynamic / yarn / llama3 (`rope.RopeScaling`)
+    rope_scaling: float | RopeScaling = 1.0
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     window: int | None = None  # sliding-window attention (keys per query), None = full causal
@@ -40,6 +44,8 @@ class ModelConfig:
             self.moh = MoHConfig(**self.moh)
         if isinstance(self.act_quant, dict):
             self.act_quant = ActQuantConfig(**self.act_quant)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
@@ -59,7 +65,9 @@ class ModelConfig:
         for name in ("window", "mlp_chunk"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be positive, or unset")
-        for name in ("rope_theta", "rope_scaling", "norm_eps", "init_std"):
+        numbers = ("rope_theta", "norm_eps", "init_std") + (() if isinstance(self.rope_scaling, RopeScaling)
+                                                             else ("rope_scaling",))
+        for name in numbers:
             if not 0 < getattr(self, name) < float("inf"):
                 problems.append(f"{name}={getattr(self, name)} must be finite and > 0")
         if problems:

@@ -79,15 +79,6 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [s, head_dim/2] (fp32) for the given global positions. `scaling` > 1 stretches
-    the context NTK-style: the base grows by scaling^(d/(d-2))."""
-    base = theta * scaling ** (head_dim / (head_dim - 2)) if scaling != 1.0 else theta
-    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
-    ang = positions.to(torch.float64)[:, None] * inv[None, :]
-    return ang.cos().float(), ang.sin().float()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [b, s, h, d]; rotate the two halves of the head dimension (LLaMA convention)."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -102,9 +93,10 @@ class Attention(nn.Module):
         hd, tp = cfg.head_dim, par.tp
         self.heads, self.kv_heads = cfg.n_heads // tp, cfg.n_kv_heads // tp
         g = par.tp_group
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, g, device=device)
-        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, device=device)
-        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, device=device)
+        bias = cfg.qkv_bias
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, g, bias=bias, device=device)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, bias=bias, device=device)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, bias=bias, device=device)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, g, device=device)
         self.wo.weight.init = "scaled"
         self.router = None

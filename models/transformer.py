@@ -24,7 +24,8 @@ from longtrain.parallel.comm import all_reduce, group_rank, group_size
 from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from .config import ModelConfig
-from .layers import Attention, DenseFFN, Parallel, RMSNorm, rope_tables
+from .layers import Attention, DenseFFN, Parallel, RMSNorm
+from .rope import rope_tables
 from .actquant import ActQuant
 from .memtrim import trim_after_backward
 from .moe import MoELayer
@@ -116,7 +117,7 @@ class LongLM(nn.Module):
         par = self.par
         seq_len = input_ids.shape[1] * _cp(par.mesh)
         pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
-        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, seq_len)
         # once per batch, not per layer: validation across ranks and the document-id gathers.
         # Attention sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first.
         cfg, tp = self.cfg, par.tp
@@ -245,21 +246,27 @@ def _full_init(p: nn.Parameter, name: str, cfg: ModelConfig, seed: int) -> torch
     return torch.randn(shape, generator=g) * std
 
 
+def _local_slice(full: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+    """This rank's slice of a parameter's full tensor (the whole of it if not sharded)."""
+    dim = getattr(p, "shard_dim", None)
+    if dim is None:
+        return full
+    grp = p.shard_group
+    return full.chunk(group_size(grp), dim=dim)[group_rank(grp)]
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> nn.Module:
+                dtype: torch.dtype = torch.float32, source=None) -> nn.Module:
     """Give a meta-device model real storage: this rank's slice of each seed-determined
-    parameter, and every buffer (router bias, anything registered later) on `device`.
+    parameter (or of `source(name, param)`, which returns that slice: a pretrained model's),
+    and every buffer (router bias, anything registered later) on `device`.
     Buffers keep their own dtype; one created on meta starts at its `init` ("zeros" unless
     the buffer says "ones"), since meta tensors carry no values."""
     cfg = model.cfg
     for name, p in list(model.named_parameters()):
-        full = _full_init(p, name, cfg, seed)
-        dim = getattr(p, "shard_dim", None)
-        if dim is not None:
-            grp = p.shard_group
-            full = full.chunk(group_size(grp), dim=dim)[group_rank(grp)]
-        new = nn.Parameter(full.to(device=device, dtype=dtype).contiguous())
+        local = source(name, p) if source is not None else _local_slice(_full_init(p, name, cfg, seed), p)
+        new = nn.Parameter(local.to(device=device, dtype=dtype).contiguous())
         new.__dict__.update(p.__dict__)  # sharding and gradient-reduction tags
         _set(model, name, new)
     for name, b in list(model.named_buffers()):
@@ -280,8 +287,9 @@ def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
 
 
 def build_model(cfg: ModelConfig, mesh=None, *, seed: int = 0, device: str = "cpu", dtype=torch.float32,
-                sequence_parallel: bool = True) -> LongLM:
-    """The model for this rank of `mesh` (None: one process), with seed-determined weights."""
+                sequence_parallel: bool = True, source=None) -> LongLM:
+    """The model for this rank of `mesh` (None: one process), with seed-determined weights (or
+    those `source` gives: see `materialize`)."""
     sp = sequence_parallel and mesh is not None and mesh.size("tp") > 1
     par = Parallel(tp_group=None if mesh is None else mesh.group("tp"), sequence_parallel=sp, mesh=mesh,
                    stats=None if mesh is None else mesh.stats,
@@ -290,4 +298,4 @@ def build_model(cfg: ModelConfig, mesh=None, *, seed: int = 0, device: str = "cp
                    region_token_group=None if mesh is None else mesh.group("dp_cp"))
     with torch.device("meta"):
         model = LongLM(cfg, par)
-    return materialize(model, seed, device, dtype)
+    return materialize(model, seed, device, dtype, source)

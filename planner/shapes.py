@@ -63,6 +63,8 @@ def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True
     expert = 0
     for i in range(m.n_layers):
         attn = d * (m.n_heads // tp) * hd * 2 + d * (m.n_kv_heads // tp) * hd * 2  # wq, wo, wk, wv
+        if m.qkv_bias:
+            attn += (m.n_heads + 2 * m.n_kv_heads) // tp * hd
         dense += attn + 2 * d  # two norms
         replicated += 2 * d
         if m.moh is not None:

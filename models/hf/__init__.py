@@ -1,0 +1,119 @@
+"""Start from a pretrained Hugging Face model, and write one back.
+
+    model = from_pretrained("path/to/llama", mesh, checkpoint="selective",
+                            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})
+    ...
+    save_pretrained(model, "path/to/out")   # config.json + safetensors, loadable by transformers
+
+`from_pretrained` reads `config.json` (JSON) and safetensors only: nothing in the folder can
+run code, and nothing outside it is read. On any layout each rank reads only its slices.
+`save_pretrained` gathers each sharded parameter over its shard group (a collective: every
+rank calls it) and global rank 0 writes, into a temporary folder renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import UnsupportedModel, from_hf_config, to_hf_config
+from .weights import Reader, hf_name, write
+
+__all__ = ["from_pretrained", "save_pretrained", "read_config", "UnsupportedModel"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(path: str | os.PathLike, **overrides):
+    """(ModelConfig, the HF config dict) of the model in `path`."""
+    folder = Path(path)
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder")
+    try:
+        hf = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from e
+    return from_hf_config(hf, file, **overrides), hf
+
+
+def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", dtype=torch.float32,
+                    sequence_parallel: bool = True, **overrides):
+    """A `LongLM` for this rank of `mesh` (None: one process) with the weights in `path`.
+    `overrides` change training-only `ModelConfig` fields (checkpoint, loss_chunk, window,
+    rope_scaling to extend the context, ...)."""
+    from ..transformer import build_model
+
+    cfg, hf = read_config(path, **overrides)
+    reader = Reader(Path(path))
+    model = build_model(cfg, mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel, source=reader)
+    extra = reader.unused()
+    if extra:
+        raise UnsupportedModel(f"{path}: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "
+                               "the architecture its config.json describes")
+    model.hf_source = {"kind": hf["model_type"], "max_position_embeddings": hf.get("max_position_embeddings"),
+                       "dtype": hf.get("dtype") or hf.get("torch_dtype") or "float32"}
+    return model
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    dim = getattr(p, "shard_dim", None)
+    if dim is None:
+        return p.detach()
+    from longtrain.parallel.comm import all_gather_cat
+
+    return all_gather_cat(p.detach().contiguous(), p.shard_group, dim)
+
+
+def save_pretrained(model, path: str | os.PathLike, *, kind: str | None = None, max_position_embeddings: int | None = None,
+                    dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """Write `model` (any layout; every rank calls this) as a HF model folder: config.json and
+    safetensors. `kind`: llama / mistral / qwen2 (default: the architecture it was loaded from,
+    else chosen from the config). Refuses an existing non-empty `path` unless `overwrite`."""
+    import torch.distributed as dist
+
+    cfg, src = model.cfg, getattr(model, "hf_source", {})
+    kind = kind or src.get("kind") or ("qwen2" if cfg.qkv_bias else "mistral" if any(cfg.windows) else "llama")
+    hf = to_hf_config(cfg, kind, max_position_embeddings or src.get("max_position_embeddings") or 4096)
+    dtype = dtype or src.get("dtype") or "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}")
+    hf["dtype"] = dtype
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder, or pass overwrite=True")
+    tensors = {hf_name(n): _full(p).to(_DTYPES[dtype]).cpu() for n, p in model.named_parameters()}
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    failure = None
+    if rank0:
+        try:
+            _write_folder(out, tensors, hf, max_shard_bytes)
+        except OSError as e:
+            failure = e
+    said = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    if dist.is_initialized():  # every rank learns whether rank 0 wrote it: none is left waiting
+        dist.broadcast_object_list(said, src=0)
+    if failure is not None:
+        raise failure
+    if said[0] is not None:
+        raise RuntimeError(f"rank 0 could not write {out}: {said[0]}")
+    return out
+
+
+def _write_folder(out: Path, tensors: dict, hf: dict, max_shard_bytes: int) -> None:
+    """Into a temporary folder beside `out`, then renamed into place: a failure leaves nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Hugging Face safetensors weights <-> longtrain parameters.
+
+Reading: each rank opens the safetensors files and reads only its own slice of each tensor
+(`safe_open(...).get_slice`), so a tensor-parallel rank never holds a whole weight it does
+not keep. Only safetensors: a format that holds no code (no pickle, no `pytorch_model.bin`,
+no `trust_remote_code`), and only files inside the model's folder.
+Writing: full tensors (gathered over their shard group by the caller) into one file, or into
+several with a `model.safetensors.index.json` above `max_shard_bytes`, as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from longtrain.data.shards import plain_file
+
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+_LAYER = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+          "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
+          "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
+          "attn.wq.bias": "self_attn.q_proj.bias", "attn.wk.bias": "self_attn.k_proj.bias",
+          "attn.wv.bias": "self_attn.v_proj.bias",
+          "mlp.mlp.w1.weight": "mlp.gate_proj.weight", "mlp.mlp.w3.weight": "mlp.up_proj.weight",
+          "mlp.mlp.w2.weight": "mlp.down_proj.weight"}
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+# tensors older checkpoints carry that are recomputed, never learned
+_DERIVED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def hf_name(name: str) -> str:
+    """The transformers name of a longtrain parameter."""
+    if name in _TOP:
+        return _TOP[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m is None or m.group(2) not in _LAYER:
+        raise ValueError(f"parameter {name} has no Llama / Mistral / Qwen2 counterpart")
+    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of a HF model folder."""
+    index = folder / INDEX
+    if index.exists():
+        try:
+            entries = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index ({e})") from e
+        out = {}
+        for name, file in entries.items():
+            path = plain_file(folder, file)
+            if path is None:
+                raise ValueError(f"{index} maps {name} to {file!r}, which is not a file of {folder}; refused")
+            out[name] = path
+        return out
+    single = folder / SINGLE
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    hint = f" (it has {bins[0]}: convert it to safetensors with transformers)" if bins else ""
+    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}{hint}")
+
+
+class Reader:
+    """Reads this rank's slice of each parameter from a HF model folder (a `materialize` source)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.files = weight_files(folder)
+        self.open = {p: safe_open(str(p), framework="pt") for p in set(self.files.values())}
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, p: torch.nn.Parameter) -> torch.Tensor:
+        theirs = hf_name(name)
+        if theirs not in self.files:
+            raise ValueError(f"the model has no tensor {theirs} (longtrain's {name})")
+        sl = self.open[self.files[theirs]].get_slice(theirs)
+        full = tuple(getattr(p, "full_shape", tuple(p.shape)))
+        if tuple(sl.get_shape()) != full:
+            raise ValueError(f"tensor {theirs} has shape {tuple(sl.get_shape())}, the config implies {full}")
+        self.used.add(theirs)
+        dim = getattr(p, "shard_dim", None)
+        if dim is None:
+            return sl[:]
+        from longtrain.parallel.comm import group_rank, group_size
+
+        n = full[dim] // group_size(p.shard_group)
+        lo = group_rank(p.shard_group) * n
+        return sl[lo:lo + n] if dim == 0 else sl[:, lo:lo + n]
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in set(self.files) - self.used if not _DERIVED.fullmatch(n))
+
+
+def write(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """Full tensors (HF names) as safetensors in `folder`: one file, or shards and an index."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata=meta)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,201 @@
+"""Hugging Face models: longtrain against transformers itself (independent implementation).
+
+Tiny models are built with transformers' own classes from a config (random weights, every
+parameter perturbed so that biases and norm weights matter), saved to a temporary folder and
+loaded both ways; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from longtrain.models.hf import UnsupportedModel, from_pretrained, save_pretrained  # noqa: E402
+from longtrain.models.hf.weights import hf_name  # noqa: E402
+from longtrain.models.transformer import IGNORE  # noqa: E402
+from tests.dist import mesh_for  # noqa: E402
+
+SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+ROPE = {
+    "default": {},
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+    "dynamic": {"max_position_embeddings": 32,
+                "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                 "rope_theta": 10000.0}},
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                                   "rope_theta": 500000.0}},
+}
+MODELS = {**{f"llama-{k}": ("Llama", v) for k, v in ROPE.items()},
+          "mistral-window": ("Mistral", {"sliding_window": 16}),
+          "qwen2": ("Qwen2", {}),
+          "qwen2-layer-windows": ("Qwen2", {"use_sliding_window": True, "sliding_window": 8,
+                                            "layer_types": ["sliding_attention", "full_attention"]})}
+SEQ = 64
+
+
+def make_hf(kind: str, extra: dict, folder, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, f"{kind}Config")(**SIZES, **extra)
+    model = getattr(transformers, f"{kind}ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: (make_hf(kind, extra, root / name), str(root / name)) for name, (kind, extra) in MODELS.items()}
+
+
+def batch(seed=1, b=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, SIZES["vocab_size"], (b, SEQ), generator=g)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = ids[:, 1:]
+    return ids, labels
+
+
+def hf_loss_and_logits(model, ids, labels):
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return loss, logits
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_loss_equal_transformers(hf_models, name):
+    hf, path = hf_models[name]
+    ids, labels = batch()
+    model = from_pretrained(path).eval()
+    with torch.no_grad():
+        ref_loss, ref = hf_loss_and_logits(hf, ids, labels)
+        h, _ = model.hidden(ids)
+        logits = torch.nn.functional.linear(h, model.head.weight)
+        out = model(ids, labels)
+    assert _rel(logits, ref) <= 1e-5
+    assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()
+
+
+@pytest.mark.parametrize("name", ["llama-default", "qwen2"])
+def test_gradients_equal_transformers(hf_models, name):
+    hf, path = hf_models[name]
+    ids, labels = batch(2)
+    model = from_pretrained(path)
+    out = model(ids, labels)
+    (out.loss_sum / out.tokens).backward()
+    hf.zero_grad()
+    hf_loss_and_logits(hf, ids, labels)[0].backward()
+    theirs = dict(hf.named_parameters())
+    for n, p in model.named_parameters():
+        want = theirs[hf_name(n)].grad
+        assert (p.grad - want).abs().max() <= 1e-4 * want.abs().max(), n
+
+
+def _parallel_logits(path, degrees, ids, labels):
+    """(global mean loss, full logits) of the HF model loaded on this rank's layout."""
+    from longtrain.models.transformer import global_loss
+    from longtrain.parallel.attention import shard_sequence, unshard_sequence
+    from longtrain.parallel.comm import all_gather_cat
+
+    mesh = mesh_for(**degrees)
+    model = from_pretrained(path, mesh).eval()
+    local_ids, local_labels = (shard_sequence(t, mesh) for t in (ids, labels))
+    with torch.no_grad():
+        _, mean = global_loss(model(local_ids, local_labels), mesh.group("dp_cp"))
+        h, _ = model.hidden(local_ids)
+        logits = torch.nn.functional.linear(model.par.enter(h), model.head.weight)  # [b, s_local, V/tp]
+        logits = unshard_sequence(all_gather_cat(logits, mesh.group("tp"), -1), mesh)
+    return mean.item(), logits
+
+
+@pytest.mark.parametrize("degrees", [dict(tp=2, cp_ring=2), dict(cp_ulysses=2, dp=2)], ids=["tp2xring2", "ulysses2"])
+@pytest.mark.parametrize("name", ["llama-yarn", "mistral-window", "qwen2"])
+def test_parallel_layouts_equal_transformers(pool4, hf_models, name, degrees):
+    hf, path = hf_models[name]
+    ids, labels = batch(3, b=1)
+    with torch.no_grad():
+        ref_loss, ref = hf_loss_and_logits(hf, ids, labels)
+    for loss, logits in pool4.run(_parallel_logits, path, degrees, ids, labels):
+        assert abs(loss - ref_loss.item()) <= 1e-5 * ref_loss.item()
+        assert _rel(torch.as_tensor(logits), ref) <= 1e-5
+
+
+def _round_trip(path, out, degrees):
+    mesh = mesh_for(**degrees)
+    save_pretrained(from_pretrained(path, mesh), out)
+
+
+def test_round_trip_is_bitwise_on_tp2_ring2(pool4, hf_models, tmp_path):
+    from safetensors.torch import load_file
+
+    hf, path = hf_models["qwen2"]
+    out = str(tmp_path / "out")
+    pool4.run(_round_trip, path, out, dict(tp=2, cp_ring=2))
+    before, after = load_file(f"{path}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+
+
+def test_sharded_save_and_no_overwrite(hf_models, tmp_path):
+    _, path = hf_models["llama-default"]
+    model = from_pretrained(path)
+    out = tmp_path / "sharded"
+    save_pretrained(model, out, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_pretrained(model, out)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("some_new_field", 1, "some_new_field"),
+    ("model_type", "gpt2", "model_type 'gpt2'"),
+    ("tie_word_embeddings", True, "tie_word_embeddings=True"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "rope type 'longrope'"),
+])
+def test_an_unsupported_field_is_refused_by_name(hf_models, tmp_path, field, value, says):
+    import shutil
+
+    _, path = hf_models["llama-default"]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg[field] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModel, match=says.replace("(", r"\(")):
+        from_pretrained(bad)
+
+
+def test_weights_outside_the_folder_or_in_pickles_are_refused(hf_models, tmp_path):
+    import shutil
+
+    _, path = hf_models["llama-default"]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    names = list(json.loads((bad / "config.json").read_text()))  # any names will do for the map
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {names[0]: "../x.safetensors"}}))
+    with pytest.raises(ValueError, match="not a file of"):
+        from_pretrained(bad)
+    (bad / "model.safetensors.index.json").unlink()
+    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        from_pretrained(bad)
