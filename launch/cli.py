@@ -69,7 +69,13 @@ def _plan(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"plan": _plan, "check": _check, "bench": _bench, "prepare": _prepare, "check-data": _check_data, "train": _train,
+def _export(argv: list[str]) -> int:
+    from .hf_init import export_main
+
+    return export_main(argv)
+
+
+COMMANDS = {"export": _export, "plan": _plan, "check": _check, "bench": _bench, "prepare": _prepare, "check-data": _check_data, "train": _train,
             "eval": _eval}
 
 

@@ -8,8 +8,8 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load
-from .train_config import TrainConfig
+from .config import ConfigError, load_tree
+from .train_config import TrainConfig, expand_stages
 
 
 def _rank_eval(cfg: TrainConfig, batches: int, checkpoint: str | None) -> dict:
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="a step-N directory (default: the run's newest valid one)")
     args = ap.parse_args(argv)
     try:
-        cfg = load(TrainConfig, args.config, args.overrides)
-        cfg.stages = []
+        cfg = expand_stages(load_tree(args.config, args.overrides))[-1]  # the main run (its model from hf: too)
     except (ConfigError, ValueError) as e:
         print(f"longtrain eval: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ EXECUTION = ("loss_chunk", "mlp_chunk", "checkpoint", "act_quant", "init_std", "
              "moe.z_loss_coef", "moe.bias_update_rate", "moh.balance_coef")
 # what decides the parameters' shapes: must match for init_from
 SHAPES = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "moe.num_experts",
-          "moe.expert_hidden", "moe.shared_expert", "moe.every", "moe", "moh", "moh.shared_heads")
+          "moe.expert_hidden", "moe.shared_expert", "moe.every", "moe", "moh", "moh.shared_heads", "qkv_bias",
+          "tie_embeddings")
 
 
 class IdentityError(ValueError):

@@ -18,6 +18,7 @@ from longtrain.parallel.mesh import build_mesh
 from . import checkpoint as ckpt
 from . import identity
 from .device import job_device_type, local_device
+from .hf_init import hf_path, load_hf_weights
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
 
@@ -84,7 +85,7 @@ def preflight(cfg: TrainConfig) -> None:
     found = ckpt.newest_usable(cfg.checkpoint_root, quick=True)
     if found is not None:
         identity.check(ckpt.saved_identity(found), cfg, cfg.checkpoint_root)
-    elif cfg.checkpoint.init_from and Path(cfg.checkpoint.init_from).exists():
+    elif cfg.checkpoint.init_from and not hf_path(cfg.checkpoint.init_from) and Path(cfg.checkpoint.init_from).exists():
         path = Path(cfg.checkpoint.init_from)
         path = path if (path / ckpt.MARKER).exists() else ckpt.newest_usable(path, quick=True)
         if path is not None:
@@ -115,6 +116,9 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
         trainer.step = extra["step"]
         trainer.loader.load_state_dict(extra["loader"])
         log(f"resumed from {found} at step {trainer.step}")
+    elif hf_path(cfg.checkpoint.init_from):
+        load_hf_weights(trainer.model, hf_path(cfg.checkpoint.init_from))
+        log(f"initialized the weights from the Hugging Face model {hf_path(cfg.checkpoint.init_from)}")
     elif cfg.checkpoint.init_from:
         path = ckpt.find(cfg.checkpoint.init_from, log=log)
         if path is None:

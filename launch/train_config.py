@@ -176,7 +176,9 @@ def expand_stages(tree: dict) -> list[TrainConfig]:
     import copy
 
     from .config import ConfigError, build, set_path
+    from .hf_init import with_hf_model
 
+    tree = with_hf_model(tree)  # init_from = "hf:PATH": the architecture from PATH/config.json
     main = build(TrainConfig, tree)
     runs, previous = [], main.checkpoint.init_from
     for st in main.stages:

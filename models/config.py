@@ -24,6 +24,7 @@ class ModelConfig:
     # transformers' linear / dynamic / yarn / llama3 (`rope.RopeScaling`)
     rope_scaling: float | RopeScaling = 1.0
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    tie_embeddings: bool = False  # the LM head is the embedding table (same vocabulary shard per tp rank)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     window: int | None = None  # sliding-window attention (keys per query), None = full causal

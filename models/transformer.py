@@ -104,12 +104,19 @@ class LongLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, self.par, i, self.quant, device) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, g, device=device)
+        self.tie()
         if self.par.sequence_parallel and self.par.tp > 1:
             for p in self.parameters():  # not split over tp: each tp rank saw only its sequence slice
                 if getattr(p, "shard_group", None) is not g:
                     p.tp_partial_grad = True
         if self.par.tp > 1:  # the final norm runs inside the tp region, per loss chunk: each tp
             self.norm.weight.tp_partial_grad = True  # rank differentiates it through its vocab shard only
+
+    def tie(self) -> None:
+        """With `tie_embeddings`, the head's weight is the embedding's: both are [vocab/tp, dim]
+        rows of the same tp shard, so one parameter serves both (and is counted once)."""
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, norm: bool = True):
         """(final hidden states [b, s_local(/tp with TP-SP), dim], normed unless `norm=False`,
@@ -278,6 +285,8 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
         new.__dict__.update(b.__dict__)
         mod_name, _, attr = name.rpartition(".")
         (model.get_submodule(mod_name) if mod_name else model)._buffers[attr] = new
+    if hasattr(model, "tie"):
+        model.tie()  # a shared parameter is materialized once, under its first name
     return model
 
 

@@ -57,7 +57,7 @@ def _swiglu(dim: int, hidden: int, tp: int) -> int:
 
 def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True) -> Params:
     tp, d, hd = p.tp, m.dim, m.head_dim
-    dense = 2 * (m.vocab_size // tp) * d + d  # embedding, LM head, final norm
+    dense = (1 if m.tie_embeddings else 2) * (m.vocab_size // tp) * d + d  # embedding, LM head, final norm
     replicated = d  # final norm: not split over tp
     routers = 0  # MoH routers: each tp rank differentiates only its own heads' gates
     expert = 0

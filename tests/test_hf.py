@@ -34,6 +34,7 @@ ROPE = {
 MODELS = {**{f"llama-{k}": ("Llama", v) for k, v in ROPE.items()},
           "mistral-window": ("Mistral", {"sliding_window": 16}),
           "qwen2": ("Qwen2", {}),
+          "qwen2-tied": ("Qwen2", {"tie_word_embeddings": True}),
           "qwen2-layer-windows": ("Qwen2", {"use_sliding_window": True, "sliding_window": 8,
                                             "layer_types": ["sliding_attention", "full_attention"]})}
 SEQ = 64
@@ -88,7 +89,7 @@ def test_logits_and_loss_equal_transformers(hf_models, name):
     assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()
 
 
-@pytest.mark.parametrize("name", ["llama-default", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-default", "qwen2-tied"])
 def test_gradients_equal_transformers(hf_models, name):
     hf, path = hf_models[name]
     ids, labels = batch(2)
@@ -121,7 +122,7 @@ def _parallel_logits(path, degrees, ids, labels):
 
 
 @pytest.mark.parametrize("degrees", [dict(tp=2, cp_ring=2), dict(cp_ulysses=2, dp=2)], ids=["tp2xring2", "ulysses2"])
-@pytest.mark.parametrize("name", ["llama-yarn", "mistral-window", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-yarn", "mistral-window", "qwen2-tied"])
 def test_parallel_layouts_equal_transformers(pool4, hf_models, name, degrees):
     hf, path = hf_models[name]
     ids, labels = batch(3, b=1)
@@ -169,7 +170,7 @@ def test_sharded_save_and_no_overwrite(hf_models, tmp_path):
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("some_new_field", 1, "some_new_field"),
     ("model_type", "gpt2", "model_type 'gpt2'"),
-    ("tie_word_embeddings", True, "tie_word_embeddings=True"),
+    ("mlp_bias", True, "mlp_bias=True"),
     ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "rope type 'longrope'"),
 ])
 def test_an_unsupported_field_is_refused_by_name(hf_models, tmp_path, field, value, says):
@@ -199,3 +200,48 @@ def test_weights_outside_the_folder_or_in_pickles_are_refused(hf_models, tmp_pat
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         from_pretrained(bad)
+
+
+def test_train_from_hf_extend_and_export(tmp_path):
+    """init_from = "hf:PATH" with YaRN on ring 2 (two local ranks), then `longtrain export`:
+    the exported model, in transformers, gives the loss longtrain computes from the checkpoint."""
+    from longtrain.data.prepare import prepare
+    from longtrain.launch import checkpoint as ckpt
+    from longtrain.launch.cli import main as cli
+    from longtrain.launch.config import ConfigError
+    from longtrain.launch.spawn import spawn_local
+    from longtrain.launch.train_config import expand_stages
+    from longtrain.launch.run import train_rank
+    from longtrain.models.hf import read_config
+    from longtrain.models.transformer import build_model
+
+    sizes = dict(SIZES, vocab_size=320)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes, max_position_embeddings=32))
+    base.save_pretrained(tmp_path / "base")
+    data = str(tmp_path / "data")
+    prepare(["stdlib"], data, limit_bytes=60_000)
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    tree = {"checkpoint": {"init_from": f"hf:{tmp_path / 'base'}", "every": 3}, "steps": 3, "log_every": 0,
+            "out_dir": str(tmp_path / "run"), "parallel": {"cp_ring": 2},
+            "model": {"rope_scaling": yarn, "checkpoint": "selective", "loss_chunk": 32},
+            "data": {"path": data, "seq_len": 128, "batch_size": 2}, "optim": {"lr": 1e-3, "warmup_steps": 1}}
+    cfg = expand_stages(tree)[-1]
+    assert cfg.model.dim == 64 and cfg.model.n_kv_heads == 2 and cfg.model.rope_scaling.type == "yarn"
+    with pytest.raises(ConfigError, match=r"model.dim=128 \(the model has 64\)"):
+        expand_stages({**tree, "model": {"dim": 128}})
+    rows = spawn_local(train_rank, 2, cfg)[0]
+    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+    assert cli(["export", str(tmp_path / "run" / "checkpoints"), "--hf", str(tmp_path / "out"),
+                "--max-position-embeddings", "128"]) == 0
+    assert read_config(tmp_path / "out")[0].rope_scaling == cfg.model.rope_scaling
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    ours = build_model(cfg.model, None)
+    ckpt.load(ckpt.find(tmp_path / "run" / "checkpoints"), ours, None, None)
+    ids, labels = batch(4)
+    ids = ids.clamp(max=255)
+    labels = labels.clamp(max=255).masked_fill(labels < 0, IGNORE)
+    with torch.no_grad():
+        out = ours.eval()(ids, labels)
+        ref_loss, _ = hf_loss_and_logits(exported, ids, labels)
+    assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()

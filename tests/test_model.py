@@ -95,7 +95,9 @@ def test_tp_without_sequence_parallel(pool2):
 @pytest.mark.parametrize("variant", [
     dict(checkpoint="full"), dict(checkpoint="selective", mlp_chunk=16), dict(window=12),
     dict(rope_scaling=4.0, n_kv_heads=4),
-], ids=["ckpt-full", "ckpt-selective-mlp-chunk", "window", "rope-scaling-mha"])
+    dict(tie_embeddings=True, qkv_bias=True,
+         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+], ids=["ckpt-full", "ckpt-selective-mlp-chunk", "window", "rope-scaling-mha", "tied-qkv-bias-yarn"])
 def test_variants_tp2_ring2(pool4, variant):
     cfg = dict(CFG, **variant)
     ref = reference(cfg, 2, 64, 2)

@@ -54,6 +54,7 @@ MOE_BIAS = {"model": {**MODEL, "checkpoint": "selective",
                       "moe": {"num_experts": 4, "top_k": 2, "expert_bias": True, "bias_update_rate": 0.01}}}
 RUNNING = {"model": {**MODEL, "act_quant": {"dtype": "int8", "scale": "running"}}}
 VARIANTS = {"moe-expert-bias": MOE_BIAS, "actquant-running": RUNNING,
+            "tied-embeddings": {"model": {**MODEL, "tie_embeddings": True, "qkv_bias": True}},
             "bf16": {"precision": "bf16"}, "grad-accum-2": {"grad_accum": 2}}
 
 

@@ -23,7 +23,7 @@ INERT = {"architectures", "model_type", "transformers_version", "torch_dtype", "
          "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "sliding_window",
          "use_sliding_window", "layer_types", "head_dim", "attention_bias", "mlp_bias", "attention_dropout",
          "hidden_act", "num_key_value_heads"}
-REQUIRED = {"hidden_act": "silu", "attention_dropout": 0.0, "mlp_bias": False, "tie_word_embeddings": False}
+REQUIRED = {"hidden_act": "silu", "attention_dropout": 0.0, "mlp_bias": False}
 MAPPED = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
           "num_attention_heads": "n_heads", "intermediate_size": "ffn_hidden", "rms_norm_eps": "norm_eps"}
 
@@ -100,6 +100,7 @@ def from_hf_config(hf: dict[str, Any], path="config.json", **overrides) -> Model
     args["rope_theta"], args["rope_scaling"] = _rope(hf, path)
     args.update(_windows(hf, kind, args["n_layers"], path))
     args["qkv_bias"] = kind == "qwen2"
+    args["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
     return ModelConfig(**{**args, **overrides})
 
 
@@ -118,7 +119,7 @@ def to_hf_config(cfg: ModelConfig, kind: str, max_position_embeddings: int) -> d
         max_position_embeddings = s.original_max_position_embeddings
     out = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "hidden_act": "silu",
            "max_position_embeddings": max_position_embeddings, "num_key_value_heads": cfg.n_kv_heads,
-           "tie_word_embeddings": False, "attention_dropout": 0.0,
+           "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
            **{theirs: getattr(cfg, ours) for theirs, ours in MAPPED.items()}}
     out["rope_parameters"] = _rope_out(cfg)
     windows = cfg.windows
