@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from longtrain.models.hf import UnsupportedModel, from_pretrained, save_pretrained  # noqa: E402
-from longtrain.models.hf.weights import hf_name  # noqa: E402
+from longtrain.models.hf.weights import hf_tensors  # noqa: E402
 from longtrain.models.transformer import IGNORE  # noqa: E402
 from tests.dist import mesh_for  # noqa: E402
 
@@ -36,7 +36,8 @@ MODELS = {**{f"llama-{k}": ("Llama", v) for k, v in ROPE.items()},
           "qwen2": ("Qwen2", {}),
           "qwen2-tied": ("Qwen2", {"tie_word_embeddings": True}),
           "qwen2-layer-windows": ("Qwen2", {"use_sliding_window": True, "sliding_window": 8,
-                                            "layer_types": ["sliding_attention", "full_attention"]})}
+                                            "layer_types": ["sliding_attention", "full_attention"]}),
+          "mixtral": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24})}
 SEQ = 64
 
 
@@ -89,8 +90,27 @@ def test_logits_and_loss_equal_transformers(hf_models, name):
     assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()
 
 
-@pytest.mark.parametrize("name", ["llama-default", "qwen2-tied"])
+def _hf_grads(hf) -> dict[str, torch.Tensor]:
+    """transformers' gradients under the names its files use (Mixtral's experts one by one)."""
+    out = {}
+    for n, p in hf.named_parameters():
+        if n.endswith("experts.gate_up_proj"):  # fused in memory, [E, 2H, d]: gate rows, then up rows
+            gate, up = p.grad.chunk(2, dim=1)
+            out.update({n.replace("experts.gate_up_proj", f"experts.w1.{i}"): g for i, g in enumerate(gate)})
+            out.update({n.replace("experts.gate_up_proj", f"experts.w3.{i}"): g for i, g in enumerate(up)})
+        elif n.endswith("experts.down_proj"):
+            out.update({n.replace("experts.down_proj", f"experts.w2.{i}"): g for i, g in enumerate(p.grad)})
+        else:
+            out[n] = p.grad
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-default", "qwen2-tied", "mixtral"])
 def test_gradients_equal_transformers(hf_models, name):
+    """Gradients of the token loss (Mixtral's balance loss left out: transformers adds it only
+    with output_router_logits, in its own form)."""
+    import re
+
     hf, path = hf_models[name]
     ids, labels = batch(2)
     model = from_pretrained(path)
@@ -98,10 +118,14 @@ def test_gradients_equal_transformers(hf_models, name):
     (out.loss_sum / out.tokens).backward()
     hf.zero_grad()
     hf_loss_and_logits(hf, ids, labels)[0].backward()
-    theirs = dict(hf.named_parameters())
+    theirs = _hf_grads(hf)
     for n, p in model.named_parameters():
-        want = theirs[hf_name(n)].grad
-        assert (p.grad - want).abs().max() <= 1e-4 * want.abs().max(), n
+        for key, mine in hf_tensors(n, p.grad).items():
+            m = re.fullmatch(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(w\d)\.weight", key)
+            key = f"{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}" if m else key.replace("block_sparse_moe",
+                                                                                                "mlp")
+            want = theirs[key]
+            assert (mine - want).abs().max() <= 1e-4 * want.abs().max(), key
 
 
 def _parallel_logits(path, degrees, ids, labels):
@@ -133,17 +157,23 @@ def test_parallel_layouts_equal_transformers(pool4, hf_models, name, degrees):
         assert _rel(torch.as_tensor(logits), ref) <= 1e-5
 
 
+def test_mixtral_on_tp2_ring2_ep2_equals_transformers(pool4, hf_models):
+    test_parallel_layouts_equal_transformers(pool4, hf_models, "mixtral", dict(tp=2, cp_ring=2, ep=2))
+
+
 def _round_trip(path, out, degrees):
     mesh = mesh_for(**degrees)
     save_pretrained(from_pretrained(path, mesh), out)
 
 
-def test_round_trip_is_bitwise_on_tp2_ring2(pool4, hf_models, tmp_path):
+@pytest.mark.parametrize("name, degrees", [("qwen2", dict(tp=2, cp_ring=2)),
+                                           ("mixtral", dict(tp=2, cp_ring=2, ep=2))], ids=["qwen2", "mixtral-ep2"])
+def test_round_trip_is_bitwise(pool4, hf_models, tmp_path, name, degrees):
     from safetensors.torch import load_file
 
-    hf, path = hf_models["qwen2"]
+    hf, path = hf_models[name]
     out = str(tmp_path / "out")
-    pool4.run(_round_trip, path, out, dict(tp=2, cp_ring=2))
+    pool4.run(_round_trip, path, out, degrees)
     before, after = load_file(f"{path}/model.safetensors"), load_file(f"{out}/model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

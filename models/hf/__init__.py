@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import UnsupportedModel, from_hf_config, to_hf_config
-from .weights import Reader, hf_name, write
+from .weights import Reader, hf_tensors, write
 
 __all__ = ["from_pretrained", "save_pretrained", "read_config", "UnsupportedModel"]
 
@@ -87,7 +87,9 @@ def save_pretrained(model, path: str | os.PathLike, *, kind: str | None = None, 
     out = Path(path)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder, or pass overwrite=True")
-    tensors = {hf_name(n): _full(p).to(_DTYPES[dtype]).cpu() for n, p in model.named_parameters()}
+    tensors = {}
+    for n, p in model.named_parameters():
+        tensors.update(hf_tensors(n, _full(p).to(_DTYPES[dtype]).cpu()))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     failure = None
     if rank0:

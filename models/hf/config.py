@@ -1,7 +1,9 @@
 """A Hugging Face `config.json` as a longtrain `ModelConfig`, and back.
 
 Supported: Llama (with Llama-3's rope scaling), Mistral (its sliding window is longtrain's
-window), Qwen2 (biases on q/k/v; `layer_types` as longtrain's per-layer windows). Every field
+window), Qwen2 (biases on q/k/v; `layer_types` as longtrain's per-layer windows), Mixtral
+(softmax top-k router with the k weights renormalized: longtrain's MoE with `norm_topk`, no
+z-loss, `router_aux_loss_coef` as its balance coefficient; experts split over ep). Every field
 of the file is accounted for: mapped, checked to hold the one value longtrain implements, or
 known not to change what is computed (token ids, cache and init settings). Anything else is
 refused with its name: a model that would silently compute something else is worse than none.
@@ -12,18 +14,23 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
+from ..moe import MoEConfig
 from ..rope import RopeScaling
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 
-# fields that do not change what the model computes from token ids
-INERT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "bos_token_id",
-         "eos_token_id", "pad_token_id", "initializer_range", "max_position_embeddings", "pretraining_tp",
-         "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "max_window_layers",
-         "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "sliding_window",
-         "use_sliding_window", "layer_types", "head_dim", "attention_bias", "mlp_bias", "attention_dropout",
-         "hidden_act", "num_key_value_heads"}
-REQUIRED = {"hidden_act": "silu", "attention_dropout": 0.0, "mlp_bias": False}
+# fields every architecture may carry: mapped below, checked, or not changing what the model
+# computes from token ids (token ids, cache, init, output options)
+COMMON = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "bos_token_id",
+          "eos_token_id", "pad_token_id", "initializer_range", "max_position_embeddings", "_name_or_path",
+          "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings", "rope_parameters",
+          "rope_scaling", "rope_theta", "head_dim", "attention_dropout", "hidden_act", "num_key_value_heads"}
+OWN = {"llama": {"pretraining_tp", "attention_bias", "mlp_bias"}, "mistral": {"sliding_window"},
+       "qwen2": {"sliding_window", "use_sliding_window", "layer_types", "max_window_layers"},
+       "mixtral": {"sliding_window", "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                   "router_jitter_noise", "output_router_logits"}}
+REQUIRED = {"hidden_act": "silu", "attention_dropout": 0.0, "mlp_bias": False, "router_jitter_noise": 0.0}
 MAPPED = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
           "num_attention_heads": "n_heads", "intermediate_size": "ffn_hidden", "rms_norm_eps": "norm_eps"}
 
@@ -62,7 +69,7 @@ def _rope(hf: dict, path) -> tuple[float, float | RopeScaling]:
 
 def _windows(hf: dict, kind: str, n_layers: int, path) -> dict:
     window = hf.get("sliding_window")
-    if kind == "mistral":
+    if kind in ("mistral", "mixtral"):
         return {"window": window} if window else {}
     if kind == "qwen2":
         types = hf.get("layer_types") or ["full_attention"] * n_layers
@@ -84,7 +91,7 @@ def from_hf_config(hf: dict[str, Any], path="config.json", **overrides) -> Model
     kind = hf.get("model_type")
     if kind not in ARCHITECTURES:
         raise _refuse(path, f"model_type {kind!r} is not supported")
-    unknown = sorted(set(hf) - INERT - set(MAPPED))
+    unknown = sorted(set(hf) - COMMON - OWN[kind] - set(MAPPED))
     if unknown:
         raise _refuse(path, f"field(s) {unknown} are not supported")
     for field, want in REQUIRED.items():
@@ -100,6 +107,10 @@ def from_hf_config(hf: dict[str, Any], path="config.json", **overrides) -> Model
     args["rope_theta"], args["rope_scaling"] = _rope(hf, path)
     args.update(_windows(hf, kind, args["n_layers"], path))
     args["qkv_bias"] = kind == "qwen2"
+    if kind == "mixtral":
+        args["moe"] = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                                expert_hidden=hf["intermediate_size"], score="softmax", norm_topk=True,
+                                aux_loss_coef=hf.get("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
     args["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
     return ModelConfig(**{**args, **overrides})
 
@@ -108,8 +119,10 @@ def to_hf_config(cfg: ModelConfig, kind: str, max_position_embeddings: int) -> d
     """A `config.json` for `cfg` in the architecture `kind` (the one it was loaded from)."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"architecture {kind!r} is not one longtrain writes ({', '.join(ARCHITECTURES)})")
-    if cfg.moe is not None or cfg.moh is not None:
-        raise ValueError("a model with MoE or MoH layers has no Llama / Mistral / Qwen2 form")
+    if cfg.moh is not None:
+        raise ValueError("a model with MoH attention has no transformers form longtrain writes")
+    if (cfg.moe is not None) != (kind == "mixtral"):
+        raise ValueError(f"the {kind} architecture {'needs' if kind == 'mixtral' else 'has no'} MoE layers")
     if cfg.qkv_bias != (kind == "qwen2"):
         raise ValueError(f"qkv_bias={cfg.qkv_bias} does not fit the {kind} architecture")
     from ..rope import as_scaling
@@ -129,13 +142,25 @@ def to_hf_config(cfg: ModelConfig, kind: str, max_position_embeddings: int) -> d
         out["use_sliding_window"] = any(windows)
         if len({w for w in windows if w}) > 1:
             raise ValueError("Qwen2 has one sliding_window for all its sliding layers")
-    elif kind == "mistral":
+    if kind == "mixtral":
+        out.update(_moe_out(cfg))
+    if kind in ("mistral", "mixtral"):
         if len(set(windows)) > 1:
-            raise ValueError("Mistral has one sliding window for every layer")
+            raise ValueError(f"{kind} has one sliding window for every layer")
         out["sliding_window"] = windows[0]
-    elif any(windows):
+    elif kind == "llama" and any(windows):
         raise ValueError("Llama has no sliding window; export as mistral or qwen2")
     return out
+
+
+def _moe_out(cfg: ModelConfig) -> dict:
+    m = cfg.moe
+    if (m.score, m.norm_topk, m.every, m.shared_expert, m.expert_bias, m.capacity_factor) != \
+            ("softmax", True, 1, False, False, None) or (m.expert_hidden or cfg.ffn_hidden) != cfg.ffn_hidden:
+        raise ValueError("Mixtral's MoE is a softmax router with renormalized top-k weights in every layer, experts "
+                         "of ffn_hidden, no shared expert, expert bias or capacity: this model's MoE differs")
+    return {"num_local_experts": m.num_experts, "num_experts_per_tok": m.top_k,
+            "router_aux_loss_coef": m.aux_loss_coef, "router_jitter_noise": 0.0, "output_router_logits": False}
 
 
 def _rope_out(cfg: ModelConfig) -> dict:

@@ -28,6 +28,8 @@ _LAYER = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post
           "mlp.mlp.w1.weight": "mlp.gate_proj.weight", "mlp.mlp.w3.weight": "mlp.up_proj.weight",
           "mlp.mlp.w2.weight": "mlp.down_proj.weight"}
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+_MOE = {"mlp.router.weight": "block_sparse_moe.gate.weight"}
+_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(w[123])")  # longtrain's [E, ...] stacks
 # tensors older checkpoints carry that are recomputed, never learned
 _DERIVED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -37,9 +39,25 @@ def hf_name(name: str) -> str:
     if name in _TOP:
         return _TOP[name]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m is None or m.group(2) not in _LAYER:
-        raise ValueError(f"parameter {name} has no Llama / Mistral / Qwen2 counterpart")
-    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    table = {**_LAYER, **_MOE}
+    if m is None or m.group(2) not in table:
+        raise ValueError(f"parameter {name} has no Llama / Mistral / Qwen2 / Mixtral counterpart")
+    return f"model.layers.{m.group(1)}.{table[m.group(2)]}"
+
+
+def expert_names(name: str, experts: range) -> list[str] | None:
+    """The transformers names (Mixtral: one tensor per expert) of the experts `experts` of a
+    longtrain expert stack, or None if `name` is not one."""
+    m = _EXPERTS.fullmatch(name)
+    if m is None:
+        return None
+    return [f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e}.{m.group(2)}.weight" for e in experts]
+
+
+def hf_tensors(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{transformers name: tensor} for a longtrain parameter's full tensor."""
+    names = expert_names(name, range(full.shape[0]))
+    return {hf_name(name): full} if names is None else dict(zip(names, full.unbind(0)))
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -79,6 +97,8 @@ class Reader:
         self.used: set[str] = set()
 
     def __call__(self, name: str, p: torch.nn.Parameter) -> torch.Tensor:
+        if expert_names(name, range(1)) is not None:
+            return self._experts(name, p)
         theirs = hf_name(name)
         if theirs not in self.files:
             raise ValueError(f"the model has no tensor {theirs} (longtrain's {name})")
@@ -95,6 +115,22 @@ class Reader:
         n = full[dim] // group_size(p.shard_group)
         lo = group_rank(p.shard_group) * n
         return sl[lo:lo + n] if dim == 0 else sl[:, lo:lo + n]
+
+    def _experts(self, name: str, p) -> torch.Tensor:
+        """This rank's experts (its ep slice of the stack), one HF tensor each."""
+        from longtrain.parallel.comm import group_rank, group_size
+
+        full = tuple(p.full_shape)
+        n = full[0] // group_size(p.shard_group)
+        names = expert_names(name, range(group_rank(p.shard_group) * n, (group_rank(p.shard_group) + 1) * n))
+        missing = [t for t in names if t not in self.files]
+        if missing:
+            raise ValueError(f"the model has no tensor {missing[0]} (longtrain's {name})")
+        parts = [self.open[self.files[t]].get_slice(t)[:] for t in names]
+        if tuple(parts[0].shape) != full[1:]:
+            raise ValueError(f"tensor {names[0]} has shape {tuple(parts[0].shape)}, the config implies {full[1:]}")
+        self.used.update(expert_names(name, range(full[0])))  # the other ranks' experts have their place too
+        return torch.stack(parts)
 
     def unused(self) -> list[str]:
         return sorted(n for n in set(self.files) - self.used if not _DERIVED.fullmatch(n))
