@@ -129,8 +129,12 @@ def load(state_dict: dict, path: str | os.PathLike, no_dist: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    import warnings
+
     try:
-        dcp.load(state_dict, storage_reader=SafeReader(str(path)), planner=SafePlanner(path), no_dist=no_dist)
+        with warnings.catch_warnings():  # no_dist: DCP warns that it loads in one process, as asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state_dict, storage_reader=SafeReader(str(path)), planner=SafePlanner(path), no_dist=no_dist)
     except CheckpointException as e:
         refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpoint)]
         if refused:

@@ -128,37 +128,42 @@ def test_gradients_equal_transformers(hf_models, name):
             assert (mine - want).abs().max() <= 1e-4 * want.abs().max(), key
 
 
-def _parallel_logits(path, degrees, ids, labels):
-    """(global mean loss, full logits) of the HF model loaded on this rank's layout."""
+def _parallel_logits(paths, degrees, ids, labels):
+    """[(global mean loss, full logits)] of each HF model loaded on this rank's layout."""
     from longtrain.models.transformer import global_loss
     from longtrain.parallel.attention import shard_sequence, unshard_sequence
     from longtrain.parallel.comm import all_gather_cat
 
     mesh = mesh_for(**degrees)
-    model = from_pretrained(path, mesh).eval()
     local_ids, local_labels = (shard_sequence(t, mesh) for t in (ids, labels))
-    with torch.no_grad():
-        _, mean = global_loss(model(local_ids, local_labels), mesh.group("dp_cp"))
-        h, _ = model.hidden(local_ids)
-        logits = torch.nn.functional.linear(model.par.enter(h), model.head.weight)  # [b, s_local, V/tp]
-        logits = unshard_sequence(all_gather_cat(logits, mesh.group("tp"), -1), mesh)
-    return mean.item(), logits
+    out = []
+    for path in paths:
+        model = from_pretrained(path, mesh).eval()
+        with torch.no_grad():
+            _, mean = global_loss(model(local_ids, local_labels), mesh.group("dp_cp"))
+            h, _ = model.hidden(local_ids)
+            logits = torch.nn.functional.linear(model.par.enter(h), model.head.weight)  # [b, s_local, V/tp]
+            out.append((mean.item(), unshard_sequence(all_gather_cat(logits, mesh.group("tp"), -1), mesh)))
+    return out
 
 
-@pytest.mark.parametrize("degrees", [dict(tp=2, cp_ring=2), dict(cp_ulysses=2, dp=2)], ids=["tp2xring2", "ulysses2"])
-@pytest.mark.parametrize("name", ["llama-yarn", "mistral-window", "qwen2-tied"])
-def test_parallel_layouts_equal_transformers(pool4, hf_models, name, degrees):
-    hf, path = hf_models[name]
-    ids, labels = batch(3, b=1)
-    with torch.no_grad():
-        ref_loss, ref = hf_loss_and_logits(hf, ids, labels)
-    for loss, logits in pool4.run(_parallel_logits, path, degrees, ids, labels):
-        assert abs(loss - ref_loss.item()) <= 1e-5 * ref_loss.item()
-        assert _rel(torch.as_tensor(logits), ref) <= 1e-5
+DENSE = [n for n in MODELS if n != "mixtral"]
+LAYOUTS = {"tp2xring2": (dict(tp=2, cp_ring=2), DENSE + ["mixtral"]),
+           "ulysses2xdp2": (dict(cp_ulysses=2, dp=2), DENSE + ["mixtral"]),
+           "tp2xring2xep2": (dict(tp=2, cp_ring=2, ep=2), ["mixtral"])}
 
 
-def test_mixtral_on_tp2_ring2_ep2_equals_transformers(pool4, hf_models):
-    test_parallel_layouts_equal_transformers(pool4, hf_models, "mixtral", dict(tp=2, cp_ring=2, ep=2))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_equal_transformers(pool4, hf_models, layout):
+    """Every architecture and RoPE scaling, on each layout: loss and gathered logits."""
+    degrees, names = LAYOUTS[layout]
+    ids, labels = batch(3, b=2)
+    for rank_out in pool4.run(_parallel_logits, [hf_models[n][1] for n in names], degrees, ids, labels):
+        for name, (loss, logits) in zip(names, rank_out):
+            with torch.no_grad():
+                ref_loss, ref = hf_loss_and_logits(hf_models[name][0], ids, labels)
+            assert abs(loss - ref_loss.item()) <= 1e-5 * ref_loss.item(), name
+            assert _rel(torch.as_tensor(logits), ref) <= 1e-5, name
 
 
 def _round_trip(path, out, degrees):
