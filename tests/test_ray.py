@@ -140,3 +140,37 @@ def test_layout_larger_than_the_cluster_is_refused_before_any_actor(tmp_path, ra
     cfg = _cfg(str(tmp_path), tmp_path / "out", 2, {"tp": 2, "cp_ring": 4})  # 8 ranks, 4 CPUs here
     with pytest.raises(RuntimeError, match="needs 4 group\\(s\\) of 2 CPU\\(s\\) on one node each"):
         launch(cfg)
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.pid == pid and c.status == psutil.CONN_LISTEN}
+
+
+def test_an_embedded_job_listens_on_loopback_beyond_ray(tmp_path, runs):
+    """The sockets a rank opens for the job (rendezvous store, gloo) are on 127.0.0.1; the
+    only others in an actor's process are Ray's own, there before the job started."""
+    import ipaddress
+    import os
+
+    from longtrain.launch.ray_launcher import RankActor, start_ray
+
+    data, _ = runs
+    assert start_ray(None, 2)  # the embedded instance: every rank is on this machine
+    actors = [RankActor.remote(r, 2, 1) for r in range(2)]
+    pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
+    ray_own = {pid: _listening(pid) for pid in pids}
+    master = ray.get(actors[0].address.remote(True))
+    cfg = _cfg(data, tmp_path / "run", 3, {"cp_ring": 2})
+    refs = [a.run.remote(cfg.resolved(gpus=0), master) for a in actors]
+    seen: dict[int, set] = {pid: set() for pid in pids}
+    while ray.wait(refs, num_returns=len(refs), timeout=0.2)[1]:
+        for pid in pids:
+            seen[pid] |= _listening(pid) - ray_own[pid]
+    assert not any(isinstance(r, Exception) for r in ray.get(refs))
+    assert seen[pids[0]], "rank 0 serves the rendezvous store"
+    assert all(ipaddress.ip_address(ip).is_loopback for pid in pids for ip, _ in seen[pid]), seen
+    for a in actors:
+        ray.kill(a)
