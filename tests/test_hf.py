@@ -232,9 +232,25 @@ def test_weights_outside_the_folder_or_in_pickles_are_refused(hf_models, tmp_pat
     with pytest.raises(ValueError, match="not a file of"):
         from_pretrained(bad)
     (bad / "model.safetensors.index.json").unlink()
-    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+    from safetensors.torch import load_file
+
+    tensors = load_file(bad / "model.safetensors")
+    (bad / "model.safetensors").unlink()
+    torch.save(tensors, bad / "pytorch_model.bin")  # a plain tensor pickle loads (weights_only)
+    assert all(torch.equal(a, b) for a, b in zip(from_pretrained(path).parameters(), from_pretrained(bad).parameters()))
+    marker = tmp_path / "pwned"
+    torch.save({**tensors, "x": _Opens(marker)}, bad / "pytorch_model.bin")  # one that would run code
+    with pytest.raises(ValueError, match="not a plain tensor file; refused"):
         from_pretrained(bad)
+    assert not marker.exists()
+
+
+class _Opens:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def test_train_from_hf_extend_and_export(tmp_path):

@@ -210,3 +210,16 @@ def test_the_ray_token_longtrain_causes_is_private(tmp_path, monkeypatch):
     assert "chmod 600" in said[0]
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert ray_auth.private_token() is None
+
+
+def test_joining_an_unauthenticated_ray_cluster_is_said(monkeypatch):
+    import ray._raylet as raylet
+
+    from longtrain.launch.ray_auth import warn_if_unauthenticated
+
+    said = []
+    monkeypatch.setattr(raylet, "get_authentication_mode", lambda: raylet.AuthenticationMode.TOKEN)
+    assert not warn_if_unauthenticated("10.0.0.1:6379", log=said.append) and not said
+    monkeypatch.setattr(raylet, "get_authentication_mode", lambda: raylet.AuthenticationMode.DISABLED)
+    assert warn_if_unauthenticated("10.0.0.1:6379", log=said.append)
+    assert "10.0.0.1:6379 accepts connections without authentication" in said[0] and "RAY_AUTH_MODE=token" in said[0]

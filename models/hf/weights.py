@@ -2,8 +2,9 @@
 
 Reading: each rank opens the safetensors files and reads only its own slice of each tensor
 (`safe_open(...).get_slice`), so a tensor-parallel rank never holds a whole weight it does
-not keep. Only safetensors: a format that holds no code (no pickle, no `pytorch_model.bin`,
-no `trust_remote_code`), and only files inside the model's folder.
+not keep. Safetensors hold no code; a folder with only `pytorch_model*.bin` (a pickle) is read
+through `torch.load(weights_only=True)`, which admits tensors and plain containers only, memory-
+mapped. Never `trust_remote_code`, and only files inside the model's folder.
 Writing: full tensors (gathered over their shard group by the caller) into one file, or into
 several with a `model.safetensors.index.json` above `max_shard_bytes`, as transformers does.
 """
@@ -19,6 +20,7 @@ import torch
 from longtrain.data.shards import plain_file
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN = "pytorch_model.bin.index.json", "pytorch_model.bin"
 
 _LAYER = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
           "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
@@ -61,39 +63,71 @@ def hf_tensors(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
-    """{tensor name: safetensors file} of a HF model folder."""
-    index = folder / INDEX
-    if index.exists():
-        try:
-            entries = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index ({e})") from e
-        out = {}
-        for name, file in entries.items():
-            path = plain_file(folder, file)
-            if path is None:
-                raise ValueError(f"{index} maps {name} to {file!r}, which is not a file of {folder}; refused")
-            out[name] = path
-        return out
-    single = folder / SINGLE
-    if single.exists():
-        from safetensors import safe_open
+    """{tensor name: weights file} of a HF model folder (safetensors, else pytorch_model.bin)."""
+    for index, single in ((INDEX, SINGLE), (BIN_INDEX, BIN)):
+        if (folder / index).exists():
+            return _indexed(folder, folder / index)
+        if (folder / single).exists():
+            return {name: folder / single for name in _open(folder / single).keys()}
+    raise FileNotFoundError(f"no {SINGLE}, {INDEX} or {BIN} in {folder}: not a Hugging Face model folder")
 
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
-    bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
-    hint = f" (it has {bins[0]}: convert it to safetensors with transformers)" if bins else ""
-    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}{hint}")
+
+def _indexed(folder: Path, index: Path) -> dict[str, Path]:
+    try:
+        entries = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a weights index ({e})") from e
+    out = {}
+    for name, file in entries.items():
+        path = plain_file(folder, file)
+        if path is None:
+            raise ValueError(f"{index} maps {name} to {file!r}, which is not a file of {folder}; refused")
+        out[name] = path
+    return out
+
+
+class _Pickled:
+    """A `pytorch_model.bin` behind safetensors' `safe_open` interface, read with
+    `weights_only=True` (no code runs) and memory-mapped; slices are copied out."""
+
+    def __init__(self, path: Path):
+        try:
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any refusal of the restricted unpickler, or a bad file
+            raise ValueError(f"{path} is not a plain tensor file; refused ({str(e).splitlines()[0]})") from e
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_slice(self, name: str):
+        return _Slice(self.tensors[name])
+
+
+class _Slice:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.t[index].clone()  # never a view of the mapped file
+
+
+def _open(path: Path):
+    if path.suffix == ".bin":
+        return _Pickled(path)
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
 
 
 class Reader:
     """Reads this rank's slice of each parameter from a HF model folder (a `materialize` source)."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.files = weight_files(folder)
-        self.open = {p: safe_open(str(p), framework="pt") for p in set(self.files.values())}
+        self.open = {p: _open(p) for p in set(self.files.values())}
         self.used: set[str] = set()
 
     def __call__(self, name: str, p: torch.nn.Parameter) -> torch.Tensor:
