@@ -138,5 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"longtrain prepare: {e}", file=sys.stderr)
         return 2
-    print(f"{m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shards -> {args.out}")
+    vocab = m["tokenizer"]["vocab_size"]
+    print(f"{m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shards -> {args.out}; "
+          f"vocabulary {vocab} token ids: model.vocab_size = {-(-vocab // 64) * 64} (or a multiple of 64 x tp)")
     return 0

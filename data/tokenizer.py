@@ -69,4 +69,18 @@ def load_tokenizer(spec: str | None):
 
         raise DataError(f"tokenizer file {spec} not found; pass --tokenizer bytes or the path of a "
                         "tokenizers JSON file (tokenizer.json)")
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, _eos_token(spec))
+
+
+def _eos_token(path: str) -> str | None:
+    """The end-of-sequence token a HF tokenizer folder names (tokenizer_config.json, JSON), so
+    documents end with the model's own eos id instead of a new one past its vocabulary."""
+    import json
+
+    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    try:
+        with open(config) as f:
+            eos = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None

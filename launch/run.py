@@ -103,7 +103,15 @@ def _check_data(cfg: TrainConfig) -> None:
         loader = PackedLoader(path, d.seq_len, d.batch_size, seed=d.seed, dp_size=cfg.parallel.dp)
         if loader.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"the data in {path} has {loader.vocab_size} token ids but model.vocab_size is "
-                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of tp)")
+                             f"{cfg.model.vocab_size}; set model.vocab_size = "
+                             f"{padded_vocab(loader.vocab_size, cfg.parallel.tp)} (padded to a multiple of 64 x tp)")
+
+
+def padded_vocab(tokens: int, tp: int = 1, multiple: int = 64) -> int:
+    """A vocabulary size for `tokens` token ids: rounded up to a multiple of `multiple` x tp (the
+    vocab-parallel embedding and head need tp equal shards; 64 keeps their matmuls aligned)."""
+    step = multiple * tp
+    return -(-tokens // step) * step
 
 
 def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None:

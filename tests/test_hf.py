@@ -296,3 +296,28 @@ def test_train_from_hf_extend_and_export(tmp_path):
         out = ours.eval()(ids, labels)
         ref_loss, _ = hf_loss_and_logits(exported, ids, labels)
     assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()
+
+
+def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from longtrain.data.prepare import prepare
+    from longtrain.launch.run import padded_vocab, preflight
+    from longtrain.launch.config import build
+    from longtrain.launch.train_config import TrainConfig
+
+    words = ["</s>", "[UNK]"] + [f"w{i}" for i in range(98)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text(" ".join(f"w{i % 98}" for i in range(3000)))
+    manifest = prepare([str(tmp_path / "src")], str(tmp_path / "data"), tokenizer=str(tmp_path / "tok" / "tokenizer.json"))
+    assert manifest["tokenizer"]["vocab_size"] == 100 and manifest["tokenizer"]["eos_id"] == 0  # no extra id
+    assert padded_vocab(100, 2) == 128 and padded_vocab(128, 2) == 128
+    cfg = build(TrainConfig, {"model": {"vocab_size": 64, "dim": 32, "n_heads": 2, "n_layers": 1},
+                              "data": {"path": str(tmp_path / "data"), "seq_len": 64}, "parallel": {"tp": 2}})
+    with pytest.raises(ValueError, match="set model.vocab_size = 128"):
+        preflight(cfg)
