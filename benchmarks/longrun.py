@@ -8,7 +8,7 @@ step, tokens/s, peak memory per rank (measured and planned), the loss curve and 
 FLOPs per step / step time / this machine's fp32 matmul rate on all its cores).
 
     longtrain prepare stdlib --out runs/data_1m --limit-bytes 40000000
-    longtrain bench longrun configs/cpu_1m.toml --kill-at 7 --write-docs docs/benchmarks.md
+    longtrain bench longrun configs/cpu_1m.toml --kill-at 5 --write-docs docs/benchmarks.md
     longtrain bench longrun configs/cpu_1m.toml --name causal-262k --steps 1 \\
         --set data.seq_len=262144 --set "model.layer_windows=[0,0]" --write-docs docs/benchmarks.md
 """
