@@ -106,6 +106,35 @@ def test_saved_activations_match_autograd(model):
     assert abs(planned - got) <= 0.03 * got, (planned, got)
 
 
+# Known gap (issue 10): the windowed tiles' backward workspace under GQA (reversed copies of
+# q/k/v/o/dout per batched ANTI call, K/V expanded to the query heads, their gradients) is
+# under-counted by 9-24% at these small shapes; strict, so the fix must remove the mark.
+_TILE_GAP = pytest.mark.xfail(strict=True, reason="windowed GQA tile workspace under-counted (issue 10)")
+
+
+@pytest.mark.parametrize("model", [
+    dict(checkpoint="none", window=256), pytest.param(dict(checkpoint="selective", window=256), marks=_TILE_GAP),
+    dict(checkpoint="full", window=256), dict(checkpoint="selective"),
+    pytest.param(dict(checkpoint="selective", window=256, act_quant={}), marks=_TILE_GAP),
+], ids=["none-window", "selective-window", "full-window", "selective-causal", "selective-window-actquant"])
+def test_plan_bounds_the_live_tensors_of_a_step(model):
+    """The plan's activations and workspace (saved + transient) bound the tensors a step keeps
+    alive at once (`planner.trace.LiveBytes`), without over-stating them twofold: a measured
+    resident set above the plan is the allocator's, not a tensor the plan forgot."""
+    from longtrain.planner.memory import memory_plan
+    from longtrain.planner.trace import LiveBytes
+
+    cfg = _cfg({}, dict(BASE, dim=64, n_heads=4, n_kv_heads=2, loss_chunk=1024, mlp_chunk=1024, **model), 4096, 1)
+    net = build_model(cfg.model, None)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0))
+    with LiveBytes() as live:
+        out = net(ids, torch.roll(ids, -1, 1))
+        (out.loss_sum / out.tokens).backward()
+    plan = memory_plan(cfg)
+    planned = plan.total("saved") + plan.total("transient")
+    assert 0.5 * planned <= live.peak <= planned, (live.peak / 2**20, planned / 2**20, live.top(5))
+
+
 def test_model_flops_match_flop_counter():
     """Matmul FLOPs of a step (no recomputation) against torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
