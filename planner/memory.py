@@ -142,6 +142,10 @@ def _attention_backward(cfg: TrainConfig, loc: Local, e: int) -> float:
     tile_rows = min(loc.tokens, BAND_ROWS * cfg.data.batch_size)
     out = loc.tokens * loc.q_dim * e + qkv * 4
     out += tile_rows * (loc.q_dim + 2 * kvp) * 4 + 5 * tile_rows * loc.q_dim * e
+    if kvp < loc.q_dim:  # GQA: the fused kernel gets K/V repeated to the query heads, and gives
+        out += 4 * tile_rows * loc.q_dim * e  # their gradients at that size before the heads are summed
+    if any(m.windows):  # a window's far edge runs on reversed rows: its gradients come back reversed
+        out += tile_rows * (loc.q_dim + 2 * kvp) * 4
     if p.cp_ring > 1:
         rows = max(hi - lo for i in range(m.n_layers) for r in range(p.cp_ring) for s in (1, -1)
                    for lo, hi in [message_rows(cfg.data.seq_len, p.cp_ring, r, s, True, m.layer_window(i), "zigzag")])

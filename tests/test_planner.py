@@ -106,16 +106,10 @@ def test_saved_activations_match_autograd(model):
     assert abs(planned - got) <= 0.03 * got, (planned, got)
 
 
-# Known gap (issue 10): the windowed tiles' backward workspace under GQA (reversed copies of
-# q/k/v/o/dout per batched ANTI call, K/V expanded to the query heads, their gradients) is
-# under-counted by 9-24% at these small shapes; strict, so the fix must remove the mark.
-_TILE_GAP = pytest.mark.xfail(strict=True, reason="windowed GQA tile workspace under-counted (issue 10)")
-
-
 @pytest.mark.parametrize("model", [
-    dict(checkpoint="none", window=256), pytest.param(dict(checkpoint="selective", window=256), marks=_TILE_GAP),
+    dict(checkpoint="none", window=256), dict(checkpoint="selective", window=256),
     dict(checkpoint="full", window=256), dict(checkpoint="selective"),
-    pytest.param(dict(checkpoint="selective", window=256, act_quant={}), marks=_TILE_GAP),
+    dict(checkpoint="selective", window=256, act_quant={}),
 ], ids=["none-window", "selective-window", "full-window", "selective-causal", "selective-window-actquant"])
 def test_plan_bounds_the_live_tensors_of_a_step(model):
     """The plan's activations and workspace (saved + transient) bound the tensors a step keeps
