@@ -65,7 +65,7 @@ def load_hf_weights(model, path: str) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(reader(name, p))
-    extra = [n for n in reader.unused() if not (model.cfg.tie_embeddings and n == "lm_head.weight")]
+    extra = reader.unused(model.cfg.tie_embeddings)
     if extra:
         raise UnsupportedModel(f"{path}: tensors {extra[:5]} have no place in the model its config.json describes")
 

@@ -52,7 +52,7 @@ def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", 
     cfg, hf = read_config(path, **overrides)
     reader = Reader(Path(path))
     model = build_model(cfg, mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel, source=reader)
-    extra = [n for n in reader.unused() if not (cfg.tie_embeddings and n == "lm_head.weight")]
+    extra = reader.unused(cfg.tie_embeddings)
     if extra:
         raise UnsupportedModel(f"{path}: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "
                                "the architecture its config.json describes")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..moe import MoEConfig
-from ..rope import RopeScaling
+from ..rope import RopeScaling, as_scaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "mixtral": "MixtralForCausalLM"}
@@ -125,8 +125,6 @@ def to_hf_config(cfg: ModelConfig, kind: str, max_position_embeddings: int) -> d
         raise ValueError(f"the {kind} architecture {'needs' if kind == 'mixtral' else 'has no'} MoE layers")
     if cfg.qkv_bias != (kind == "qwen2"):
         raise ValueError(f"qkv_bias={cfg.qkv_bias} does not fit the {kind} architecture")
-    from ..rope import as_scaling
-
     s = as_scaling(cfg.rope_scaling)
     if s.type == "dynamic":  # transformers takes the original context from max_position_embeddings
         max_position_embeddings = s.original_max_position_embeddings
@@ -134,7 +132,7 @@ def to_hf_config(cfg: ModelConfig, kind: str, max_position_embeddings: int) -> d
            "max_position_embeddings": max_position_embeddings, "num_key_value_heads": cfg.n_kv_heads,
            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
            **{theirs: getattr(cfg, ours) for theirs, ours in MAPPED.items()}}
-    out["rope_parameters"] = _rope_out(cfg)
+    out["rope_parameters"] = _rope_out(cfg.rope_theta, s)
     windows = cfg.windows
     if kind == "qwen2":
         out["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
@@ -163,14 +161,11 @@ def _moe_out(cfg: ModelConfig) -> dict:
             "router_aux_loss_coef": m.aux_loss_coef, "router_jitter_noise": 0.0, "output_router_logits": False}
 
 
-def _rope_out(cfg: ModelConfig) -> dict:
-    from ..rope import as_scaling
-
-    s = as_scaling(cfg.rope_scaling)
+def _rope_out(theta: float, s: RopeScaling) -> dict:
     if s.type == "ntk":
         raise ValueError("longtrain's NTK-aware rope_scaling number has no transformers form; use a "
                          "rope_scaling table (dynamic, yarn, linear, llama3)")
-    out = {"rope_theta": cfg.rope_theta, "rope_type": s.type}
+    out = {"rope_theta": theta, "rope_type": s.type}
     out.update({k: getattr(s, k) for k in ROPE_FIELDS[s.type] if getattr(s, k) is not None})
     return out
 

@@ -166,8 +166,11 @@ class Reader:
         self.used.update(expert_names(name, range(full[0])))  # the other ranks' experts have their place too
         return torch.stack(parts)
 
-    def unused(self) -> list[str]:
-        return sorted(n for n in set(self.files) - self.used if not _DERIVED.fullmatch(n))
+    def unused(self, tied: bool = False) -> list[str]:
+        """Tensors of the folder no parameter took (with tied embeddings a saved lm_head.weight
+        is the embedding's copy, not an unknown tensor)."""
+        derived = {"lm_head.weight"} if tied else set()
+        return sorted(n for n in set(self.files) - self.used - derived if not _DERIVED.fullmatch(n))
 
 
 def write(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
