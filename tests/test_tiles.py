@@ -59,15 +59,28 @@ def test_position_tiles_cover_the_mask_exactly(causal):
 
 
 def test_window_band_is_three_fused_calls():
-    """A causal window W over a long shard: bands of W/2 rows, each ANTI + FULL + CAUSAL; only
-    the first band (keys clipped at position 0) is cut further."""
+    """A causal window W over a long shard: the first W rows (keys clipped at position 0) are one
+    causal square, then bands of W/2 rows, each ANTI + FULL + CAUSAL; nothing is left masked."""
     w, s = 2048, 32768
     tiles = position_tiles(0, s, 0, s, True, w)
-    later = [t for t in tiles if t[0] >= w]
+    assert tiles[0] == (0, w, 0, w, Kind.CAUSAL)
+    later = tiles[1:]
     assert {t[4] for t in later} == {Kind.ANTI, Kind.FULL, Kind.CAUSAL}
-    assert len(later) == 3 * (s - w) // (w // 2)
-    masked = sum(t[1] * t[3] for t in tiles if t[4] is Kind.MASKED)
-    assert masked < 0.01 * s * w  # what is left to the slow kernel is a sliver
+    assert len(later) == 3 * (s - w) // (w // 2) and {t[1] for t in later} == {w // 2}
+
+
+@pytest.mark.parametrize("start", [0, 333, 5000])
+def test_a_document_clips_no_band_into_pieces(start):
+    """A window over one long document (keys from its first token): the rows whose window the
+    document start clips form their own group, so every band after them is whole (three fused
+    calls of full height, the last band shorter) and no piece goes to the general kernel."""
+    w, band = 2048, 1024
+    for length in (2500, 7000, 13954):
+        tiles = position_tiles(start, length, start, length, True, w)
+        assert all(t[4] is not Kind.MASKED for t in tiles), length
+        late = [t for t in tiles if t[0] >= start + w]
+        assert {t[1] for t in late} <= {band, (length - w) % band}, length
+        assert len(late) == 3 * -(-(length - w) // band), length
 
 
 def test_doc_tiles_cover_the_mask_exactly():

@@ -9,9 +9,13 @@ flipped rows. What cannot be cut into those shapes is left to the general masked
 small leaves (at most `leaf` rows or keys), where it costs O(leaf) per query row.
 
 A causal window W cut into row bands of n <= W/2 rows gives, per band, exactly three fused
-calls: ANTI [i0-W+1, i0-W+1+n), FULL [i0-W+1+n, i0), CAUSAL [i0, i0+n). Packed documents are
-cut first along document runs (each is a position-only block within one document); runs
-shorter than `leaf` are grouped into one masked tile with their document ids.
+calls: ANTI [i0-W+1, i0-W+1+n), FULL [i0-W+1+n, i0), CAUSAL [i0, i0+n). Where the key range
+ends (a document's first token, a ring shard's edge) rows are clipped differently: the rows
+are first grouped at the positions where that changes (`_row_cuts`), then banded from each
+group's first row, so no band straddles a clip and none is cut into small mixed pieces (a
+32K sequence of 8 documents: 32 fused calls, against 61 calls and masked slivers before).
+Packed documents are cut first along document runs (each is a position-only block within
+one document); runs shorter than `leaf` are grouped into one masked tile with their ids.
 
 Everything here is pure Python on global positions, planned once per batch (or cached per
 shape when there are no documents): the hot path only reads the tile lists.
@@ -67,6 +71,16 @@ def _cuts(q0: int, n: int, causal: bool, window: int | None) -> list[int]:
     return [far, q0] if causal else [far, q0 + window - 1]
 
 
+def _row_cuts(k0: int, m: int, causal: bool, window: int | None) -> list[int]:
+    """First rows at which the visible keys [i - W + 1, i] (causal) or [i - W + 1, i + W - 1]
+    of query i start or stop being clipped by the key range [k0, k0 + m). Between two cuts
+    every row is clipped the same way, so a band there is exactly ANTI + FULL + CAUSAL (or
+    fewer); a band across a cut would be a mixed piece left to halving."""
+    near = (k0, k0 + m) if causal else (() if window is None else (k0 - window + 1, k0 + m - window + 1))
+    far = () if window is None else (k0 + window, k0 + m + window - 1)
+    return sorted(set(near) | set(far))
+
+
 def _band(window: int | None, t: Tiling) -> int:
     if window is None:
         return t.band_max
@@ -84,7 +98,7 @@ def position_tiles(q0: int, n: int, k0: int, m: int, causal: bool, window: int |
     a, b = max(k0, lo), min(k0 + m, hi)
     if b <= a:
         return []
-    k0, m = int(a), int(b - a)
+    given, (k0, m) = (k0, m), (int(a), int(b - a))
     kind = tile_kind(q0, n, k0, m, causal, window)
     if kind is Kind.EMPTY:
         return []
@@ -92,12 +106,15 @@ def position_tiles(q0: int, n: int, k0: int, m: int, causal: bool, window: int |
         return [(q0, n, k0, m, kind)]
     if n <= t.leaf or m <= t.leaf:
         return [(q0, n, k0, m, Kind.MASKED)]
+    rows = [r for r in _row_cuts(*given, causal, window) if q0 < r < q0 + n]
+    if rows:  # rows whose visible keys are clipped differently: each group on its own
+        edges = [q0] + rows + [q0 + n]
+        return [x for a, b in zip(edges, edges[1:]) for x in position_tiles(a, b - a, *given, causal, window, t)]
     band = _band(window, t)
-    if n > band:  # the partial band first, where a causal window's keys are clipped anyway: the full
-        first = n % band or band  # bands after it are equal and batch into one call per shape
-        starts = [q0] + list(range(q0 + first, q0 + n, band))
+    if n > band:  # equal bands from the first row batch into one call per shape; the partial one last
+        starts = list(range(q0, q0 + n, band))
         ends = starts[1:] + [q0 + n]
-        return [x for a, b in zip(starts, ends) for x in position_tiles(a, b - a, k0, m, causal, window, t)]
+        return [x for a, b in zip(starts, ends) for x in position_tiles(a, b - a, *given, causal, window, t)]
     edges = [k0] + [c for c in _cuts(q0, n, causal, window) if k0 < c < k0 + m] + [k0 + m]
     if len(edges) > 2:  # cut the keys where visibility changes; each piece is one shape or smaller
         return [x for a, b in zip(edges, edges[1:]) for x in position_tiles(q0, n, a, b - a, causal, window, t)]
