@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=sorted(COMMANDS))
     ap.add_argument("args", nargs=argparse.REMAINDER)
     ns = ap.parse_args(argv[:1])
+    from .host_memory import request_huge_pages
+
+    request_huge_pages()  # before torch is imported here or in any rank started from here
     return COMMANDS[ns.command](argv[1:])
 
 

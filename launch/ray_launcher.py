@@ -22,12 +22,15 @@ import ray
 from longtrain.data.shards import DataError
 
 from .failures import RankFailure, capture
+from .host_memory import THP_ENV
 from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
 
 # Failures that a restart from the last checkpoint would only repeat: bad data, a bad config
 # or layout, a non-finite loss under nan_policy="raise", a missing init_from checkpoint.
 DETERMINISTIC = (NonFiniteLoss, DataError, ValueError, FileNotFoundError)
+# read by torch when a rank imports it, on whichever node: huge pages for large host blocks
+RANK_ENV = {"env_vars": {THP_ENV: os.environ.get(THP_ENV, "1")}}
 
 
 @ray.remote
@@ -118,7 +121,8 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                            "shrink the layout") from None
     try:
         for attempt in range(max_restarts + 1):
-            actors = [RankActor.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
+                                        scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
                 for r in range(world)]
             master = ray.get(actors[0].address.remote(embedded))

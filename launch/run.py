@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from . import identity
 from .device import job_device_type, local_device
 from .hf_init import hf_path, load_hf_weights
+from .host_memory import map_large_blocks
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
 
@@ -141,6 +142,8 @@ def _setup(cfg: TrainConfig):
     import torch.distributed as dist
 
     device = local_device(job_device_type(cfg.device))
+    if device.type == "cpu":
+        map_large_blocks(cfg.host_mmap_mib)  # the resident set follows the live tensors
     mesh = build_mesh(cfg.parallel, device_type=device.type) if dist.is_initialized() else None
     trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
     return device, mesh, trainer, Path(cfg.checkpoint_root)

@@ -107,6 +107,9 @@ class TrainConfig:
     max_nan_skips: int = 10
     sequence_parallel: bool = True  # TP sequence parallel
     tensorboard: bool = True  # events in <out_dir>/tensorboard
+    # CPU ranks: host blocks of at least this many MiB are mapped and unmapped whole, so the
+    # resident set is the live tensors, at some speed (launch/host_memory.py); 0: glibc adaptive
+    host_mmap_mib: float = 0.0
     stages: list[StageConfig] = field(default_factory=list)  # warm-up runs first (context extension)
 
     def __post_init__(self) -> None:
@@ -129,6 +132,9 @@ class TrainConfig:
         if self.parallel.pp > 1:
             problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
                             "parallel.pp = 1 (use tp / cp / dp for the ranks)")
+        if not 0 <= self.host_mmap_mib <= 32:
+            problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, 32] (MiB; 0 leaves glibc's "
+                            "threshold adaptive)")
         if len({st.name for st in self.stages}) != len(self.stages):
             problems.append("stage names must be distinct")
         if problems:

@@ -109,3 +109,11 @@ def test_one_device_rule(monkeypatch):
         local_device("cuda", {})
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         local_device("auto", {})
+
+
+def test_host_mmap_threshold_is_bounded():
+    from longtrain.launch.train_config import TrainConfig
+
+    assert load(TrainConfig, None, ["host_mmap_mib=4"]).host_mmap_mib == 4
+    with pytest.raises(ConfigError, match=r"host_mmap_mib=64(\.0)? must be in \[0, 32\]"):
+        load(TrainConfig, None, ["host_mmap_mib=64"])
