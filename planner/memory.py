@@ -139,7 +139,11 @@ def _attention_backward(cfg: TrainConfig, loc: Local, e: int) -> float:
     m, p = cfg.model, cfg.parallel
     kvp = max(p.cp_ulysses, m.n_kv_heads // p.tp) * m.head_dim
     qkv = loc.tokens * (loc.q_dim + 2 * kvp)
-    tile_rows = min(loc.tokens, BAND_ROWS * cfg.data.batch_size)
+    # Under windows one batched call holds at most BAND_ROWS rows of the ring's sequence, which
+    # Ulysses made cp_ulysses times longer with 1/cp_ulysses of the heads: in this rank's token
+    # units, BAND_ROWS / cp_ulysses. (Full-causal blocks are not banded: kept as before.)
+    per_call = BAND_ROWS * cfg.data.batch_size // (p.cp_ulysses if all(m.windows) else 1)
+    tile_rows = min(loc.tokens, per_call)
     out = loc.tokens * loc.q_dim * e + qkv * 4
     out += tile_rows * (loc.q_dim + 2 * kvp) * 4 + 5 * tile_rows * loc.q_dim * e
     if kvp < loc.q_dim:  # GQA: the fused kernel gets K/V repeated to the query heads, and gives
