@@ -10,6 +10,7 @@ from longtrain.parallel.attention.layout import sequence_divisor
 from longtrain.parallel.mesh import ParallelDims
 
 from .device import DEVICES, job_device_type
+from .host_memory import MAX_THRESHOLD_MIB
 
 
 @dataclass(kw_only=True)
@@ -132,9 +133,9 @@ class TrainConfig:
         if self.parallel.pp > 1:
             problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
                             "parallel.pp = 1 (use tp / cp / dp for the ranks)")
-        if not 0 <= self.host_mmap_mib <= 32:
-            problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, 32] (MiB; 0 leaves glibc's "
-                            "threshold adaptive)")
+        if not 0 <= self.host_mmap_mib <= MAX_THRESHOLD_MIB:
+            problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, {MAX_THRESHOLD_MIB}] (MiB; 0 leaves "
+                            "glibc's threshold adaptive)")
         if len({st.name for st in self.stages}) != len(self.stages):
             problems.append("stage names must be distinct")
         if problems:

@@ -19,14 +19,21 @@ import torch
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
+def glibc():
+    """The C library if it is glibc (it has malloc_trim), else None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return libc
+
+
+def _malloc_trim():
+    libc = glibc()
+    return None if libc is None else libc.malloc_trim
 
 
 def trim() -> None:

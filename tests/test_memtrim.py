@@ -55,13 +55,12 @@ print(rss_mib() - base)
 def test_a_fixed_mmap_threshold_returns_freed_blocks():
     """glibc's adaptive threshold serves repeated 8 MiB blocks from the heap, whose freed pages
     stay resident; `host_mmap_mib` maps them and gives them back on free."""
+    import os
     import subprocess
     import sys
 
     if _malloc_trim() is None:  # not glibc
         return
-    import os
-
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="0")  # torch's huge-page path aligns blocks differently
     kept = {mode: float(subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True,
                                        check=True, env=env).stdout) for mode in ("adaptive", "fixed")}
