@@ -9,6 +9,8 @@ backward 2.5x forward).
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 MASKS = ("causal", "window", "docs", "window+docs")
@@ -64,34 +66,49 @@ def _row(name: str, mask: str, seq: int, ranks: int, m: dict, pairs: int, heads:
 
 
 def main_masked(args, command: str) -> int:
-    """Masked rows against the fused causal kernel (one process, --ref-seq), all in one run."""
+    """Masked rows against the fused causal kernel (one process, --ref-seq), all in one run.
+
+    The reference runs before every masked case and once after the last, and each ratio divides
+    by the median of those runs: a single reference measurement on a shared machine moves by
+    +-15% and would otherwise decide every ratio at once."""
     import os
 
     from .attention import LAYOUTS, measure
 
     layouts = args.layouts or ["longtrain (1 process)", "zigzag ring"]
-    cases = [("sdpa (1 process)", args.ref_seq, ("causal", 0, 0))]
-    cases += [(name, seq, (mask, args.window, args.docs)) for seq in args.seq for mask in args.masks
+    reference = ("sdpa (1 process)", args.ref_seq, ("causal", 0, 0))
+    masked = [(name, seq, (mask, args.window, args.docs)) for seq in args.seq for mask in args.masks
               for name in layouts]
+    cases = [c for case in masked for c in (reference, case)] + [reference]
     print(HEADER, flush=True)
     measured = measure(cases, args.heads, args.head_dim, args.iters, args.dtype, args.rounds)
-    lines, ref = [], None
-    for (name, seq, (mask, w, d)), m in zip(cases, measured):
+    ref_pairs = kept_pairs(args.ref_seq, None, None)
+    refs = [_row(reference[0], "causal", args.ref_seq, 1, m, ref_pairs, args.heads, args.head_dim, None)[1]
+            for m in measured[0::2]]
+    ref = {key: statistics.median(r[key] for r in refs) for key in ("fwd", "all")}
+    ref_m = {key: statistics.median(m[key] for m in measured[0::2])
+             for key in ("seconds", "fwd_seconds", "bytes", "peak_mib")}
+    lines = [_row(reference[0], "causal", args.ref_seq, 1, ref_m, ref_pairs, args.heads, args.head_dim, None)[0]]
+    print(lines[0], flush=True)
+    for (name, seq, (mask, w, d)), m in zip(masked, measured[1::2]):
         window, doc = mask_args(mask, seq, w, d)
-        line, rate = _row(name, mask, seq, LAYOUTS[name][0], m, kept_pairs(seq, window, doc), args.heads,
-                          args.head_dim, ref)
-        ref = ref or rate
+        line, _ = _row(name, mask, seq, LAYOUTS[name][0], m, kept_pairs(seq, window, doc), args.heads,
+                       args.head_dim, ref)
         lines.append(line)
         print(line, flush=True)
+    spread = ", ".join(f"{min(r[k] for r in refs):.0f}-{max(r[k] for r in refs):.0f}" for k in ("fwd", "all"))
+    print(f"reference over {len(refs)} runs: fwd / fwd+bwd GFLOP/s {spread}", flush=True)
     if args.write_docs:
         from .report import replace_section
 
         note = (f"b=1, h={args.heads}, d={args.head_dim}, {args.dtype}, causal; window {args.window}; "
                 f"{args.docs} documents of random lengths (fixed seed) per sequence. GFLOP/s count only the "
                 f"(query, key) pairs the mask keeps (forward 4*h*d per pair, backward 2.5x). The first row is "
-                f"the fused causal kernel (SDPA, one process) in the same run; the ratio column divides each "
-                f"row's rate by it. {os.cpu_count()} cores shared by the ranks; per run the median of "
-                f"{args.iters} steps after one warm-up, then the median over {args.rounds} interleaved runs.")
+                f"the fused causal kernel (SDPA, one process), run before every masked row and once after "
+                f"the last ({len(refs)} runs: fwd / fwd+bwd GFLOP/s ranged {spread}); it shows their median, "
+                f"and the ratio column divides each row's rate by that median. {os.cpu_count()} cores shared "
+                f"by the ranks; per run the median of {args.iters} steps after one warm-up, then the median "
+                f"over {args.rounds} interleaved runs.")
         body = "\n".join([f"Command: `{command}`", "", note, "", HEADER] + lines)
         replace_section(args.write_docs, "masked", "Masked attention (window, documents) vs the fused kernel",
                         body)
