@@ -95,7 +95,8 @@ def summarize(cfg, rows: list[dict], plan: dict, rate: float, killed: dict | Non
            "peak_mib_ranks": later[-1].get("peak_mem_mib_ranks"),
            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
            "losses": [round(r["loss"], 4) for r in rows], "matmul_gflops": rate / 1e9,
-           "mfu": plan["flops"]["model_per_step"] / seconds / rate}
+           "mfu": plan["flops"]["model_per_step"] / seconds / rate,
+           "attention_over": plan["flops"].get("attention_over", "whole windows")}
     if killed is not None:  # the resumed run must have computed that step again (not kept the killed run's row)
         again = resumed.get("time") != killed.get("time")
         out["resume"] = {"step": killed["step"], "killed_loss": killed["loss"], "resumed_loss": resumed["loss"],
@@ -112,7 +113,8 @@ def write_docs(args, r: dict, cfg, cmd: str) -> None:
     lines = [f"Command: `{cmd}`", "",
              f"{cfg.data.seq_len:,} tokens per sequence, {p.world_size} local ranks (tp {p.tp}, ulysses "
              f"{p.cp_ulysses}, ring {p.cp_ring}, dp {p.dp}), {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, "
-             f"windows {list(m.windows)}, checkpoint {m.checkpoint}.", "",
+             f"windows {list(m.windows)}, checkpoint {m.checkpoint}. Model FLOPs (MFU) count attention over "
+             f"{r['attention_over']}.", "",
              "| steps | s/step | tokens/s | peak MiB/rank measured | planned | MFU (fp32 matmul "
              f"{r['matmul_gflops']:.0f} GFLOP/s) | loss first -> last |", "|---|---|---|---|---|---|---|",
              f"| {r['steps']} | {r['seconds_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mib_measured']:,.0f} | "

@@ -35,14 +35,10 @@ def mask_args(mask: str, seq: int, window: int, docs: int) -> tuple[int | None, 
 
 def kept_pairs(seq: int, window: int | None, doc: torch.Tensor | None) -> int:
     """(query, key) pairs a causal mask with this window and these documents keeps."""
+    from longtrain.planner.documents import kept_pairs as in_one
+
     lengths = [seq] if doc is None else torch.unique_consecutive(doc[0], return_counts=True)[1].tolist()
-    total = 0
-    for n in lengths:
-        if window is None or window >= n:
-            total += n * (n + 1) // 2
-        else:  # the first W rows see 1..W keys, the rest W each
-            total += window * (window + 1) // 2 + (n - window) * window
-    return total
+    return sum(in_one(n, window) for n in lengths)
 
 
 def flops(pairs: int, heads: int, head_dim: int) -> tuple[float, float]:

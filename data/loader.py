@@ -10,7 +10,9 @@ codes in the standard library) would otherwise fill many consecutive steps with 
 a small global batch then chases that file and forgets the rest (the CPU demo's loss rose by
 1.5 nats over 17 such steps). Inputs are a window's first L tokens, labels the next-token
 shift (pre-shifted), document ids number the documents inside the window so attention can
-stay within a document without padding. A label that crosses into the next document is ignored.
+stay within a document without padding (``document_mask=False`` leaves them out: attention
+then runs causally over the whole packed window, as GPT-style pretraining does). A label that
+crosses into the next document is ignored either way.
 
 Samples are dealt to data-parallel ranks only (global batch g holds samples
 [g*B*dp, (g+1)*B*dp), rank r takes its B consecutive ones); sequence-parallel ranks of one
@@ -46,7 +48,7 @@ class LoaderState:
 
 class PackedLoader:
     def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, *, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, verify_checksum: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, verify_checksum: bool = True, document_mask: bool = True):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
         if not 0 <= dp_rank < dp_size:
@@ -54,6 +56,7 @@ class PackedLoader:
         self.manifest, self.shards = open_dataset(data_dir, verify_checksum)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.document_mask = document_mask
         self.eos = int(self.manifest["tokenizer"]["eos_id"])
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         # global document table: (shard, index in shard), length including the end token
@@ -79,23 +82,36 @@ class PackedLoader:
             self._epoch_cache = (epoch, perm, ends, windows)
         return self._epoch_cache[1:]
 
-    def _window(self, epoch: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [L+1] and document numbers [L+1] of sample j of `epoch`."""
+    def _segments(self, epoch: int, j: int) -> list[tuple[int, int, int]]:
+        """(document, first, stop) offsets inside each document that sample j of `epoch` covers,
+        in order: its L + 1 tokens, read from the cumulative lengths alone."""
         perm, ends, windows = self._order(epoch)
         w = int(windows[j])
         start, stop = w * self.seq_len, w * self.seq_len + self.seq_len + 1
-        first = int(np.searchsorted(ends, start, side="right"))
-        toks, docs, pos, d = [], [], start, first
+        d, pos, out = int(np.searchsorted(ends, start, side="right")), start, []
         while pos < stop:
-            doc = perm[d]
+            doc = int(perm[d])
             doc_start = int(ends[d] - self._doc_len[doc])
+            hi = min(stop, int(ends[d]))
+            out.append((doc, pos - doc_start, hi - doc_start))
+            pos, d = hi, d + 1
+        return out
+
+    def _window(self, epoch: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [L+1] and document numbers [L+1] of sample j of `epoch`."""
+        toks, docs = [], []
+        for n, (doc, lo, hi) in enumerate(self._segments(epoch, j)):
             body = self.shards[self._doc_shard[doc]].document(int(self._doc_index[doc]))
-            seg = np.append(body.astype(np.int64), self.eos)[pos - doc_start: stop - doc_start]
-            toks.append(seg)
-            docs.append(np.full(len(seg), d - first, np.int64))
-            pos += len(seg)
-            d += 1
+            toks.append(np.append(body.astype(np.int64), self.eos)[lo:hi])
+            docs.append(np.full(hi - lo, n, np.int64))
         return np.concatenate(toks), np.concatenate(docs)
+
+    def document_lengths(self, epoch: int, j: int) -> list[int]:
+        """Lengths of the documents (pieces of them) in sample j's L input tokens, in order: what
+        attention within documents sees, without reading a token."""
+        lengths = [hi - lo for _, lo, hi in self._segments(epoch, j)]
+        lengths[-1] -= 1  # the window's last token is only a label
+        return [n for n in lengths if n > 0]
 
     # ------------------------------------------------------------ batches
     def sample_ids(self, batch: int) -> range:
@@ -108,6 +124,8 @@ class PackedLoader:
         t, d = torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(docs))
         labels = t[:, 1:].clone()
         labels[d[:, 1:] != d[:, :-1]] = IGNORE  # never predict across a document boundary
+        if not self.document_mask:  # attention runs over the packed stream as if it were one text
+            return {"input_ids": t[:, :-1], "labels": labels}
         return {"input_ids": t[:, :-1], "labels": labels, "doc_ids": d[:, :-1]}
 
     def next_batch(self) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None =
                            dp_rank=rank, dp_size=dp)
     from longtrain.data.loader import PackedLoader
 
-    return PackedLoader(path or d.path, d.seq_len, d.batch_size, seed=d.seed + seed_offset, dp_rank=rank, dp_size=dp)
+    return PackedLoader(path or d.path, d.seq_len, d.batch_size, seed=d.seed + seed_offset, dp_rank=rank, dp_size=dp,
+                        document_mask=d.document_mask)
 
 
 def held_out_loader(cfg: TrainConfig, mesh):

@@ -21,6 +21,7 @@ class DataConfig:
     batch_size: int = 1  # sequences per data-parallel rank per micro-batch
     seed: int = 0
     eval_path: str | None = None  # held-out shards (default: the training shards, other seed)
+    document_mask: bool = True  # attend within each packed document; false: across the whole window
     passkey_digits: int = 5
 
     def __post_init__(self) -> None:

@@ -2,9 +2,9 @@
 
 Model FLOPs (for MFU) count what the model needs: every matmul forward (2 per multiply-add)
 and backward (twice the forward), and attention over the (query, key) pairs each layer's mask
-keeps (4 * heads * head_dim per pair forward, 2x that backward). Hardware FLOPs add what
-activation checkpointing computes again. Documents are not known before the data is read,
-so attention is planned for the causal (and windowed) mask alone: an upper bound.
+keeps (4 * heads * head_dim per pair forward, 2x that backward), inside the packed documents
+of the run's data where attention stays within them (`documents`). Hardware FLOPs add what
+activation checkpointing computes again.
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ from dataclasses import dataclass
 
 from longtrain.launch.train_config import TrainConfig
 
+from .documents import kept_pairs, pairs_per_sequence
 from .shapes import param_counts
+
+__all__ = ["DATASHEET", "StepFlops", "kept_pairs", "step_flops"]
 
 # dense bf16 tensor-core peaks (datasheets), FLOP/s, for GPUs the plan may be asked about
 DATASHEET = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12}
-
-
-def kept_pairs(seq: int, window: int | None) -> int:
-    """(query, key) pairs of one causal sequence with this window."""
-    if window is None or window >= seq:
-        return seq * (seq + 1) // 2
-    return window * (window + 1) // 2 + (seq - window) * window
 
 
 @dataclass(frozen=True)
@@ -31,6 +27,7 @@ class StepFlops:
     model: float  # whole job, one optimizer step
     hardware: float  # with recomputation
     per_rank: float  # hardware FLOPs one rank computes
+    attention_basis: str = "whole windows (no document mask)"  # what attention pairs were counted over
 
     def mfu(self, seconds: float, rate_per_rank: float, ranks: int) -> float:
         return self.model / seconds / (rate_per_rank * ranks)
@@ -48,8 +45,8 @@ def step_flops(cfg: TrainConfig) -> StepFlops:
         moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers))
         active_experts = moe_layers * (m.moe.num_experts - m.moe.top_k) * 3 * m.dim * hidden
     matmul = full.total - embed - active_experts  # the LM head is a matmul, the embedding a lookup
-    attn = sum(4 * m.n_heads * m.head_dim * kept_pairs(cfg.data.seq_len, m.layer_window(i))
-               for i in range(m.n_layers)) * seqs
+    pairs, basis = pairs_per_sequence(cfg)
+    attn = sum(4 * m.n_heads * m.head_dim * p_i for p_i in pairs) * seqs
     fwd = 2 * matmul * tokens + attn
     model = 3 * fwd
     layer_fwd = (fwd - 2 * embed * tokens) / m.n_layers  # one layer's share, the head aside
@@ -58,4 +55,4 @@ def step_flops(cfg: TrainConfig) -> StepFlops:
         again -= attn
     hardware = model + again
     world = p.dp * p.cp_ring * p.cp_ulysses * p.tp * p.pp
-    return StepFlops(model=model, hardware=hardware, per_rank=hardware / world)
+    return StepFlops(model=model, hardware=hardware, per_rank=hardware / world, attention_basis=basis)

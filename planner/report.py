@@ -26,7 +26,8 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
                        "backward_peak": round(mem.backward_peak / MIB, 1), "step_peak": round(mem.step_peak / MIB, 1)},
         "activation_bytes_per_token_per_layer": round((mem.total("saved") + mem.total("transient"))
                                                       / loc.tokens / cfg.model.n_layers, 1),
-        "flops": {"model_per_step": fl.model, "hardware_per_step": fl.hardware, "per_rank": fl.per_rank},
+        "flops": {"model_per_step": fl.model, "hardware_per_step": fl.hardware, "per_rank": fl.per_rank,
+                  "attention_over": fl.attention_basis},
         "bytes_per_step": {k: round(v) for k, v in cand.sent.items()},  # the busiest ring rank
         "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0).items()},  # what metrics.jsonl counts
         "step_seconds_min": round(cand.seconds, 3),
@@ -59,7 +60,7 @@ def plan_text(obj: dict, mem: MemoryPlan) -> str:
     lines += [f"| {k} | {v / MIB:,.2f} |" for k, v in obj["bytes_per_step"].items()]
     f = obj["flops"]
     lines += ["", f"FLOPs per step: model {f['model_per_step']:.3g}, with recomputation {f['hardware_per_step']:.3g} "
-                  f"({f['per_rank']:.3g} per rank)",
+                  f"({f['per_rank']:.3g} per rank; attention over {f['attention_over']})",
               f"step time >= {obj['step_seconds_min']:.2f} s at {obj['rate_flops_per_rank'] / 1e9:,.0f} GFLOP/s per rank"]
     return "\n".join(lines)
 

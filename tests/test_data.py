@@ -52,6 +52,20 @@ def test_packing_labels_and_documents(corpus):
     assert ((ids < loader.vocab_size) & (ids >= 0)).all()
 
 
+def test_document_lengths_and_the_unmasked_stream(corpus):
+    """`document_lengths` (read from cumulative lengths alone) is what the batch's document ids
+    say; `document_mask=False` gives the same tokens and labels without ids."""
+    for seq in (16, 64, 300):
+        loader = PackedLoader(corpus, seq_len=seq, batch_size=1, seed=3)
+        for j in range(loader.windows_per_epoch):
+            docs = loader.batch_at(0, j)["doc_ids"][0]
+            assert loader.document_lengths(0, j) == torch.unique_consecutive(docs, return_counts=True)[1].tolist()
+    masked = PackedLoader(corpus, seq_len=300, batch_size=2, seed=0).next_batch()
+    plain = PackedLoader(corpus, seq_len=300, batch_size=2, seed=0, document_mask=False).next_batch()
+    assert "doc_ids" not in plain and masked["doc_ids"].max() > 0  # several documents per row
+    assert torch.equal(plain["input_ids"], masked["input_ids"]) and torch.equal(plain["labels"], masked["labels"])
+
+
 def test_deterministic_and_resumable(corpus):
     a = PackedLoader(corpus, seq_len=32, batch_size=2, seed=7)
     run = [a.next_batch()["input_ids"] for _ in range(a.batches_per_epoch + 3)]  # crosses an epoch

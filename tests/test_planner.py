@@ -23,7 +23,7 @@ BASE = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidd
 
 def _cfg(degrees: dict, model: dict, seq: int, batch: int, sp: bool = True) -> TrainConfig:
     return TrainConfig(model=ModelConfig(**model), parallel=ParallelDims(**degrees),
-                       data=DataConfig(seq_len=seq, batch_size=batch), sequence_parallel=sp)
+                       data=DataConfig(seq_len=seq, batch_size=batch, document_mask=False), sequence_parallel=sp)
 
 
 def measured_step(degrees: dict, model: dict, seq: int, batch: int, sp: bool):
@@ -147,6 +147,37 @@ def test_model_flops_match_flop_counter():
     planned = step_flops(cfg).model - attention  # the counter does not see the CPU flash kernel
     loss_recompute = 2 * m.vocab_size * m.dim * 256  # the loss chunks' logits, recomputed in backward
     assert abs(planned + loss_recompute - counted) <= 0.02 * counted, (planned, counted)
+
+
+def test_attention_flops_count_the_documents_of_the_data(tmp_path):
+    """With documents masked, the planned attention pairs are those of the data's own packed
+    windows, counted here from the loader's document ids, per windowed and global layer."""
+    import dataclasses
+
+    from longtrain.data.loader import PackedLoader
+    from longtrain.data.prepare import prepare
+    from longtrain.planner.flops import kept_pairs, step_flops
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"d{i}.txt").write_text("x" * (40 + 37 * i))
+    prepare([str(src)], str(tmp_path / "data"))
+    model = dict(BASE, n_layers=2, layer_windows=[0, 48])
+    cfg = _cfg({}, model, 256, 2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(tmp_path / "data"),
+                                                             document_mask=True))
+    loader = PackedLoader(cfg.data.path, 256, 1, verify_checksum=False)
+    lengths = [torch.unique_consecutive(loader.batch_at(0, j)["doc_ids"][0], return_counts=True)[1].tolist()
+               for j in range(loader.windows_per_epoch)]
+    assert max(len(x) for x in lengths) > 1  # the windows do hold several documents
+    want = sum(sum(kept_pairs(n, w) for x in lengths for n in x) / len(lengths) for w in (None, 48))
+    m = cfg.model
+    per_pair = 3 * 4 * m.n_heads * m.head_dim * cfg.data.batch_size
+    whole = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, document_mask=False))
+    got, full = step_flops(cfg), step_flops(whole)
+    assert "documents of the data" in got.attention_basis and "whole" in full.attention_basis
+    assert full.model - got.model == pytest.approx(per_pair * (kept_pairs(256, None) + kept_pairs(256, 48) - want))
 
 
 def test_plan_cli_json_and_layouts(capsys):
