@@ -58,29 +58,35 @@ def test_position_tiles_cover_the_mask_exactly(causal):
             assert kind is not Kind.MASKED or rows <= SMALL.leaf or cols <= SMALL.leaf
 
 
-def test_window_band_is_three_fused_calls():
+def test_window_band_is_two_fused_squares():
     """A causal window W over a long shard: the first W rows (keys clipped at position 0) are one
-    causal square, then bands of W/2 rows, each ANTI + FULL + CAUSAL; nothing is left masked."""
-    w, s = 2048, 32768
-    tiles = position_tiles(0, s, 0, s, True, w)
-    assert tiles[0] == (0, w, 0, w, Kind.CAUSAL)
-    later = tiles[1:]
-    assert {t[4] for t in later} == {Kind.ANTI, Kind.FULL, Kind.CAUSAL}
-    assert len(later) == 3 * (s - w) // (w // 2) and {t[1] for t in later} == {w // 2}
+    causal square, then bands of W-1 rows, each an ANTI and a CAUSAL square W-1 wide; a last
+    band too short for the fused kernel shares the rows of the one before; nothing is masked."""
+    w = 2048
+    for s in (w + 5 * (w - 1), 32768):
+        tiles = position_tiles(0, s, 0, s, True, w)
+        assert tiles[0] == (0, w, 0, w, Kind.CAUSAL)
+        assert all(t[4] is not Kind.MASKED for t in tiles)
+        whole = [t for t in tiles[1:] if t[1] == w - 1]
+        assert {(t[4], t[3]) for t in whole} == {(Kind.ANTI, w - 1), (Kind.CAUSAL, w - 1)}
+        bands, rest = divmod(s - w, w - 1)
+        assert len(whole) == 2 * (bands - (0 < rest <= 32)), s  # a sliver (<= LEAF rows) shares a band
+    assert len(position_tiles(0, w + 5 * (w - 1), 0, w + 5 * (w - 1), True, w)) == 1 + 2 * 5
 
 
 @pytest.mark.parametrize("start", [0, 333, 5000])
 def test_a_document_clips_no_band_into_pieces(start):
     """A window over one long document (keys from its first token): the rows whose window the
-    document start clips form their own group, so every band after them is whole (three fused
-    calls of full height, the last band shorter) and no piece goes to the general kernel."""
-    w, band = 2048, 1024
+    document start clips form their own group, so every band after them is whole (equal bands of
+    W-1 rows, two fused squares each, the last shorter) and no piece goes to the general kernel."""
+    w = 2048
     for length in (2500, 7000, 13954):
         tiles = position_tiles(start, length, start, length, True, w)
         assert all(t[4] is not Kind.MASKED for t in tiles), length
         late = [t for t in tiles if t[0] >= start + w]
-        assert {t[1] for t in late} <= {band, (length - w) % band}, length
-        assert len(late) == 3 * -(-(length - w) // band), length
+        bands, rest = divmod(length - w, w - 1)
+        assert max(t[1] for t in late) == min(w - 1, length - w), length
+        assert len({t[0] for t in late}) == bands + (rest > 0), length
 
 
 def test_doc_tiles_cover_the_mask_exactly():
