@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     from .host_memory import request_huge_pages
 
     request_huge_pages()  # before torch is imported here or in any rank started from here
-    return COMMANDS[ns.command](argv[1:])
+    from .stopping import Stopped
+
+    try:
+        return COMMANDS[ns.command](argv[1:])
+    except (Stopped, KeyboardInterrupt) as e:  # Ctrl-C outside a training run: no traceback either
+        print(f"longtrain {ns.command}: {e or 'stopped by SIGINT'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from . import identity
 from .device import job_device_type, local_device
 from .hf_init import hf_path, load_hf_weights
 from .host_memory import map_large_blocks
+from .stopping import StopRequest, first_save_estimate, save_on_stop, signal_name
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
 
@@ -157,17 +158,22 @@ def _save(cfg: TrainConfig, trainer: Trainer, root: Path) -> Path:
                      identity=identity.run_identity(cfg))
 
 
-def rank_peaks(device: torch.device, mesh) -> list[float]:
-    """Every rank's peak memory (MiB) since the previous call, in rank order, on every rank:
-    the job's peak is their maximum, and imbalance shows in the list."""
+def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
+               save_estimate_s: float = 0.0) -> tuple[list[float], int, float]:
+    """(every rank's peak memory (MiB) since the previous call in rank order, the stop signal
+    any rank was asked for (0: none), the longest save any rank expects), the same on every
+    rank: the job's peak is the maximum, imbalance shows in the list, and a stop (`stopping`)
+    rides on the same gather instead of a collective of its own."""
     from longtrain.parallel.comm import all_gather_cat
 
     from .metrics import peak_memory_mib
 
-    peak = torch.tensor([peak_memory_mib(device)], dtype=torch.float64, device=device)
+    mine = torch.tensor([[peak_memory_mib(device), stop.signum if stop else 0, save_estimate_s]],
+                        dtype=torch.float64, device=device)
     if mesh is not None:
-        peak = all_gather_cat(peak, mesh.group("world"), dim=0)
-    return [round(float(p), 1) for p in peak.cpu()]
+        mine = all_gather_cat(mine, mesh.group("world"), dim=0)
+    mine = mine.cpu()
+    return [round(float(p), 1) for p in mine[:, 0]], int(mine[:, 1].max()), float(mine[:, 2].max())
 
 
 def _sent(mesh) -> dict[str, int]:
@@ -179,9 +185,21 @@ def _sent(mesh) -> dict[str, int]:
     return sent
 
 
-def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[dict]:
+def _state_bytes(trainer: Trainer) -> int:
+    """Bytes of this rank's checkpointed state: parameters and optimizer tensors."""
+    n = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    for st in trainer.opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+    return n
+
+
+def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
+               stop: StopRequest | None = None) -> list[dict]:
     """Run (or resume) the job described by `cfg` on this rank; returns rank 0's metric rows.
-    `stop_at` ends this run early at that step (as a kill would), leaving the schedule intact."""
+    `stop_at` ends this run early at that step (as a kill would), leaving the schedule intact.
+    `stop` is this rank's stop request (a signal, or its launcher): when any rank has one, every
+    rank stops after the same step, with a checkpoint if one fits in `checkpoint.stop_grace_s`,
+    and `stop.agreed` says which signal it was."""
     from .metrics import MetricsLog
 
     device, mesh, trainer, root = _setup(cfg)
@@ -191,6 +209,7 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
     passkey = cfg.data.source == "passkey"
     rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
+    save_s = None  # seconds the last save took on this rank
     _sent(mesh)  # set-up and resume are not the first step's
     try:
         while trainer.step < min(cfg.steps, stop_at or cfg.steps):
@@ -205,17 +224,25 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
             sent = _sent(mesh)  # this step's collectives (rank 0's count), before peaks adds its own
-            peaks = rank_peaks(device, mesh)
+            estimate = save_s if save_s is not None else first_save_estimate(_state_bytes(trainer))
+            peaks, stopping, save_estimate = rank_peaks(device, mesh, stop, estimate)
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
                    "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
                    "skipped": r.skipped, "time": time.time()}
-            evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0
+            evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0 and not stopping
             if evaluated:
                 row.update(evaluate(trainer, held_out_loader(cfg, mesh), cfg.eval_batches, passkey))
             saved = cfg.checkpoint.every and (trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.steps)
+            if stopping and not saved:  # the same decision on every rank: the estimate is the ranks' maximum
+                saved = save_on_stop(save_estimate, cfg.checkpoint.stop_grace_s)
+                if not saved:
+                    say(f"{signal_name(stopping)}: not saving step {trainer.step}: a save is expected to take "
+                        f"{save_estimate:.0f} s, more than checkpoint.stop_grace_s = {cfg.checkpoint.stop_grace_s:g}")
             if saved:
+                t0 = time.perf_counter()
                 _save(cfg, trainer, root)
+                save_s = time.perf_counter() - t0
             _sent(mesh)  # evaluation and saving are not the step's
             if rank0:
                 rows.append(row)
@@ -226,6 +253,10 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None) -> list[
                     extra = "".join(f" {k} {row[k]:.4f}" for k in ("eval_loss", "eval_acc", "eval_key_acc") if k in row)
                     log(f"step {row['step']:>6} loss {r.loss:.4f} grad {r.grad_norm:.3f} lr {r.lr:.2e} "
                         f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}")
+            if stopping:
+                if stop is not None:
+                    stop.agreed = stopping
+                break
     finally:
         if metrics is not None:
             metrics.close()

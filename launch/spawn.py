@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
+import threading
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
 from .failures import RankFailure, capture
+from .stopping import SIGNALS, Stopped
 
 
 def free_port() -> int:
@@ -24,8 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _own_process_group() -> None:
+    """Leave the launcher's process group, so that a Ctrl-C in the terminal reaches only the
+    launcher (which passes it on once), and ask Linux to send SIGTERM here if the launcher dies:
+    a rank then stops at its next step boundary instead of running on alone."""
+    os.setpgrp()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the launcher still stops its children itself
+        pass
+
+
 def _entry(rank: int, world: int, port: int, threads: int, device_type: str, debug: bool, fn, args,
            results) -> None:
+    _own_process_group()
     # all ranks on this machine: the local index is the rank (device.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LOCAL_RANK=str(rank))
@@ -43,19 +60,37 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
                 device_type: str = "cpu", debug: bool = False) -> list[Any]:
     """Call `fn(*args)` on `world` ranks of this machine (gloo on "cpu", NCCL on "cuda", rank r
     on GPU r); return the per-rank results in rank order. If any rank dies, or reports a user
-    error (`failures.RankFailure`), the others are stopped at once and the failure is raised here."""
+    error (`failures.RankFailure`), the others are stopped at once and the failure is raised here.
+
+    SIGINT / SIGTERM here is passed on to every rank once (a rank that handles it stops at its
+    next step boundary, `stopping`), and `Stopped` is raised when they are done; a second
+    signal kills them at once."""
     threads = threads or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, debug, fn, args, results)) for r in range(world)]
+    stopped: list[int] = []
+
+    def on_signal(signum, _frame):
+        if stopped:  # the second one: now
+            for p in procs:
+                p.kill()
+            raise Stopped(stopped[0], at_once=True)
+        stopped.append(signum)
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in SIGNALS} if main else {}
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
     try:
         while len(out) < world:
             try:
-                r, value = results.get(timeout=1.0)
+                r, value = results.get(timeout=0.5)
                 if isinstance(value, RankFailure):
                     for p in procs:  # the others would wait in their next collective
                         p.kill()
@@ -63,12 +98,21 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
                 out[r] = value
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead and stopped:  # a rank the signal ended before it could handle it
+                    for p in procs:
+                        p.kill()
+                    raise Stopped(stopped[0]) from None
                 if dead:
                     raise RuntimeError(f"ranks {dead} failed (exit codes {[procs[r].exitcode for r in dead]}); "
                                        "see their output above") from None
+        if stopped:
+            raise Stopped(stopped[0])
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
+        for s, h in old.items():
+            signal.signal(s, h)
     return [out[r] for r in range(world)]

@@ -18,13 +18,17 @@ import sys
 
 from .config import ConfigError, load_tree
 from .failures import RankFailure, capture
+from .stopping import StopRequest, Stopped, install, stopped_line
 from .train_config import TrainConfig, expand_stages
 
 
 def _rank_main(cfg: TrainConfig) -> int:
+    """One local rank: SIGINT / SIGTERM (passed on by the launcher) stop it at a step boundary."""
+    stop = StopRequest()
+    install(stop)
     from .run import train_rank
 
-    rows = train_rank(cfg)
+    rows = train_rank(cfg, stop=stop)
     return len(rows)
 
 
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
                     cfg = cfg.resolved()
                     spawn_local(_rank_main, world, cfg, device_type=cfg.device, debug=args.debug)
+        except Stopped as e:  # every rank stopped at the same step (or at once, on a second signal)
+            print(f"longtrain train: {cfg.out_dir}: {stopped_line(e, cfg.checkpoint_root)}", file=sys.stderr)
+            return e.exit_code
         except (RuntimeError, ValueError, FileNotFoundError) as e:
             what = str(e) if isinstance(e, RankFailure) else f"{type(e).__name__}: {e}"
             print(f"longtrain train: {cfg.out_dir} failed: {what}", file=sys.stderr)
@@ -96,15 +103,24 @@ def _env_rank(runs: list[TrainConfig], debug: bool = False) -> int:
     if "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", have)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    stop = StopRequest()  # SIGTERM from torchrun / srun / the scheduler: stop at a step boundary
+    install(stop)
     rank, _ = init_distributed(runs[0].device)
     try:
         from .run import train_rank
 
         for cfg in runs:
-            out = capture(rank, train_rank, cfg, log=print if rank == 0 else (lambda *_: None), debug=debug)
+            out = capture(rank, train_rank, cfg, log=print if rank == 0 else (lambda *_: None), debug=debug,
+                          stop=stop)
             if isinstance(out, RankFailure):  # one line from this rank; torchrun / srun stop the others
                 print(f"longtrain train: {cfg.out_dir} failed: {out}", file=sys.stderr, flush=True)
                 return 1
+            if stop.agreed or stop.signum:  # stopped (or asked to, as the run ended): no next stage
+                signum = stop.agreed or stop.signum
+                if rank == 0:
+                    print(f"longtrain train: {cfg.out_dir}: {stopped_line(Stopped(signum), cfg.checkpoint_root)}",
+                          file=sys.stderr, flush=True)
+                return 128 + signum
     finally:
         torch.distributed.destroy_process_group()
     return 0

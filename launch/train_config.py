@@ -63,8 +63,14 @@ class CheckpointConfig:
     # valid one) when this run has no checkpoint yet; optimizer, data and schedule start fresh.
     # Any layout: the weights reshard like a resume. Used for context extension (short -> long).
     init_from: str | None = None
+    # On SIGINT / SIGTERM, save the stopped step only if a save is expected to take at most this
+    # long (the last save's duration; before one, the state's bytes at 100 MiB/s). SLURM's and
+    # Kubernetes' default grace before SIGKILL is 30 s.
+    stop_grace_s: float = 25.0
 
     def __post_init__(self) -> None:
+        if not (self.stop_grace_s >= 0 and math.isfinite(self.stop_grace_s)):
+            raise ValueError(f"stop_grace_s={self.stop_grace_s} must be a finite number of seconds >= 0")
         if self.every < 0:
             raise ValueError(f"every={self.every} must be >= 0 (steps between checkpoints; 0 disables them)")
         if self.keep_last < 1:  # 0 would delete every checkpoint, the one just written included

@@ -1,0 +1,95 @@
+"""Stopping a job on request: SIGINT (Ctrl-C) or SIGTERM (what SLURM and Kubernetes send before a
+preemption) ends the run at the next step boundary, with a checkpoint, on every rank.
+
+- A rank learns of a stop from its own signal handler (`--launcher local` and `env`: the
+  signal reaches the process) or from its launcher (`StopRequest.request`, the Ray actors).
+- The ranks agree without a collective of their own: each one's request rides on the per-step
+  gather of peak memory (`run.step_gather`), so they all see it after the same step, save (or
+  not, by the same rule: `save_on_stop`) and leave the loop together. No rank waits in a
+  collective the others have left.
+- A second signal ends at once (exit 128 + signal, no traceback): a checkpoint being written is
+  left as `step-N.tmp`, which is never loaded, so the previous committed one stays valid.
+- The launcher exits 130 (SIGINT) or 143 (SIGTERM) after one line saying where the run stopped
+  and how to resume (`stopped_line`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# a conservative rate for a first save's duration when none was measured yet (bytes of state / s)
+SAVE_RATE_GUESS = 100 * 2**20
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class Stopped(Exception):
+    """The run was stopped by a signal; `exit_code` is 128 + the signal, as a shell reports it."""
+
+    def __init__(self, signum: int, at_once: bool = False):
+        super().__init__(f"stopped by {signal_name(signum)}")
+        self.signum, self.at_once = signum, at_once
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class StopRequest:
+    """A request to stop this rank at the next step boundary, and what the ranks agreed on."""
+
+    signum: int = 0  # this rank's request (0: none)
+    agreed: int = 0  # the request all ranks acted on (set at the step boundary they stopped at)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request(self, signum: int) -> None:
+        with self._lock:
+            if not self.signum:
+                self.signum = int(signum)
+
+
+def install(stop: StopRequest, second=None) -> callable:
+    """Handle SIGINT / SIGTERM in this process (its main thread): the first sets `stop`; a second
+    calls `second(signum)` (default: exit at once, 128 + signal, no traceback). Returns a
+    function that restores the previous handlers."""
+
+    def handler(signum, _frame):
+        if stop.signum:
+            if second is not None:
+                second(signum)
+                return
+            os._exit(128 + signum)
+        stop.request(signum)
+
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def save_on_stop(estimate_s: float, grace_s: float) -> bool:
+    """Write a checkpoint when stopping only if it is expected to finish within the grace period
+    (a preemption's SIGKILL follows SIGTERM after it); the same inputs on every rank."""
+    return estimate_s <= grace_s
+
+
+def first_save_estimate(state_bytes: int) -> float:
+    """Seconds a first save might take, before one was measured."""
+    return state_bytes / SAVE_RATE_GUESS
+
+
+def stopped_line(exc: Stopped, checkpoint_root: str | os.PathLike) -> str:
+    """The one line a stopped run ends with: where it stopped and how to go on."""
+    from . import checkpoint as ckpt
+
+    newest = ckpt.newest_usable(Path(checkpoint_root), quick=True)
+    how = "at once" if exc.at_once else "at a step boundary"
+    where = (f"the newest checkpoint is {newest}" if newest is not None
+             else f"no checkpoint in {checkpoint_root} yet")
+    return f"stopped {how} by {signal_name(exc.signum)}; {where}; run the same command to resume"
