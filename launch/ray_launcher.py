@@ -15,6 +15,8 @@ history. After `max_restarts` restarts the launch fails.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import ray
@@ -23,6 +25,7 @@ from longtrain.data.shards import DataError
 
 from .failures import RankFailure, capture
 from .host_memory import THP_ENV
+from .stopping import SIGNALS, StopRequest, Stopped
 from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
 
@@ -33,10 +36,15 @@ DETERMINISTIC = (NonFiniteLoss, DataError, ValueError, FileNotFoundError)
 RANK_ENV = {"env_vars": {THP_ENV: os.environ.get(THP_ENV, "1")}}
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # a second thread takes `request_stop` while `run` trains
 class RankActor:
     def __init__(self, rank: int, world: int, threads: int):
         self.rank, self.world, self.threads = rank, world, threads
+        self.stop = StopRequest()
+
+    def request_stop(self, signum: int) -> None:
+        """Stop at the next step boundary (every rank agrees on it there: `stopping`)."""
+        self.stop.request(signum)
 
     def address(self, loopback: bool) -> tuple[str, int]:
         """The rendezvous: this node's IP, or 127.0.0.1 when every rank is on this machine (an
@@ -63,7 +71,8 @@ class RankActor:
         init_distributed(cfg.device)
         try:
             log = print if self.rank == 0 else (lambda *_: None)
-            return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at, debug=debug)  # user errors as values
+            return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at, debug=debug,
+                           stop=self.stop)  # user errors come back as values
         finally:
             torch.distributed.destroy_process_group()
 
@@ -96,10 +105,46 @@ def _check_fits(world: int, local: int, kind: str) -> None:
                            f"{kind}s; add nodes or {kind}s, or shrink the layout")
 
 
+PLACEMENT_WAIT_S = 300.0  # how long to wait for the cluster to hold the layout (again, after a node loss)
+# what can fail inside an attempt for reasons of the cluster, not of the job: a restart may succeed
+RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError,
+                ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
+
+
+def _reason(e: BaseException, actors: list, nodes: dict[str, str]) -> str:
+    """One line for a failure inside an attempt: which rank, which node, what happened."""
+    actor = getattr(e, "actor_id", None) or getattr(getattr(e, "_actor_id", None), "hex", lambda: None)()
+    rank = next((r for r, a in enumerate(actors) if a._actor_id.hex() == actor), None)
+    msg = str(getattr(e, "error_msg", None) or e)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    what = next((ln for ln in lines if "because" in ln or "died" in ln.lower()), lines[0] if lines else type(e).__name__)
+    ip = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("ip:")), "")
+    who = "a rank" if rank is None else f"rank {rank}"
+    where = nodes.get(str(rank), "")
+    where = f" on node {where[:8]}" + (f" ({ip})" if ip else "") if where else (f" on {ip}" if ip else "")
+    return f"{who}{where}: {type(e).__name__}: {what[:300]}"
+
+
+def _wait_placeable(pg, bundle: dict, bundles: int, wait_s: float, after: str = "") -> None:
+    """Wait (at most `wait_s`) until the placement group holds every bundle: at the start, and
+    after a node loss while Ray places the lost bundles on surviving or new nodes."""
+    try:
+        ray.get(pg.ready(), timeout=wait_s)
+    except ray.exceptions.GetTimeoutError:
+        why = f"after {after}, " if after else ""
+        raise RuntimeError(f"{why}the Ray cluster could not place {bundles} bundle(s) of {bundle} (one per tp x "
+                           f"cp_ulysses group) within {wait_s:.0f} s (available: {ray.available_resources()}); "
+                           "add nodes, or shrink the layout (then resume: checkpoints reshard)") from None
+
+
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
-           stop_at: int | None = None, on_start=None) -> list[dict]:
+           stop_at: int | None = None, on_start=None, placement_wait_s: float = PLACEMENT_WAIT_S) -> list[dict]:
     """Run the job on Ray; returns rank 0's metric rows of the last (successful) attempt.
-    `on_start(actors)` is called after each start (tests use it to kill a worker)."""
+    `on_start(actors, attempt)` is called after each start (tests use it to kill a worker or a
+    node). Any failure of the cluster inside an attempt (an actor that dies or cannot start,
+    a lost node, a handshake that times out) goes through one restart path: one line naming the
+    rank, node and cause; a wait (at most `placement_wait_s`) for the placement group to hold
+    every bundle again; a back-off; and all ranks start again from the newest valid checkpoint."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -113,48 +158,89 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
     _check_fits(world, local, "GPU" if gpus else "CPU")
     pg = placement_group([bundle] * (world // local), strategy="PACK")
     try:
-        ray.get(pg.ready(), timeout=300)
-    except ray.exceptions.GetTimeoutError:
+        _wait_placeable(pg, bundle, world // local, placement_wait_s)
+    except RuntimeError:
         remove_placement_group(pg)
-        raise RuntimeError(f"the Ray cluster cannot place {world // local} bundle(s) of {bundle} (one per "
-                           f"tp x cp_ulysses group; available: {ray.available_resources()}); add nodes or "
-                           "shrink the layout") from None
+        raise
+    stopped: list[int] = []
+    current: list = []  # the actors of the attempt under way
+
+    def on_signal(signum, _frame):  # SIGINT / SIGTERM to the launcher
+        if stopped:  # the second one: now
+            for a in current:
+                ray.kill(a, no_restart=True)
+            raise Stopped(stopped[0], at_once=True)
+        stopped.append(signum)
+        for a in current:
+            a.request_stop.remote(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in SIGNALS} if main else {}
+    placed = None
     try:
         for attempt in range(max_restarts + 1):
-            actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
-                                        scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
-                for r in range(world)]
-            master = ray.get(actors[0].address.remote(embedded))
-            if attempt == 0:
-                nodes = ray.get([a.node.remote() for a in actors])
-                names = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
-                print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(nodes)),
-                      flush=True)
-            refs = [a.run.remote(cfg, master, stop_at, debug) for a in actors]
-            if on_start is not None:
-                on_start(actors, attempt)
+            if stopped:
+                raise Stopped(stopped[0])
+            actors, nodes = [], {}
             try:
+                actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
+                                            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
+                    for r in range(world)]
+                current[:] = actors
+                ids = ray.get([a.node.remote() for a in actors], timeout=placement_wait_s)
+                nodes = {str(r): n for r, n in enumerate(ids)}
+                if ids != placed:  # where the ranks run: at the start, and when a restart moved them
+                    names = {n: i for i, n in enumerate(dict.fromkeys(ids))}
+                    print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(ids)),
+                          flush=True)
+                    placed = ids
+                master = ray.get(actors[0].address.remote(embedded), timeout=placement_wait_s)
+                refs = [a.run.remote(cfg, master, stop_at, debug) for a in actors]
+                if stopped:  # a signal while the actors started
+                    for a in actors:
+                        a.request_stop.remote(stopped[0])
+                if on_start is not None:
+                    on_start(actors, attempt)
                 pending = list(refs)
                 while pending:  # the first failure stops everyone; nobody waits in a collective
-                    done, pending = ray.wait(pending, num_returns=1)
+                    done, pending = ray.wait(pending, num_returns=1, timeout=1.0)  # signals run between waits
+                    if not done:
+                        continue
                     failure = ray.get(done[0])
                     if isinstance(failure, RankFailure):  # a user error: said once, not retried
-                        for a in actors:
-                            ray.kill(a, no_restart=True)
                         raise failure
-                return ray.get(refs[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                for a in actors:
-                    ray.kill(a, no_restart=True)
+                rows = ray.get(refs[0])
+                if stopped:
+                    raise Stopped(stopped[0])
+                return rows
+            except RAY_FAILURES as e:
+                if stopped:  # a rank the signal ended: stopping, not a failure to restart
+                    raise Stopped(stopped[0]) from None
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
-                    raise cause
+                    raise cause from None
+                reason = _reason(e, actors, nodes)
                 if attempt == max_restarts:
-                    raise RuntimeError(f"training failed {max_restarts + 1} times; last error: {e}") from e
-                print(f"a worker failed ({type(e).__name__}); restarting all ranks from the last valid checkpoint "
+                    raise RuntimeError(f"gave up after {max_restarts} restart(s); the last failure: {reason}") from None
+                print(f"{reason}; restarting all ranks from the newest valid checkpoint "
                       f"(restart {attempt + 1} of {max_restarts})", flush=True)
-                time.sleep(1.0)
+                _kill(actors)
+                current[:] = []
+                time.sleep(min(2.0 ** attempt, 30.0))  # back-off: a failing node or network gets time to settle
+                _wait_placeable(pg, bundle, world // local, placement_wait_s, after=reason)
+            finally:
+                _kill(actors)
     finally:
+        for s_, h in old.items():
+            signal.signal(s_, h)
         remove_placement_group(pg)
     return []
+
+
+def _kill(actors: list) -> None:
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
