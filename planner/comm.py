@@ -90,7 +90,8 @@ def micro_batch_bytes(cfg: TrainConfig, ring_rank: int = 0) -> Counter:
     if cp > 1:
         c["agreement"] += META_INTS * 8 * (cp - 1)
         b, s = cfg.data.batch_size, cfg.data.seq_len
-        c["doc_ids"] += b * s // cp * 8 * (p.cp_ulysses - 1) + b * s // p.cp_ring * 8 * (p.cp_ring - 1)
+        ids = cfg.data.source != "shards" or cfg.data.document_mask  # a plain causal stream has none
+        c["doc_ids"] += ids * (b * s // cp * 8 * (p.cp_ulysses - 1) + b * s // p.cp_ring * 8 * (p.cp_ring - 1))
     if p.tp > 1:
         x = loc.tokens * m.dim * act_bytes(cfg)
         if cfg.sequence_parallel:  # embedding reduce-scatter, loss-input gather (and their backward)
