@@ -111,10 +111,54 @@ class CheckpointError(ValueError):
     """No usable checkpoint where one was expected; the message names each and what is wrong."""
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, an I/O error) on some rank; the
+    previous committed checkpoints are untouched. Raised on every rank alike."""
+
+
+def _agree(error: str | None) -> str | None:
+    """Every rank's outcome of a save phase, on every rank: None if all succeeded, else the first
+    failing rank's error. One small all-reduce (saves are rare), so no rank waits in a barrier
+    that a failed rank never reaches."""
+    if not dist.is_initialized():
+        return error
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if error is None else dist.get_rank() + 1], dtype=torch.int64, device=device)
+    failed = flag.clone()
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # the highest failing rank, + 1
+    if int(failed) == 0:
+        return None
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, error)  # our own ranks' error strings, only after a failure
+    return next(e if e.startswith("on rank ") else f"rank {r}: {e}" for r, e in enumerate(out) if e is not None)
+
+
+def _attempt(fn) -> str | None:
+    """None if `fn()` succeeded, else its error in one line (DCP's own: the first rank's cause)."""
+    try:
+        fn()
+        return None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        if failures:
+            rank, (e, _) = sorted(failures.items())[0]
+            return f"on rank {rank}: {_one_line(e)}"
+        return _one_line(e)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
 def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict, keep_last: int = 3,
          identity: dict | None = None) -> Path:
     """Write a checkpoint for `step` on every rank; returns the committed directory. `identity`
-    (the model config and data it belongs to: `identity.run_identity`) goes into the marker."""
+    (the model config and data it belongs to: `identity.run_identity`) goes into the marker.
+    A failure on any rank (disk full, permissions) raises `SaveFailed` on every rank, after
+    removing the partial `.tmp` folder; committed checkpoints are never touched by a failure."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last} must be >= 1: 0 would delete the checkpoint just written")
     import torch.distributed.checkpoint as dcp
@@ -123,18 +167,27 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    _barrier()
+
+    def prepare():
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+
+    def commit():
+        if rank0:
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files, "run": identity}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+
     sd = state_for_checkpoint(model, optimizer, mesh, extra)
-    dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    _barrier()
+    for phase in (prepare, lambda: dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized()), commit):
+        error = _agree(_attempt(phase))
+        if error is not None:
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise SaveFailed(f"the checkpoint of step {step} in {root} was not written ({error})")
     if rank0:
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files, "run": identity}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in _committed(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

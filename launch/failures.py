@@ -13,10 +13,12 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable
 
+from .checkpoint import SaveFailed
 from .trainer import NonFiniteLoss
 
 # errors in the user's input or run: restarting from the last checkpoint would only repeat them
-USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLoss)
+# (a checkpoint folder that cannot be written, under on_save_error = "stop", included)
+USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLoss, SaveFailed)
 
 
 class RankFailure(RuntimeError):

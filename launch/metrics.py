@@ -82,7 +82,11 @@ class MetricsLog:
                     self.tb.add_scalar(k if k.startswith("eval") else f"train/{k}", row[k], row["step"])
 
     def plot(self) -> Path | None:
-        return plot_loss(self.path, self.out / "loss.png")
+        """Redraw loss.png; a convenience, so a full disk does not stop training over it."""
+        try:
+            return plot_loss(self.path, self.out / "loss.png")
+        except OSError:
+            return None
 
     def close(self) -> None:
         self.file.close()

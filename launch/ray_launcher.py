@@ -6,10 +6,13 @@ always placed on a single node, so the chattiest groups never cross nodes, while
 data-parallel and pipeline groups may span nodes (PACK fills nodes in order). Rank 0's actor picks the rendezvous address (its node's IP and a free port); every
 actor then joins the process group (gloo on CPU, NCCL on GPU) and runs `train_rank`.
 
-When an actor dies (a killed worker, a lost node), the surviving actors are stopped at once —
-no rank is left waiting in a collective — and all ranks are started again; they resume from
-the newest valid checkpoint, so no sample is lost or repeated relative to the committed
-history. After `max_restarts` restarts the launch fails.
+When an actor dies or cannot start (a killed worker, a lost node, a handshake that times out),
+the surviving actors are stopped at once (no rank is left waiting in a collective), one line
+names the rank, its node and the cause, the launcher waits (at most `placement_wait_s`) for the
+placement group to hold every bundle again (Ray moves a lost node's bundles to surviving or new
+nodes), backs off, and starts all ranks again; they resume from the newest valid checkpoint,
+so no sample is lost or repeated relative to the committed history. After `max_restarts`
+restarts the launch fails, naming the last cause.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def _check_fits(world: int, local: int, kind: str) -> None:
 
 
 PLACEMENT_WAIT_S = 300.0  # how long to wait for the cluster to hold the layout (again, after a node loss)
+START_S = 300.0  # how long placed actors may take to start (a process, imports) and answer
 # what can fail inside an attempt for reasons of the cluster, not of the job: a restart may succeed
 RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
@@ -113,28 +117,82 @@ RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.e
 
 def _reason(e: BaseException, actors: list, nodes: dict[str, str]) -> str:
     """One line for a failure inside an attempt: which rank, which node, what happened."""
-    actor = getattr(e, "actor_id", None) or getattr(getattr(e, "_actor_id", None), "hex", lambda: None)()
+    actor = getattr(e, "actor_id", None) or getattr(e, "_actor_id", None)
+    actor = actor if actor is None or isinstance(actor, str) else actor.hex()
     rank = next((r for r, a in enumerate(actors) if a._actor_id.hex() == actor), None)
-    msg = str(getattr(e, "error_msg", None) or e)
+    cause = getattr(e, "cause", None)
+    msg = str(cause) if isinstance(e, ray.exceptions.RayTaskError) and cause is not None else \
+        str(getattr(e, "error_msg", None) or e)
+    kind = type(cause if isinstance(e, ray.exceptions.RayTaskError) and cause is not None else e).__name__
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    what = next((ln for ln in lines if "because" in ln or "died" in ln.lower()), lines[0] if lines else type(e).__name__)
+    what = next((ln for ln in lines if "because" in ln or "died" in ln.lower()), lines[0] if lines else kind)
     ip = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("ip:")), "")
     who = "a rank" if rank is None else f"rank {rank}"
-    where = nodes.get(str(rank), "")
-    where = f" on node {where[:8]}" + (f" ({ip})" if ip else "") if where else (f" on {ip}" if ip else "")
-    return f"{who}{where}: {type(e).__name__}: {what[:300]}"
+    node = nodes.get(str(rank), "")
+    where = (f" on node {node[:8]}" + (f" ({ip})" if ip else "")) if node else (f" on {ip}" if ip else "")
+    return f"{who}{where}: {kind}: {what[:300]}"
+
+
+def _dead_nodes(nodes: dict[str, str]) -> dict[str, list[int]]:
+    """The nodes of this attempt's ranks that Ray reports dead: {node id: [ranks]}."""
+    dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
+    out: dict[str, list[int]] = {}
+    for r, n in nodes.items():
+        if n in dead:
+            out.setdefault(n, []).append(int(r))
+    return out
+
+
+def _diagnose(e: BaseException, refs: list, actors: list, nodes: dict[str, str], settle_s: float = 5.0) -> str:
+    """The cause of a failed attempt, in one line. The first error to arrive is often a survivor's
+    (its peer's connection closed); give Ray a few seconds to report the dead node or actor
+    behind it, and name that instead."""
+    deadline = time.time() + settle_s
+    while True:
+        dead = _dead_nodes(nodes)
+        if dead:
+            node, ranks = next(iter(dead.items()))
+            return (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on node {node[:8]}: "
+                    "the node died")
+        if isinstance(e, ray.exceptions.RayActorError) or time.time() >= deadline:
+            return _reason(e, actors, nodes)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5) if refs else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as died:  # an actor that died outranks its peers' errors
+                e = died
+            except Exception:  # noqa: BLE001 - survivors' errors are consequences
+                pass
+
+
+def _placed(pg) -> bool:
+    """Does the placement group hold every bundle on a node that is alive? (`pg.ready()` alone
+    answers yes for a while after a node holding bundles died, until Ray notices.)"""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(pg)
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return table.get("state") == "CREATED" and all(n in alive for n in table.get("bundles_to_node_id", {}).values())
 
 
 def _wait_placeable(pg, bundle: dict, bundles: int, wait_s: float, after: str = "") -> None:
-    """Wait (at most `wait_s`) until the placement group holds every bundle: at the start, and
-    after a node loss while Ray places the lost bundles on surviving or new nodes."""
-    try:
-        ray.get(pg.ready(), timeout=wait_s)
-    except ray.exceptions.GetTimeoutError:
-        why = f"after {after}, " if after else ""
-        raise RuntimeError(f"{why}the Ray cluster could not place {bundles} bundle(s) of {bundle} (one per tp x "
-                           f"cp_ulysses group) within {wait_s:.0f} s (available: {ray.available_resources()}); "
-                           "add nodes, or shrink the layout (then resume: checkpoints reshard)") from None
+    """Wait (at most `wait_s`) until the placement group holds every bundle on live nodes: at the
+    start, and after a node loss while Ray places the lost bundles on surviving or new nodes."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            ray.get(pg.ready(), timeout=max(0.1, min(1.0, deadline - time.time())))
+            if _placed(pg):
+                return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        if time.time() >= deadline:
+            why = f"after {after}, " if after else ""
+            raise RuntimeError(f"{why}the Ray cluster could not place {bundles} bundle(s) of {bundle} (one per tp x "
+                               f"cp_ulysses group) within {wait_s:.0f} s (available: {ray.available_resources()}); "
+                               "add nodes, or shrink the layout (then resume: checkpoints reshard)") from None
+        time.sleep(0.5)
 
 
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
@@ -181,21 +239,24 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
         for attempt in range(max_restarts + 1):
             if stopped:
                 raise Stopped(stopped[0])
-            actors, nodes = [], {}
+            actors, nodes, refs = [], {}, []
             try:
                 actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
                                             scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
                     for r in range(world)]
                 current[:] = actors
-                ids = ray.get([a.node.remote() for a in actors], timeout=placement_wait_s)
+                try:
+                    ids = ray.get([a.node.remote() for a in actors], timeout=START_S)
+                except ray.exceptions.GetTimeoutError:
+                    raise RuntimeError(f"the ranks did not start within {START_S:.0f} s of being placed") from None
                 nodes = {str(r): n for r, n in enumerate(ids)}
                 if ids != placed:  # where the ranks run: at the start, and when a restart moved them
                     names = {n: i for i, n in enumerate(dict.fromkeys(ids))}
                     print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(ids)),
                           flush=True)
                     placed = ids
-                master = ray.get(actors[0].address.remote(embedded), timeout=placement_wait_s)
+                master = ray.get(actors[0].address.remote(embedded), timeout=START_S)
                 refs = [a.run.remote(cfg, master, stop_at, debug) for a in actors]
                 if stopped:  # a signal while the actors started
                     for a in actors:
@@ -220,7 +281,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
                     raise cause from None
-                reason = _reason(e, actors, nodes)
+                reason = _diagnose(e, refs, actors, nodes)
                 if attempt == max_restarts:
                     raise RuntimeError(f"gave up after {max_restarts} restart(s); the last failure: {reason}") from None
                 print(f"{reason}; restarting all ranks from the newest valid checkpoint "

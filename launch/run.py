@@ -151,11 +151,20 @@ def _setup(cfg: TrainConfig):
     return device, mesh, trainer, Path(cfg.checkpoint_root)
 
 
-def _save(cfg: TrainConfig, trainer: Trainer, root: Path) -> Path:
-    """Checkpoint this rank's model, optimizer, loader position and step."""
-    return ckpt.save(root, trainer.step, trainer.model, trainer.opt, trainer.mesh,
-                     {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last,
-                     identity=identity.run_identity(cfg))
+def _save(cfg: TrainConfig, trainer: Trainer, root: Path, say=lambda *_: None) -> Path | None:
+    """Checkpoint this rank's model, optimizer, loader position and step; None if the save failed
+    and `checkpoint.on_save_error` is "continue" (the committed checkpoints are untouched)."""
+    try:
+        return ckpt.save(root, trainer.step, trainer.model, trainer.opt, trainer.mesh,
+                         {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last,
+                         identity=identity.run_identity(cfg))
+    except ckpt.SaveFailed as e:
+        if cfg.checkpoint.on_save_error == "stop":
+            raise
+        newest = ckpt.newest_usable(root, quick=True)
+        say(f"{e}; the newest checkpoint is still {newest or 'none'}; training goes on and saves again at the "
+            "next interval (checkpoint.on_save_error = \"stop\" ends the run instead)")
+        return None
 
 
 def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
@@ -220,7 +229,7 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                     raise
                 # the weights are still the last good ones (the step was not applied): keep
                 # them, with the loader past the offending batch, and end the run cleanly
-                path = _save(cfg, trainer, root)
+                path = _save(cfg, trainer, root, say)
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
             sent = _sent(mesh)  # this step's collectives (rank 0's count), before peaks adds its own
@@ -241,8 +250,8 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                         f"{save_estimate:.0f} s, more than checkpoint.stop_grace_s = {cfg.checkpoint.stop_grace_s:g}")
             if saved:
                 t0 = time.perf_counter()
-                _save(cfg, trainer, root)
-                save_s = time.perf_counter() - t0
+                if _save(cfg, trainer, root, say) is not None:
+                    save_s = time.perf_counter() - t0
             _sent(mesh)  # evaluation and saving are not the step's
             if rank0:
                 rows.append(row)

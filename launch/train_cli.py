@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launcher", default="ray", choices=["ray", "local", "env"],
                     help="ray (default), local processes, or env (one rank under torchrun / srun)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
-    ap.add_argument("--max-restarts", type=int, default=3, help="worker failures tolerated (Ray)")
+    ap.add_argument("--max-restarts", type=int, default=3, help="worker or node failures tolerated (Ray)")
+    ap.add_argument("--placement-wait", type=float, default=300.0, metavar="S",
+                    help="seconds to wait for the Ray cluster to hold the layout, at the start and after a lost node")
     ap.add_argument("--debug", action="store_true",
                     help="also print the traceback of errors in the input (data, config, checkpoint) raised in a rank")
     args = ap.parse_args(argv)
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.launcher == "ray":
                     from .ray_launcher import launch
 
-                    launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug)
+                    launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug,
+                           placement_wait_s=args.placement_wait)
                 else:
                     from .spawn import spawn_local
 

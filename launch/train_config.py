@@ -67,8 +67,14 @@ class CheckpointConfig:
     # long (the last save's duration; before one, the state's bytes at 100 MiB/s). SLURM's and
     # Kubernetes' default grace before SIGKILL is 30 s.
     stop_grace_s: float = 25.0
+    # A save that fails (disk full, permissions, I/O error) never touches the committed
+    # checkpoints; "continue" says so and trains on (saving again at the next interval),
+    # "stop" ends the run with that error.
+    on_save_error: str = "continue"
 
     def __post_init__(self) -> None:
+        if self.on_save_error not in ("continue", "stop"):
+            raise ValueError(f"on_save_error={self.on_save_error!r} must be \"continue\" or \"stop\"")
         if not (self.stop_grace_s >= 0 and math.isfinite(self.stop_grace_s)):
             raise ValueError(f"stop_grace_s={self.stop_grace_s} must be a finite number of seconds >= 0")
         if self.every < 0:

@@ -162,3 +162,52 @@ def test_peak_memory_is_every_ranks(pool4, data_dir, tmp_path):
     rows = pool4.run(_job, data_dir, str(tmp_path), 2, {"tp": 2, "cp_ring": 2}, None, True)[0]
     for row in rows:
         assert len(row["peak_mem_mib_ranks"]) == 4 and row["peak_mem_mib"] == max(row["peak_mem_mib_ranks"]) > 0
+
+
+def _write_limited(rank: int | None, fn, *args, **kw):
+    """`fn(*args)` with files on rank `rank` (None: every rank) limited to 16 KiB, as on a disk
+    that fills up: a checkpoint shard's write fails with EFBIG (an OSError) midway."""
+    import resource
+    import signal
+
+    import torch.distributed as dist
+
+    me = dist.get_rank() if dist.is_initialized() else 0
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    if rank is None or rank == me:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, old[1]))
+    try:
+        return fn(*args, **kw)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+
+
+def _said_job(data_dir, out_dir, steps, parallel, **over):
+    said = []
+    rows = train_rank(_cfg(data_dir, out_dir, steps, parallel, **over), log=said.append)
+    return [r["step"] for r in rows], said
+
+
+@pytest.mark.parametrize("rank", [None, 1], ids=["every-rank", "one-rank"])
+def test_a_save_that_fails_leaves_the_previous_checkpoint_and_trains_on(data_dir, tmp_path, pool4, rank):
+    """A disk that fills up after step 2 (one rank's or every rank's writes fail): the saves of
+    steps 4 and 6 fail on every rank alike (no rank waits in a barrier), the run says so and
+    finishes, and step 2 stays the newest valid checkpoint, with no partial folder left."""
+    from longtrain.launch import checkpoint as ckpt
+
+    par = {"tp": 2, "cp_ring": 2}
+    out = str(tmp_path / "run")
+    pool4.run(_job, data_dir, out, 6, par, 2)  # checkpoint at step 2
+    steps, said = pool4.run(_write_limited, rank, _said_job, data_dir, out, 6, par)[0]
+    assert steps == [3, 4, 5, 6]
+    failed = [s for s in said if "was not written" in s]
+    assert len(failed) == 2 and "the newest checkpoint is still" in failed[0], said
+    assert "rank 1:" in failed[0] if rank == 1 else "rank " in failed[0], failed  # the rank that could not write
+    assert ckpt.newest_usable(tmp_path / "run" / "checkpoints").name == "step-00000002"
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+    with pytest.raises(ckpt.SaveFailed, match="step 4"):  # on_save_error = "stop": the error ends the run
+        _write_limited(None, train_rank, _cfg(data_dir, out, 6, {}, checkpoint={"every": 2, "keep_last": 2,
+                                                                               "on_save_error": "stop"}),
+                       log=lambda *_: None)

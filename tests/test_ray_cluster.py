@@ -1,0 +1,100 @@
+"""Losing a node of a real multi-node Ray cluster (`ray.cluster_utils.Cluster` on loopback: a
+head without CPUs and worker nodes of 2 CPUs each). With spare capacity, the launcher says
+which rank and node it lost, waits for the placement group to be placeable again (Ray moves the
+lost bundles to a surviving node), restarts from the newest checkpoint, and the run finishes
+with every step's loss equal to the uninterrupted run's. Without spare capacity it stops after
+a bounded wait with one error naming the lost node."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from longtrain.data.prepare import prepare
+from tests.test_ray import _cfg, _logged
+
+# a dead node is noticed in ~1.5 s instead of ~15 s (Ray's health checks)
+FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+               "health_check_initial_delay_ms": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
+    workers = [c.add_node(num_cpus=2) for _ in range(3)]
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    data = str(tmp_path_factory.mktemp("cluster") / "data")
+    prepare(["stdlib"], data, limit_bytes=150_000)
+    yield c, workers, data
+    ray.shutdown()
+    c.shutdown()
+
+
+def _remove_node_of_rank(c, workers, actors, rank: int, when: Path, said: list):
+    """Once `when` exists, kill (no graceful shutdown) the node that holds `rank`."""
+
+    def run():
+        deadline = time.time() + 300
+        while not when.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        node_id = ray.get(actors[rank].node.remote())
+        node = next(w for w in workers if w.node_id == node_id)
+        said.append(node_id)
+        c.remove_node(node, allow_graceful=False)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_node_loss_with_spare_capacity_finishes_with_the_uninterrupted_losses(cluster, tmp_path, capfd):
+    from longtrain.launch.ray_launcher import launch
+
+    c, workers, data = cluster
+    parallel = {"cp_ring": 2}  # two bundles of one CPU: PACK puts both ranks on one node
+    full = {r["step"]: r["loss"] for r in launch(_cfg(data, tmp_path / "full", 6, parallel))}
+    capfd.readouterr()  # what the uninterrupted run printed
+    out, lost = tmp_path / "lost", []
+
+    def on_start(actors, attempt):
+        if attempt == 0:
+            _remove_node_of_rank(c, workers, actors, 0, out / "checkpoints" / "step-00000002", lost)
+
+    rows = launch(_cfg(data, out, 6, parallel), on_start=on_start, placement_wait_s=120)
+    printed = capfd.readouterr().out
+    assert lost, "the node was never removed"
+    assert rows and rows[-1]["step"] == 6 and rows[0]["step"] > 1  # resumed from a checkpoint
+    for r in rows:
+        assert r["loss"] == full[r["step"]]
+    assert _logged(out) == [1, 2, 3, 4, 5, 6]
+    line = next(ln for ln in printed.splitlines() if "restarting all ranks" in ln)
+    assert line.startswith("rank") and "the node died" in line and lost[0][:8] in line and "(restart 1 of 3)" in line, line
+    assert printed.count("placement: ") == 2  # the restart placed the ranks on another node, and said so
+
+
+def test_node_loss_without_capacity_stops_naming_the_node(cluster, tmp_path):
+    from longtrain.launch.ray_launcher import launch
+
+    c, workers, data = cluster
+    alive = [w for w in workers if w in c.worker_nodes]
+    while len(alive) > 2:  # two nodes of 2 CPUs left, and the run takes all four
+        c.remove_node(alive.pop())
+    parallel = {"cp_ring": 4}
+    out, lost = tmp_path / "run", []
+
+    def on_start(actors, attempt):
+        if attempt == 0:
+            _remove_node_of_rank(c, workers, actors, 0, out / "checkpoints" / "step-00000002", lost)
+
+    cfg = _cfg(data, out, 50, parallel)
+    with pytest.raises(RuntimeError) as e:
+        launch(cfg, on_start=on_start, placement_wait_s=5)
+    msg = str(e.value)
+    assert lost and lost[0][:8] in msg and "could not place" in msg and "within 5 s" in msg, msg
