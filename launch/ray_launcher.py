@@ -28,7 +28,7 @@ from longtrain.data.shards import DataError
 
 from .failures import RankFailure, capture
 from .host_memory import THP_ENV
-from .stopping import SIGNALS, StopRequest, Stopped
+from .stopping import SIGNALS, StopRequest, Stopped, Watchdog, stall_message
 from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
 
@@ -48,6 +48,14 @@ class RankActor:
     def request_stop(self, signum: int) -> None:
         """Stop at the next step boundary (every rank agrees on it there: `stopping`)."""
         self.stop.request(signum)
+
+    def progress(self) -> tuple[int, float]:
+        """(the last step this rank completed, seconds since), for the launcher's watchdog (the
+        seconds are measured here: clocks of different nodes need not agree)."""
+        return self.stop.step, time.time() - self.stop.beat
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def address(self, loopback: bool) -> tuple[str, int]:
         """The rendezvous: this node's IP, or 127.0.0.1 when every rank is on this machine (an
@@ -113,6 +121,29 @@ START_S = 300.0  # how long placed actors may take to start (a process, imports)
 # what can fail inside an attempt for reasons of the cluster, not of the job: a restart may succeed
 RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
+
+
+class _Stalled(Exception):
+    """A rank completed no step for too long (`stopping.Watchdog`)."""
+
+
+def _watch(actors: list, watchdog: Watchdog, nodes: dict[str, str], wait_s: float = 2.0) -> None:
+    """Ask every rank for its progress (a stopped process does not answer: its clock runs on);
+    raise `_Stalled` naming the most stalled rank if it is past its limit."""
+    polls = [a.progress.remote() for a in actors]
+    ready, _ = ray.wait(polls, num_returns=len(polls), timeout=wait_s)
+    now = time.time()
+    for r, ref in enumerate(polls):
+        if ref in ready:
+            try:
+                step, since = ray.get(ref)
+            except RAY_FAILURES:  # a dead actor: its run reports that
+                continue
+            watchdog.seen(r, step, now - since)
+    hit = watchdog.stalled(now)
+    if hit:
+        node = nodes.get(str(hit[0]), "")
+        raise _Stalled(stall_message(*hit, where=f" on node {node[:8]}" if node else ""))
 
 
 def _reason(e: BaseException, actors: list, nodes: dict[str, str]) -> str:
@@ -196,7 +227,8 @@ def _wait_placeable(pg, bundle: dict, bundles: int, wait_s: float, after: str = 
 
 
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
-           stop_at: int | None = None, on_start=None, placement_wait_s: float = PLACEMENT_WAIT_S) -> list[dict]:
+           stop_at: int | None = None, on_start=None, placement_wait_s: float = PLACEMENT_WAIT_S,
+           watch_every_s: float = 2.0) -> list[dict]:
     """Run the job on Ray; returns rank 0's metric rows of the last (successful) attempt.
     `on_start(actors, attempt)` is called after each start (tests use it to kill a worker or a
     node). Any failure of the cluster inside an attempt (an actor that dies or cannot start,
@@ -264,8 +296,12 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 if on_start is not None:
                     on_start(actors, attempt)
                 pending = list(refs)
+                watchdog, watched = Watchdog(world, cfg.hang_timeout_s), time.time()
                 while pending:  # the first failure stops everyone; nobody waits in a collective
                     done, pending = ray.wait(pending, num_returns=1, timeout=1.0)  # signals run between waits
+                    if cfg.hang_timeout_s > 0 and time.time() - watched >= watch_every_s and not stopped:
+                        _watch(actors, watchdog, nodes)
+                        watched = time.time()
                     if not done:
                         continue
                     failure = ray.get(done[0])
@@ -275,13 +311,13 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 if stopped:
                     raise Stopped(stopped[0])
                 return rows
-            except RAY_FAILURES as e:
+            except (*RAY_FAILURES, _Stalled) as e:
                 if stopped:  # a rank the signal ended: stopping, not a failure to restart
                     raise Stopped(stopped[0]) from None
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
                     raise cause from None
-                reason = _diagnose(e, refs, actors, nodes)
+                reason = str(e) if isinstance(e, _Stalled) else _diagnose(e, refs, actors, nodes)
                 if attempt == max_restarts:
                     raise RuntimeError(f"gave up after {max_restarts} restart(s); the last failure: {reason}") from None
                 print(f"{reason}; restarting all ranks from the newest valid checkpoint "

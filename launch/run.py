@@ -219,6 +219,8 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
     rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
     save_s = None  # seconds the last save took on this rank
+    if stop is not None:
+        stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
     _sent(mesh)  # set-up and resume are not the first step's
     try:
         while trainer.step < min(cfg.steps, stop_at or cfg.steps):
@@ -262,6 +264,8 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                     extra = "".join(f" {k} {row[k]:.4f}" for k in ("eval_loss", "eval_acc", "eval_key_acc") if k in row)
                     log(f"step {row['step']:>6} loss {r.loss:.4f} grad {r.grad_norm:.3f} lr {r.lr:.2e} "
                         f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}")
+            if stop is not None:
+                stop.progress(trainer.step)
             if stopping:
                 if stop is not None:
                     stop.agreed = stopping

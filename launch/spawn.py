@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from typing import Any, Callable
 
@@ -18,7 +20,9 @@ import torch
 import torch.multiprocessing as mp
 
 from .failures import RankFailure, capture
-from .stopping import SIGNALS, Stopped
+from .stopping import SIGNALS, Stopped, Watchdog, stall_message
+
+HEARTBEAT_ENV = "LONGTRAIN_HEARTBEAT_DIR"  # where ranks that report progress write it (`stopping`)
 
 
 def free_port() -> int:
@@ -56,8 +60,19 @@ def _entry(rank: int, world: int, port: int, threads: int, device_type: str, deb
         torch.distributed.destroy_process_group()
 
 
+def _read_beats(folder: str, watchdog: Watchdog) -> None:
+    for name in os.listdir(folder):
+        if name.startswith("rank-") and not name.endswith(".tmp"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    step, when = f.read().split()
+                watchdog.seen(int(name[5:]), int(step), float(when))
+            except (OSError, ValueError):  # being replaced: read it next time
+                pass
+
+
 def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None,
-                device_type: str = "cpu", debug: bool = False) -> list[Any]:
+                device_type: str = "cpu", debug: bool = False, hang_timeout_s: float = 0.0) -> list[Any]:
     """Call `fn(*args)` on `world` ranks of this machine (gloo on "cpu", NCCL on "cuda", rank r
     on GPU r); return the per-rank results in rank order. If any rank dies, or reports a user
     error (`failures.RankFailure`), the others are stopped at once and the failure is raised here.
@@ -84,11 +99,27 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
 
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in SIGNALS} if main else {}
-    for p in procs:
-        p.start()
+    beats = tempfile.mkdtemp(prefix="longtrain-heartbeat-") if hang_timeout_s > 0 else None
+    watchdog = Watchdog(world, hang_timeout_s)
+    before = os.environ.get(HEARTBEAT_ENV)
+    if beats:
+        os.environ[HEARTBEAT_ENV] = beats  # the children inherit it at start
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if beats:
+            os.environ.pop(HEARTBEAT_ENV) if before is None else os.environ.__setitem__(HEARTBEAT_ENV, before)
     out: dict[int, Any] = {}
     try:
         while len(out) < world:
+            if beats:
+                _read_beats(beats, watchdog)
+                hit = watchdog.stalled()
+                if hit and not stopped:
+                    for p in procs:
+                        p.kill()
+                    raise RuntimeError(stall_message(*hit) + "; every rank was stopped")
             try:
                 r, value = results.get(timeout=0.5)
                 if isinstance(value, RankFailure):
@@ -115,4 +146,6 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
                 p.join(timeout=5)
         for s, h in old.items():
             signal.signal(s, h)
+        if beats:
+            shutil.rmtree(beats, ignore_errors=True)
     return [out[r] for r in range(world)]

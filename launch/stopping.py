@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,19 @@ class StopRequest:
 
     signum: int = 0  # this rank's request (0: none)
     agreed: int = 0  # the request all ranks acted on (set at the step boundary they stopped at)
+    heartbeat: str | None = None  # a file the launcher reads ("step time"), for local ranks
+    step: int = -1  # the last step this rank completed (-1: still setting up)
+    beat: float = field(default_factory=time.time)  # when it did
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def progress(self, step: int) -> None:
+        """This rank completed `step` (or its set-up): the launcher's watchdog reads it."""
+        self.step, self.beat = step, time.time()
+        if self.heartbeat:
+            tmp = f"{self.heartbeat}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{step} {self.beat}")
+            os.replace(tmp, self.heartbeat)
 
     def request(self, signum: int) -> None:
         with self._lock:
@@ -93,3 +106,41 @@ def stopped_line(exc: Stopped, checkpoint_root: str | os.PathLike) -> str:
     where = (f"the newest checkpoint is {newest}" if newest is not None
              else f"no checkpoint in {checkpoint_root} yet")
     return f"stopped {how} by {signal_name(exc.signum)}; {where}; run the same command to resume"
+
+
+class Watchdog:
+    """Which rank has stopped making progress. A rank is stalled when it completed no step for
+    max(`timeout_s`, 3x the slowest step seen on any rank), or, before its first step (set-up,
+    resume, the first step itself), for 3x `timeout_s`."""
+
+    def __init__(self, ranks: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        now = time.time()
+        self.last = [(-1, now)] * ranks  # (step, when it completed) per rank; -1: not set up yet
+        self.beats = [0] * ranks  # progress reports per rank: set-up, then one per step
+        self.slowest = 0.0
+
+    def seen(self, rank: int, step: int, when: float) -> None:
+        old_step, old_when = self.last[rank]
+        if step != old_step and when >= old_when:
+            if self.beats[rank] >= 1:  # a step since the previous report (not the set-up itself)
+                self.slowest = max(self.slowest, when - old_when)
+            self.beats[rank] += 1
+            self.last[rank] = (step, when)
+
+    def stalled(self, now: float | None = None) -> tuple[int, int, float] | None:
+        """(rank, its last step, seconds without progress) of the most stalled rank, or None."""
+        if self.timeout_s <= 0:
+            return None
+        now = time.time() if now is None else now
+        worst = max(range(len(self.last)), key=lambda r: now - self.last[r][1])
+        step, when = self.last[worst]
+        stepped = min(self.beats) >= 2 and self.slowest > 0  # every rank has completed a step
+        limit = max(self.timeout_s, 3 * self.slowest) if stepped else 3 * self.timeout_s
+        return (worst, step, now - when) if now - when > limit else None
+
+
+def stall_message(rank: int, step: int, idle: float, where: str = "") -> str:
+    at = f"after step {step}" if step >= 0 else "while setting up"
+    return (f"rank {rank}{where} made no progress for {idle:.0f} s ({at}; hang_timeout_s): stalled "
+            "(stopped, or waiting in a collective that never completes)")

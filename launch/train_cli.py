@@ -24,7 +24,10 @@ from .train_config import TrainConfig, expand_stages
 
 def _rank_main(cfg: TrainConfig) -> int:
     """One local rank: SIGINT / SIGTERM (passed on by the launcher) stop it at a step boundary."""
-    stop = StopRequest()
+    from .spawn import HEARTBEAT_ENV
+
+    beats = os.environ.get(HEARTBEAT_ENV)
+    stop = StopRequest(heartbeat=os.path.join(beats, f"rank-{os.environ['RANK']}") if beats else None)
     install(stop)
     from .run import train_rank
 
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     from .spawn import spawn_local
 
                     cfg = cfg.resolved()
-                    spawn_local(_rank_main, world, cfg, device_type=cfg.device, debug=args.debug)
+                    spawn_local(_rank_main, world, cfg, device_type=cfg.device, debug=args.debug,
+                                hang_timeout_s=cfg.hang_timeout_s)
         except Stopped as e:  # every rank stopped at the same step (or at once, on a second signal)
             print(f"longtrain train: {cfg.out_dir}: {stopped_line(e, cfg.checkpoint_root)}", file=sys.stderr)
             return e.exit_code

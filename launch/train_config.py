@@ -124,6 +124,11 @@ class TrainConfig:
     # CPU ranks: host blocks of at least this many MiB are mapped and unmapped whole, so the
     # resident set is the live tensors, at some speed (launch/host_memory.py); 0: glibc adaptive
     host_mmap_mib: float = 0.0
+    # A rank that completes no step for this long (at least 3x the slowest step seen; before its
+    # first step, 3x this) is stalled (SIGSTOP, a collective that never completes): the launcher
+    # stops every rank and, on Ray, restarts from the newest checkpoint. 0 disables. Well under
+    # gloo's and NCCL's own 30-minute timeouts.
+    hang_timeout_s: float = 300.0
     stages: list[StageConfig] = field(default_factory=list)  # warm-up runs first (context extension)
 
     def __post_init__(self) -> None:
@@ -146,6 +151,8 @@ class TrainConfig:
         if self.parallel.pp > 1:
             problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
                             "parallel.pp = 1 (use tp / cp / dp for the ranks)")
+        if not (math.isfinite(self.hang_timeout_s) and self.hang_timeout_s >= 0):
+            problems.append(f"hang_timeout_s={self.hang_timeout_s} must be a finite number of seconds >= 0 (0: off)")
         if not 0 <= self.host_mmap_mib <= MAX_THRESHOLD_MIB:
             problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, {MAX_THRESHOLD_MIB}] (MiB; 0 leaves "
                             "glibc's threshold adaptive)")

@@ -174,3 +174,41 @@ def test_an_embedded_job_listens_on_loopback_beyond_ray(tmp_path, runs):
     assert all(ipaddress.ip_address(ip).is_loopback for pid in pids for ip, _ in seen[pid]), seen
     for a in actors:
         ray.kill(a)
+
+
+def test_a_stopped_rank_is_detected_and_the_run_recovers(tmp_path, runs, capfd):
+    """A rank that stops making progress (SIGSTOP: alive, silent) is found by the launcher's
+    watchdog within the hang timeout, named, and the job restarts from the newest checkpoint
+    with the uninterrupted run's losses."""
+    import dataclasses
+    import os
+    import signal
+
+    from longtrain.launch.ray_launcher import launch
+
+    data, full = runs
+    out = tmp_path / "stalled"
+    frozen = []
+
+    def freeze_after_checkpoint(actors, attempt):
+        if attempt:
+            return
+
+        def freezer():
+            deadline = time.time() + 300
+            while not (out / "checkpoints" / "step-00000002").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            pid = ray.get(actors[1].pid.remote())
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(time.time())
+
+        threading.Thread(target=freezer, daemon=True).start()
+
+    cfg = dataclasses.replace(_cfg(data, out, 6), hang_timeout_s=3.0)
+    rows = launch(cfg, on_start=freeze_after_checkpoint, watch_every_s=0.5)
+    printed = capfd.readouterr().out
+    assert frozen and rows and rows[-1]["step"] == 6 and rows[0]["step"] > 1
+    for r in rows:
+        assert r["loss"] == full[r["step"]]
+    line = next(ln for ln in printed.splitlines() if "restarting all ranks" in ln)
+    assert line.startswith("rank 1 on node ") and "made no progress for" in line, line

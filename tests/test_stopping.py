@@ -159,3 +159,20 @@ def test_sigterm_to_one_rank_of_an_env_job_stops_every_rank(data, tmp_path):
     (code0, err0), (code1, err1) = _finish(procs, 60)
     _check_stopped(out, code0, err0, 143, "SIGTERM")
     assert code1 == 143 and "Traceback" not in err1, err1[-3000:]
+
+
+def test_a_stopped_local_rank_is_detected_and_named(data, tmp_path):
+    """A local rank that stops making progress (SIGSTOP) ends the run within the hang timeout
+    with one line naming it, and no process of the job is left."""
+    out = tmp_path / "run"
+    p = subprocess.Popen(_argv(data, out, "local", "hang_timeout_s=3"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for_steps([p], out, 3)
+    family = _family([p.pid])
+    ranks = [c for c in psutil.Process(p.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+    ranks[-1].suspend()  # SIGSTOP
+    t0 = time.time()
+    ((code, err),) = _finish([p], 60)
+    assert code == 1 and time.time() - t0 < 30, err[-3000:]
+    assert "made no progress for" in err and "every rank was stopped" in err and "Traceback" not in err, err[-3000:]
+    assert _gone(family) == []
