@@ -23,7 +23,10 @@ BASE = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidd
 
 def _cfg(degrees: dict, model: dict, seq: int, batch: int, sp: bool = True) -> TrainConfig:
     return TrainConfig(model=ModelConfig(**model), parallel=ParallelDims(**degrees),
-                       data=DataConfig(seq_len=seq, batch_size=batch, document_mask=False), sequence_parallel=sp)
+                       # packed documents (the measured step passes ids), at a path with no data: the
+                       # plan's attention FLOPs then count whole windows, whatever this machine holds
+                       data=DataConfig(seq_len=seq, batch_size=batch, path="/nonexistent/longtrain-plan-test"),
+                       sequence_parallel=sp)
 
 
 def measured_step(degrees: dict, model: dict, seq: int, batch: int, sp: bool):
