@@ -18,8 +18,6 @@ restarts the launch fails, naming the last cause.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 
 import ray
@@ -28,7 +26,7 @@ from longtrain.data.shards import DataError
 
 from .failures import RankFailure, capture
 from .host_memory import THP_ENV
-from .stopping import SIGNALS, StopRequest, Stopped, Watchdog, stall_message
+from .stopping import StopRequest, Stopped, Watchdog, on_signals, stall_message
 from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
 
@@ -127,7 +125,7 @@ class _Stalled(Exception):
     """A rank completed no step for too long (`stopping.Watchdog`)."""
 
 
-def _watch(actors: list, watchdog: Watchdog, nodes: dict[str, str], wait_s: float = 2.0) -> None:
+def _watch(actors: list, watchdog: Watchdog, nodes: list[str], wait_s: float = 2.0) -> None:
     """Ask every rank for its progress (a stopped process does not answer: its clock runs on);
     raise `_Stalled` naming the most stalled rank if it is past its limit."""
     polls = [a.progress.remote() for a in actors]
@@ -142,11 +140,11 @@ def _watch(actors: list, watchdog: Watchdog, nodes: dict[str, str], wait_s: floa
             watchdog.seen(r, step, now - since)
     hit = watchdog.stalled(now)
     if hit:
-        node = nodes.get(str(hit[0]), "")
+        node = nodes[hit[0]] if hit[0] < len(nodes) else ""
         raise _Stalled(stall_message(*hit, where=f" on node {node[:8]}" if node else ""))
 
 
-def _reason(e: BaseException, actors: list, nodes: dict[str, str]) -> str:
+def _reason(e: BaseException, actors: list, nodes: list[str]) -> str:
     """One line for a failure inside an attempt: which rank, which node, what happened."""
     actor = getattr(e, "actor_id", None) or getattr(e, "_actor_id", None)
     actor = actor if actor is None or isinstance(actor, str) else actor.hex()
@@ -159,22 +157,25 @@ def _reason(e: BaseException, actors: list, nodes: dict[str, str]) -> str:
     what = next((ln for ln in lines if "because" in ln or "died" in ln.lower()), lines[0] if lines else kind)
     ip = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("ip:")), "")
     who = "a rank" if rank is None else f"rank {rank}"
-    node = nodes.get(str(rank), "")
+    node = nodes[rank] if rank is not None and rank < len(nodes) else ""
     where = (f" on node {node[:8]}" + (f" ({ip})" if ip else "")) if node else (f" on {ip}" if ip else "")
     return f"{who}{where}: {kind}: {what[:300]}"
 
 
-def _dead_nodes(nodes: dict[str, str]) -> dict[str, list[int]]:
-    """The nodes of this attempt's ranks that Ray reports dead: {node id: [ranks]}."""
-    dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
-    out: dict[str, list[int]] = {}
-    for r, n in nodes.items():
-        if n in dead:
-            out.setdefault(n, []).append(int(r))
+def _alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _dead_nodes(nodes: list[str]) -> dict[str, list[int]]:
+    """The nodes of this attempt's ranks (`nodes[rank]`) that are no longer alive: {node id: [ranks]}."""
+    alive, out = _alive_nodes(), {}
+    for r, n in enumerate(nodes):
+        if n not in alive:
+            out.setdefault(n, []).append(r)
     return out
 
 
-def _diagnose(e: BaseException, refs: list, actors: list, nodes: dict[str, str], settle_s: float = 5.0) -> str:
+def _diagnose(e: BaseException, refs: list, actors: list, nodes: list[str], settle_s: float = 5.0) -> str:
     """The cause of a failed attempt, in one line. The first error to arrive is often a survivor's
     (its peer's connection closed); give Ray a few seconds to report the dead node or actor
     behind it, and name that instead."""
@@ -202,8 +203,7 @@ def _placed(pg) -> bool:
     answers yes for a while after a node holding bundles died, until Ray notices.)"""
     from ray.util import placement_group_table
 
-    table = placement_group_table(pg)
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    table, alive = placement_group_table(pg), _alive_nodes()
     return table.get("state") == "CREATED" and all(n in alive for n in table.get("bundles_to_node_id", {}).values())
 
 
@@ -252,26 +252,19 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
     except RuntimeError:
         remove_placement_group(pg)
         raise
-    stopped: list[int] = []
     current: list = []  # the actors of the attempt under way
 
-    def on_signal(signum, _frame):  # SIGINT / SIGTERM to the launcher
-        if stopped:  # the second one: now
-            for a in current:
-                ray.kill(a, no_restart=True)
-            raise Stopped(stopped[0], at_once=True)
-        stopped.append(signum)
-        for a in current:
-            a.request_stop.remote(signum)
+    def stop_now(_signum):  # a second signal to the launcher
+        _kill(current)
+        raise Stopped(stopped[0], at_once=True)
 
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, on_signal) for s in SIGNALS} if main else {}
+    stopped, restore = on_signals(lambda signum: [a.request_stop.remote(signum) for a in current], stop_now)
     placed = None
     try:
         for attempt in range(max_restarts + 1):
             if stopped:
                 raise Stopped(stopped[0])
-            actors, nodes, refs = [], {}, []
+            actors, nodes, refs = [], [], []
             try:
                 actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
                                             scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -279,15 +272,14 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                     for r in range(world)]
                 current[:] = actors
                 try:
-                    ids = ray.get([a.node.remote() for a in actors], timeout=START_S)
+                    nodes = ray.get([a.node.remote() for a in actors], timeout=START_S)
                 except ray.exceptions.GetTimeoutError:
                     raise RuntimeError(f"the ranks did not start within {START_S:.0f} s of being placed") from None
-                nodes = {str(r): n for r, n in enumerate(ids)}
-                if ids != placed:  # where the ranks run: at the start, and when a restart moved them
-                    names = {n: i for i, n in enumerate(dict.fromkeys(ids))}
-                    print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(ids)),
+                if nodes != placed:  # where the ranks run: at the start, and when a restart moved them
+                    names = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+                    print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(nodes)),
                           flush=True)
-                    placed = ids
+                    placed = nodes
                 master = ray.get(actors[0].address.remote(embedded), timeout=START_S)
                 refs = [a.run.remote(cfg, master, stop_at, debug) for a in actors]
                 if stopped:  # a signal while the actors started
@@ -329,8 +321,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
             finally:
                 _kill(actors)
     finally:
-        for s_, h in old.items():
-            signal.signal(s_, h)
+        restore()
         remove_placement_group(pg)
     return []
 

@@ -218,7 +218,7 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
     passkey = cfg.data.source == "passkey"
     rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
-    save_s = None  # seconds the last save took on this rank
+    save_s = None  # seconds the last save took on this rank (a guess until one is measured)
     if stop is not None:
         stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
     _sent(mesh)  # set-up and resume are not the first step's
@@ -235,8 +235,9 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
             sent = _sent(mesh)  # this step's collectives (rank 0's count), before peaks adds its own
-            estimate = save_s if save_s is not None else first_save_estimate(_state_bytes(trainer))
-            peaks, stopping, save_estimate = rank_peaks(device, mesh, stop, estimate)
+            if save_s is None:  # before a save was measured: a guess from the state's size (its moments exist now)
+                save_s = first_save_estimate(_state_bytes(trainer))
+            peaks, stopping, save_estimate = rank_peaks(device, mesh, stop, save_s)
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
                    "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,

@@ -13,14 +13,13 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
 from .failures import RankFailure, capture
-from .stopping import SIGNALS, Stopped, Watchdog, stall_message
+from .stopping import Stopped, Watchdog, on_signals, stall_message
 
 HEARTBEAT_ENV = "LONGTRAIN_HEARTBEAT_DIR"  # where ranks that report progress write it (`stopping`)
 
@@ -45,11 +44,13 @@ def _own_process_group() -> None:
 
 
 def _entry(rank: int, world: int, port: int, threads: int, device_type: str, debug: bool, fn, args,
-           results) -> None:
+           results, beats: str | None = None) -> None:
     _own_process_group()
     # all ranks on this machine: the local index is the rank (device.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    if beats:
+        os.environ[HEARTBEAT_ENV] = beats
     torch.set_num_threads(threads)
     from .dist_env import init_distributed
 
@@ -84,32 +85,20 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, debug, fn, args, results)) for r in range(world)]
-    stopped: list[int] = []
-
-    def on_signal(signum, _frame):
-        if stopped:  # the second one: now
-            for p in procs:
-                p.kill()
-            raise Stopped(stopped[0], at_once=True)
-        stopped.append(signum)
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                os.kill(p.pid, signum)
-
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, on_signal) for s in SIGNALS} if main else {}
     beats = tempfile.mkdtemp(prefix="longtrain-heartbeat-") if hang_timeout_s > 0 else None
-    watchdog = Watchdog(world, hang_timeout_s)
-    before = os.environ.get(HEARTBEAT_ENV)
-    if beats:
-        os.environ[HEARTBEAT_ENV] = beats  # the children inherit it at start
-    try:
+    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, debug, fn, args, results, beats))
+             for r in range(world)]
+
+    def stop_now(_signum):
         for p in procs:
-            p.start()
-    finally:
-        if beats:
-            os.environ.pop(HEARTBEAT_ENV) if before is None else os.environ.__setitem__(HEARTBEAT_ENV, before)
+            p.kill()
+        raise Stopped(stopped[0], at_once=True)
+
+    stopped, restore = on_signals(lambda signum: [os.kill(p.pid, signum) for p in procs if p.pid and p.is_alive()],
+                                  stop_now)
+    watchdog = Watchdog(world, hang_timeout_s)
+    for p in procs:
+        p.start()
     out: dict[int, Any] = {}
     try:
         while len(out) < world:
@@ -144,8 +133,7 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        for s, h in old.items():
-            signal.signal(s, h)
+        restore()
         if beats:
             shutil.rmtree(beats, ignore_errors=True)
     return [out[r] for r in range(world)]

@@ -69,21 +69,27 @@ class StopRequest:
                 self.signum = int(signum)
 
 
-def install(stop: StopRequest, second=None) -> callable:
-    """Handle SIGINT / SIGTERM in this process (its main thread): the first sets `stop`; a second
-    calls `second(signum)` (default: exit at once, 128 + signal, no traceback). Returns a
-    function that restores the previous handlers."""
+def on_signals(first, second):
+    """Handle SIGINT / SIGTERM in this process while the returned restore function is not
+    called: the first signal calls `first(signum)`, any later one `second(signum)`. Only the main
+    thread can install handlers; elsewhere nothing is installed. Returns (the signals received,
+    a function that restores the previous handlers)."""
+    got: list[int] = []
 
     def handler(signum, _frame):
-        if stop.signum:
-            if second is not None:
-                second(signum)
-                return
-            os._exit(128 + signum)
-        stop.request(signum)
+        got.append(signum)
+        (first if len(got) == 1 else second)(signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        return got, lambda: None
     old = {s: signal.signal(s, handler) for s in SIGNALS}
-    return lambda: [signal.signal(s, h) for s, h in old.items()]
+    return got, lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def install(stop: StopRequest) -> None:
+    """A rank's handlers: the first signal sets `stop`; a second exits at once (128 + signal, no
+    traceback), leaving the previous committed checkpoint the newest valid one."""
+    on_signals(stop.request, lambda signum: os._exit(128 + signum))
 
 
 def save_on_stop(estimate_s: float, grace_s: float) -> bool:
