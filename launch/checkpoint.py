@@ -5,8 +5,15 @@ that know their global shape and which slice this rank holds, so a checkpoint lo
 different layout (tp2 x cp2 saved, cp4 resumed): DCP reads whatever slices the new layout
 needs. Replicated tensors are written once.
 
-Commit protocol: everything goes to ``step-NNNNNNNN.tmp/``; after all ranks finish, rank 0
-writes ``COMMITTED.json`` (every file with its size and SHA-256) and renames the directory to
+Saves can run in the background (`Saver`, `checkpoint.async_save`): the state is copied to host
+memory at the step boundary (the only pause), then a writer thread writes, verifies and commits
+it over a process group of its own while training goes on; the next save, a stop or the end of
+the run waits for it, so at most one save is in flight and a failure is reported on every rank
+at the same step.
+
+Commit protocol: everything goes to ``step-NNNNNNNN.tmp/``; after all ranks finish, each
+hashes its share of the files, and rank 0 writes ``COMMITTED.json`` (every file with its size
+and SHA-256) and renames the directory to
 ``step-NNNNNNNN``. A directory without that marker is never loaded. On resume the newest
 committed checkpoint whose files match their checksums is used; a corrupt or partial one is
 reported and skipped for the previous one. Only the last `keep_last` are kept.
@@ -22,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -78,17 +87,22 @@ def _rank(mesh) -> int:
     return 0 if mesh is None else mesh.rank
 
 
-def state_for_checkpoint(model, optimizer, mesh, extra: dict) -> dict:
+def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = False) -> dict:
     """The state to save or to load into: DTensor views of parameters, persistent buffers (router
     bias, ...: replicated unless tagged like a parameter) and AdamW moments; this rank's own
-    state (running activation-quantization scales) under ``rank_state.rankN``."""
+    state (running activation-quantization scales) under ``rank_state.rankN``. `stage`: copies
+    in host memory instead of views, for a write that runs while training changes the originals."""
     meshes = _Meshes(mesh) if mesh is not None else None
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = model.state_dict(keep_vars=True)  # parameters and persistent buffers, with their tags
-    sd = {"model": {n: _as_dtensor(t.detach(), t, meshes) for n, t in tensors.items()}}
+
+    def own_copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=True) if stage else t.detach()
+
+    sd = {"model": {n: _as_dtensor(own_copy(t), t, meshes) for n, t in tensors.items()}}
     own = model.quant.state_dict() if hasattr(model, "quant") else {}
     if own:
-        sd["rank_state"] = {f"rank{_rank(mesh)}": own}
+        sd["rank_state"] = {f"rank{_rank(mesh)}": {k: own_copy(v) if torch.is_tensor(v) else v for k, v in own.items()}}
     sd["layout"] = json.dumps(_layout(mesh))
     optim = {}
     for group in optimizer.param_groups if optimizer is not None else []:
@@ -96,8 +110,8 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict) -> dict:
             st = optimizer.state.get(p)
             if not st:
                 continue
-            optim[names[id(p)]] = {k: (_as_dtensor(v, p, meshes) if torch.is_tensor(v) and v.dim() else v)
-                                   for k, v in st.items()}
+            optim[names[id(p)]] = {k: (_as_dtensor(own_copy(v), p, meshes) if torch.is_tensor(v) and v.dim()
+                                       else own_copy(v) if torch.is_tensor(v) else v) for k, v in st.items()}
     sd["optim"] = optim
     sd["extra"] = json.dumps(extra)  # one opaque entry: loader position, step, anything JSON
     return sd
@@ -116,20 +130,20 @@ class SaveFailed(RuntimeError):
     previous committed checkpoints are untouched. Raised on every rank alike."""
 
 
-def _agree(error: str | None) -> str | None:
+def _agree(error: str | None, group=None) -> str | None:
     """Every rank's outcome of a save phase, on every rank: None if all succeeded, else the first
     failing rank's error. One small all-reduce (saves are rare), so no rank waits in a barrier
     that a failed rank never reaches."""
     if not dist.is_initialized():
         return error
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     flag = torch.tensor([0 if error is None else dist.get_rank() + 1], dtype=torch.int64, device=device)
     failed = flag.clone()
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # the highest failing rank, + 1
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)  # the highest failing rank, + 1
     if int(failed) == 0:
         return None
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, error)  # our own ranks' error strings, only after a failure
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, error, group=group)  # our own ranks' error strings, only after a failure
     return next(e if e.startswith("on rank ") else f"rank {r}: {e}" for r, e in enumerate(out) if e is not None)
 
 
@@ -161,6 +175,13 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     removing the partial `.tmp` folder; committed checkpoints are never touched by a failure."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last} must be >= 1: 0 would delete the checkpoint just written")
+    return write(state_for_checkpoint(model, optimizer, mesh, extra), root, step, keep_last, identity)
+
+
+def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, identity: dict | None = None,
+          group=None) -> Path:
+    """Write, verify and commit the state `sd` (`state_for_checkpoint`) as step `step` on every
+    rank, with every collective on `group` (None: the default group). See `save`."""
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
@@ -169,29 +190,96 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
     def prepare():
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if rank0:  # no save is in flight (`Saver`): any .tmp folder is a write that never committed
+            for stale in root.glob("step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
+
+    files: dict = {}
+
+    def shards():
+        dcp.save(sd, checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
+
+    def checksums():  # each rank hashes its share of the files (every rank sees the folder: DCP needs that)
+        rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+        names = sorted(f.name for f in tmp.iterdir())
+        files.update({n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
+                      for n in names[rank::world]})
 
     def commit():
         if rank0:
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files, "run": identity}, indent=1))
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": dict(sorted(files.items())),
+                                                  "run": identity}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
 
-    sd = state_for_checkpoint(model, optimizer, mesh, extra)
-    for phase in (prepare, lambda: dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized()), commit):
-        error = _agree(_attempt(phase))
+    for phase in (prepare, shards, checksums, commit):
+        error = _agree(_attempt(phase), group)
         if error is not None:
             if rank0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise SaveFailed(f"the checkpoint of step {step} in {root} was not written ({error})")
+        if phase is checksums and dist.is_initialized():  # every rank's share, to rank 0's marker
+            shares = [None] * dist.get_world_size(group)
+            dist.all_gather_object(shares, files, group=group)
+            files.update({k: v for share in shares for k, v in share.items()})
     if rank0:
         for old in _committed(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     return final
+
+
+class Saver:
+    """This rank's checkpoint writes, one at a time. `asynchronous`: `start` copies the state to
+    host memory (the only pause of training) and a writer thread writes, verifies and commits it
+    over `group`, a process group of its own (collectives of two threads must not share one);
+    otherwise `start` writes in place. `wait` returns the committed folder or raises the write's
+    `SaveFailed`, on every rank alike: call it at the same step on every rank (the next save, a
+    stop, the end), never on a poll, so every rank learns of a failure at the same point."""
+
+    def __init__(self, asynchronous: bool = False, group=None):
+        self.asynchronous, self.group = asynchronous, group
+        self.seconds: float | None = None  # how long the last finished save took, start to commit
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Path | None, BaseException | None] = (None, None)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None
+
+    def start(self, root, step: int, model, optimizer, mesh, extra: dict, keep_last: int = 3,
+              identity: dict | None = None) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be >= 1: 0 would delete the checkpoint just written")
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint is still being written: wait() for it before starting another")
+        t0 = time.perf_counter()
+        sd = state_for_checkpoint(model, optimizer, mesh, extra, stage=self.asynchronous)
+
+        def work():
+            try:
+                self._outcome = (write(sd, root, step, keep_last, identity, self.group), None)
+            except BaseException as e:  # noqa: BLE001 - handed to wait(), on the training thread
+                self._outcome = (None, e)
+            self.seconds = time.perf_counter() - t0
+
+        if not self.asynchronous:
+            work()
+            return
+        self._thread = threading.Thread(target=work, name=f"longtrain-checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """The last started save's committed folder (None if none was started since the last
+        wait); raises its error (`SaveFailed`: the committed checkpoints are untouched)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        (path, error), self._outcome = self._outcome, (None, None)
+        if error is not None:
+            raise error
+        return path
 
 
 def verify(path: Path, quick: bool = False) -> str | None:
@@ -336,6 +424,6 @@ def _init_optimizer_state(optimizer) -> None:
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)

@@ -13,6 +13,7 @@
     longtrain bench comm [--layers 4]       collectives and host syncs of one micro-batch, per kind
     longtrain bench plan [--only NAME]      the plan (memory, bytes) against short training runs
     longtrain bench longrun CONFIG [...]    a long-context run against its plan, killed and resumed (1M tokens)
+    longtrain bench checkpoint [CONFIG]     step time around a checkpoint save, synchronous vs in the background
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint")
 
 
 def _bench(argv: list[str]) -> int:

@@ -67,6 +67,7 @@ class MetricsLog:
         kept = [r for r in read_rows(self.path) if r.get("step", 0) <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
+        self._plotting: threading.Thread | None = None
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -81,17 +82,32 @@ class MetricsLog:
                 if k in row and row[k] is not None and math.isfinite(row[k]):
                     self.tb.add_scalar(k if k.startswith("eval") else f"train/{k}", row[k], row["step"])
 
-    def plot(self) -> Path | None:
-        """Redraw loss.png; a convenience, so a full disk does not stop training over it."""
+    def plot(self, wait: bool = False) -> None:
+        """Redraw loss.png in a background thread (drawing takes longer than a small step, and
+        every rank would wait for rank 0 at the next collective); a redraw still under way is
+        not started twice. `wait`: draw now, after the one under way. A convenience: a full
+        disk does not stop training over it."""
+        if self._plotting is not None and self._plotting.is_alive():
+            if not wait:
+                return
+            self._plotting.join()
+        if wait:
+            self._plot()
+            return
+        self._plotting = threading.Thread(target=self._plot, name="longtrain-plot", daemon=True)
+        self._plotting.start()
+
+    def _plot(self) -> None:
         try:
-            return plot_loss(self.path, self.out / "loss.png")
+            plot_loss(self.path, self.out / "loss.png")
         except OSError:
-            return None
+            pass
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        self.plot(wait=True)  # the final curve, complete
 
 
 def plot_loss(metrics: Path, png: Path) -> Path | None:
@@ -99,14 +115,12 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
     rows = read_rows(metrics)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: its global state is not for threads
 
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=110, layout="constrained")
+    fig = Figure(figsize=(7, 4.4), dpi=110, layout="constrained")
+    ax = fig.subplots()
     ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=1, label="train loss")
     if len(loss) >= 5:
         k = max(2, len(loss) // 25)
@@ -128,7 +142,6 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
     fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(png)
     return png
 

@@ -6,6 +6,8 @@ The peak of a training step is the larger of two moments:
   tensors the top layer recomputes and the gradients it produces, plus the buffers of its
   collectives (ring K/V in flight, Ulysses all-to-all copies);
 - the gradient sync and optimizer step: weights, gradients, moments and one bucket.
+Both include the host copy of the weights and moments a background checkpoint save holds
+while it writes (`checkpoint.async_save`), as the steps it overlaps do.
 On CPU the measured peak is the resident set, so the process's own baseline (Python, torch,
 the backend, the data reader) is added; on GPU the allocator's peak, without it.
 Sizes follow the code (`models.transformer`, `models.layers`, `parallel.attention`):
@@ -61,7 +63,9 @@ def _state(cfg: TrainConfig) -> list[Item]:
     n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel).total
     return [Item("parameters", 4 * n, f"{n:,} fp32 on this rank"),
             Item("gradients", 4 * n, "fp32, from the first backward to the optimizer step"),
-            Item("AdamW moments", 8 * n, "exp_avg + exp_avg_sq, fp32")]
+            Item("AdamW moments", 8 * n, "exp_avg + exp_avg_sq, fp32"),
+            Item("checkpoint staging", 12 * n if cfg.checkpoint.async_save and cfg.checkpoint.every else 0,
+                 "host copy of parameters and moments while a background save writes them")]
 
 
 def _batch(cfg: TrainConfig, loc: Local) -> list[Item]:

@@ -73,3 +73,46 @@ def test_corrupt_latest_falls_back(data_dir, tmp_path):
     assert "truncated" in notes[0]
     extra = ckpt.load(root / "step-00000003", t.model, t.opt, None)
     assert extra["step"] == 3
+
+
+def _async_save_while_training(data_dir, root, degrees):
+    """Start a background save of step 2 with a slowed writer, train 2 more steps while it is in
+    flight, then resume from it: the checkpoint holds step 2's state, not what training made of
+    the tensors meanwhile, and training did not wait for the write."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    t, mesh = _trainer(data_dir, degrees)
+    for _ in range(2):
+        t.train_step()
+    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    saver = ckpt.Saver(asynchronous=True, group=group)
+    real, release = ckpt.write, threading.Event()
+
+    def slow_write(*args, **kwargs):
+        release.wait(60)  # the write starts only after training went on
+        return real(*args, **kwargs)
+
+    ckpt.write = slow_write
+    try:
+        saver.start(root, t.step, t.model, t.opt, mesh, {"step": t.step, "loader": t.loader.state_dict()})
+        assert saver.in_flight
+        later = [t.train_step().loss for _ in range(2)]  # changes the parameters and moments in place
+        release.set()
+        t0 = time.perf_counter()
+        path = saver.wait()
+    finally:
+        ckpt.write = real
+    assert path.name == "step-00000002" and ckpt.verify(path) is None and time.perf_counter() - t0 < 60
+    return later, _resume(data_dir, root, degrees, 2)
+
+
+def test_async_save_writes_the_state_of_its_step_while_training_goes_on(data_dir, tmp_path, pool4):
+    root = str(tmp_path / "ck")
+    later, resumed = _async_save_while_training(data_dir, root, None)
+    assert resumed == later  # the resumed steps 3-4 equal the ones trained during the save
+    root4 = str(tmp_path / "ck4")
+    for later, resumed in pool4.run(_async_save_while_training, data_dir, root4, dict(tp=2, cp_ring=2)):
+        assert resumed == later
