@@ -16,9 +16,13 @@ crosses into the next document is ignored either way.
 
 Samples are dealt to data-parallel ranks only (global batch g holds samples
 [g*B*dp, (g+1)*B*dp), rank r takes its B consecutive ones); sequence-parallel ranks of one
-data-parallel rank receive the same full sequence and slice it with `shard_sequence`.
-The position (epoch, batch) is the whole state, so a resumed run continues at the exact next
-sample.
+data-parallel rank receive the same full sequence and slice it with `shard_sequence`. A
+training step takes `accum` consecutive global batches, so step s reads samples
+[s*S, (s+1)*S) with S = B*dp*accum whatever dp and accum are, and an epoch ends at a step
+boundary (its last windows//S steps' worth of samples; the rest of the windows wait for the
+next shuffle). The position (epoch, samples read in it) is the whole state, so a resumed run
+continues at the exact next sample, also on another data-parallel degree with the same S
+(dp 4 x accum 1 -> dp 2 x accum 2: an elastic shrink reads the very same samples per step).
 
 Every loader verifies the shards against the manifest's SHA-256 when it opens them (cheaply:
 a shard unchanged since its last hash is not hashed again, see `shards.StampCache`), because a
@@ -48,9 +52,10 @@ class LoaderState:
 
 class PackedLoader:
     def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, *, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, verify_checksum: bool = True, document_mask: bool = True):
-        if seq_len < 1 or batch_size < 1:
-            raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
+                 dp_rank: int = 0, dp_size: int = 1, verify_checksum: bool = True, document_mask: bool = True,
+                 accum: int = 1):
+        if seq_len < 1 or batch_size < 1 or accum < 1:
+            raise DataError(f"seq_len ({seq_len}), batch_size ({batch_size}) and accum ({accum}) must be positive")
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
         self.manifest, self.shards = open_dataset(data_dir, verify_checksum)
@@ -64,10 +69,13 @@ class PackedLoader:
         self._doc_index = np.concatenate([np.arange(s.documents, dtype=np.int64) for s in self.shards])
         self._doc_len = np.concatenate([np.diff(s.offsets) for s in self.shards]) + 1
         self.windows_per_epoch = (int(self._doc_len.sum()) - 1) // seq_len
-        self.batches_per_epoch = self.windows_per_epoch // (batch_size * dp_size)
+        self.step_samples = batch_size * dp_size * accum  # samples of one training step, every rank's
+        self.batches_per_epoch = self.windows_per_epoch // self.step_samples * accum  # whole steps only
         if self.batches_per_epoch == 0:
             raise DataError(f"the dataset has {int(self._doc_len.sum())} tokens: not enough for one global batch "
-                            f"of {dp_size} x {batch_size} sequences of {seq_len} tokens; add data or shrink them")
+                            f"of {dp_size} x {batch_size}" + (f" x {accum} (dp x batch_size x grad_accum)" if accum > 1
+                                                               else "") +
+                            f" sequences of {seq_len} tokens; add data or shrink them")
         self.state = LoaderState()
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -140,19 +148,31 @@ class PackedLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {**asdict(self.state), "seed": self.seed, "seq_len": self.seq_len,
+        return {**asdict(self.state), "samples": self.state.batch * self.batch_size * self.dp_size,
+                "step_samples": self.step_samples, "seed": self.seed, "seq_len": self.seq_len,
                 "global_batch": self.batch_size * self.dp_size, "order": ORDER}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Resume at the next sample. The global batch and sequence length must be the ones the
-        state was saved with (the data-parallel degree may change)."""
-        if (sd["seq_len"], sd["global_batch"]) != (self.seq_len, self.batch_size * self.dp_size):
-            raise DataError(f"loader state was saved with seq_len={sd['seq_len']} and global batch "
-                            f"{sd['global_batch']}, this run uses {self.seq_len} and {self.batch_size * self.dp_size}")
+        """Resume at the next sample. The sequence length and the samples of a training step
+        (dp x batch_size x grad_accum) must be the ones the state was saved with; how they split
+        into data-parallel ranks and micro-batches may change."""
+        if "step_samples" in sd:
+            saved, mine, what = sd["step_samples"], self.step_samples, "samples per step (dp x batch_size x grad_accum)"
+        else:  # saved before steps were counted in samples: the global batch of one micro-batch
+            saved, mine, what = sd["global_batch"], self.batch_size * self.dp_size, "global batch"
+        if (sd["seq_len"], saved) != (self.seq_len, mine):
+            raise DataError(f"loader state was saved with seq_len={sd['seq_len']} and {saved} {what}, this run uses "
+                            f"{self.seq_len} and {mine}")
         if sd.get("order", "documents") != ORDER:
             raise DataError(f"loader state was saved with the older {sd.get('order', 'documents')!r} sample order "
                             f"(this version shuffles {ORDER!r}); resuming would repeat and skip samples: start a "
                             "new run (checkpoint.init_from = the old checkpoints folder keeps the weights)")
         if sd["seed"] != self.seed:
             raise DataError(f"loader state was saved with seed {sd['seed']}, this run uses {self.seed}")
-        self.state = LoaderState(int(sd["epoch"]), int(sd["batch"]))
+        batch = int(sd["batch"])
+        if "samples" in sd:  # a step boundary: a whole number of this layout's global batches
+            batch, rest = divmod(int(sd["samples"]), self.batch_size * self.dp_size)
+            if rest:
+                raise DataError(f"loader state is {sd['samples']} samples into epoch {sd['epoch']}, not a whole "
+                                f"number of global batches of {self.batch_size * self.dp_size}")
+        self.state = LoaderState(int(sd["epoch"]), batch)

@@ -69,7 +69,9 @@ class PasskeyTask:
         return out
 
     def state_dict(self) -> dict:
-        return {**asdict(self.state), "seed": self.seed, "seq_len": self.seq_len}
+        return {**asdict(self.state), "samples": self.state.batch * self.batch_size * self.dp_size,
+                "seed": self.seed, "seq_len": self.seq_len}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.state = PasskeyState(int(sd["batch"]))
+        per_batch = self.batch_size * self.dp_size  # another data-parallel degree continues at the same sample
+        self.state = PasskeyState(int(sd["samples"]) // per_batch if "samples" in sd else int(sd["batch"]))

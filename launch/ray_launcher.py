@@ -26,7 +26,8 @@ from longtrain.data.shards import DataError
 
 from .failures import RankFailure, capture
 from .host_memory import THP_ENV
-from .stopping import StopRequest, Stopped, Watchdog, on_signals, stall_message
+from .elastic import describe, smaller_layouts
+from .stopping import GROW, StopRequest, Stopped, Watchdog, on_signals, stall_message
 from .trainer import NonFiniteLoss
 from .train_config import TrainConfig
 
@@ -46,6 +47,14 @@ class RankActor:
     def request_stop(self, signum: int) -> None:
         """Stop at the next step boundary (every rank agrees on it there: `stopping`)."""
         self.stop.request(signum)
+
+    def request_grow(self) -> None:
+        """Stop after the next checkpoint, for the launcher to start again on more ranks."""
+        self.stop.request_grow()
+
+    def grew(self) -> bool:
+        """Did the run stop at a checkpoint to grow (rather than finish)?"""
+        return self.stop.agreed == GROW
 
     def progress(self) -> tuple[int, float]:
         """(the last step this rank completed, seconds since), for the launcher's watchdog (the
@@ -103,12 +112,20 @@ def start_ray(address: str | None, world: int) -> bool:
     return True
 
 
+def _node_capacity(kind: str) -> list[int]:
+    """CPUs (or GPUs) of each node that is alive."""
+    return [int(n["Resources"].get(kind, 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def _could_hold(world: int, local: int, kind: str) -> bool:
+    return sum(h // local for h in _node_capacity(kind)) >= world // local
+
+
 def _check_fits(world: int, local: int, kind: str) -> None:
     """Fail at once (not after a placement timeout) when the cluster's nodes cannot hold the
     world // local bundles of `local` CPUs or GPUs each."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    have = [int(n["Resources"].get(kind, 0)) for n in nodes]
-    if sum(h // local for h in have) < world // local:
+    have = _node_capacity(kind)
+    if not _could_hold(world, local, kind):
         raise RuntimeError(f"the layout needs {world // local} group(s) of {local} {kind}(s) on one node each "
                            f"(tp x cp_ulysses ranks share a node), but the Ray cluster's nodes have {have} "
                            f"{kind}s; add nodes or {kind}s, or shrink the layout")
@@ -226,32 +243,110 @@ def _wait_placeable(pg, bundle: dict, bundles: int, wait_s: float, after: str = 
         time.sleep(0.5)
 
 
+class _Placement:
+    """The placement group of the layout under way, and, while an elastic run is shrunk, a
+    second one for the bundles it lacks: when Ray can place that one, the cluster holds the
+    full layout again. Bundles are `local` CPUs (and GPUs) each: one tp x cp_ulysses group."""
+
+    def __init__(self, local: int, gpus: int, wait_s: float):
+        self.local, self.wait_s = local, wait_s
+        self.kind = "GPU" if gpus else "CPU"
+        self.bundle = {"CPU": local, "GPU": local} if gpus else {"CPU": local}
+        self.pg = self.spare = None
+        self.grow_to: tuple[int, int] | None = None  # (full world, ranks missing) while shrunk
+        self.spare_since = 0.0
+
+    def _group(self, bundles: int):
+        from ray.util.placement_group import placement_group
+
+        return placement_group([self.bundle] * bundles, strategy="PACK")
+
+    def acquire(self, layouts: list[TrainConfig], after: str = "") -> TrainConfig:
+        """Place the first of `layouts` (most ranks first) that the cluster holds: the first
+        gets the whole wait; a smaller one is tried only if the live nodes could hold it."""
+        self.release()
+        for i, cfg in enumerate(layouts):
+            bundles = cfg.parallel.world_size // self.local
+            if i and not _could_hold(cfg.parallel.world_size, self.local, self.kind):
+                continue
+            self.pg = self._group(bundles)
+            try:
+                _wait_placeable(self.pg, self.bundle, bundles, self.wait_s if i == 0 else min(self.wait_s, 30.0), after)
+                return cfg
+            except RuntimeError:
+                self.release()
+                if i == len(layouts) - 1:
+                    raise
+        raise RuntimeError(f"{'after ' + after + ', ' if after else ''}the Ray cluster's nodes "
+                           f"({_node_capacity(self.kind)} {self.kind}s) cannot hold any layout down to "
+                           f"{describe(layouts[-1])}; add nodes, or lower launch.min_world")
+
+    def watch_for(self, full_world: int, world: int) -> None:
+        """While `world` ranks run of a layout of `full_world`: watch for room for the rest."""
+        self.grow_to = (full_world, full_world - world) if full_world > world else None
+
+    def can_grow(self, retry_s: float = 5.0) -> bool:
+        """Does the cluster hold the full layout again? Once the live nodes are large enough and
+        Ray reports the resources free, the bundles a shrunk layout lacks are asked of Ray;
+        placed, they say yes. (A group Ray could not place when asked is retried by Ray only
+        every minute or so: one still pending after `retry_s` is asked for anew.)"""
+        from ray.util.placement_group import remove_placement_group
+
+        if self.grow_to is None:
+            return False
+        full_world, missing = self.grow_to
+        if self.spare is not None and time.time() - self.spare_since > retry_s and not _placed(self.spare):
+            remove_placement_group(self.spare)
+            self.spare = None
+        if self.spare is None:
+            free = ray.available_resources().get(self.kind, 0)
+            if free < missing or not _could_hold(full_world, self.local, self.kind):
+                return False
+            self.spare, self.spare_since = self._group(missing // self.local), time.time()
+        return _placed(self.spare)  # reserved (not `ready()`: that waits for a worker process on the new node)
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in (self.pg, self.spare):
+            if pg is not None:
+                try:
+                    remove_placement_group(pg)
+                except Exception:  # noqa: BLE001 - its node is gone
+                    pass
+        self.pg = self.spare = None
+        self.grow_to = None
+
+
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
            stop_at: int | None = None, on_start=None, placement_wait_s: float = PLACEMENT_WAIT_S,
-           watch_every_s: float = 2.0) -> list[dict]:
+           watch_every_s: float = 2.0, min_world: int | None = None) -> list[dict]:
     """Run the job on Ray; returns rank 0's metric rows of the last (successful) attempt.
     `on_start(actors, attempt)` is called after each start (tests use it to kill a worker or a
     node). Any failure of the cluster inside an attempt (an actor that dies or cannot start,
     a lost node, a handshake that times out) goes through one restart path: one line naming the
     rank, node and cause; a wait (at most `placement_wait_s`) for the placement group to hold
-    every bundle again; a back-off; and all ranks start again from the newest valid checkpoint."""
-    from ray.util.placement_group import placement_group, remove_placement_group
+    every bundle again; a back-off; and all ranks start again from the newest valid checkpoint.
+    Elastic (`min_world` >= 1, default `cfg.launch.min_world`): when the wait ends without room
+    for the layout, the run goes on with the largest smaller one the cluster holds
+    (`elastic.smaller_layouts`), and grows back to the configured layout at the first
+    checkpoint after the cluster can hold it again."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    world = cfg.parallel.world_size
-    embedded = start_ray(address, world)
-    cfg = cfg.resolved(gpus=int(ray.cluster_resources().get("GPU", 0)))  # "auto": GPUs if the cluster has them
-    local = cfg.parallel.tp * cfg.parallel.cp_ulysses  # ranks that must share a node
-    threads = max(1, (os.cpu_count() or 1) // world)
-    gpus = 1 if cfg.device == "cuda" else 0
-    bundle = {"CPU": local, "GPU": local} if gpus else {"CPU": local}
-    _check_fits(world, local, "GPU" if gpus else "CPU")
-    pg = placement_group([bundle] * (world // local), strategy="PACK")
-    try:
-        _wait_placeable(pg, bundle, world // local, placement_wait_s)
-    except RuntimeError:
-        remove_placement_group(pg)
-        raise
+    min_world = cfg.launch.min_world if min_world is None else min_world
+    embedded = start_ray(address, cfg.parallel.world_size)
+    full = cfg.resolved(gpus=int(ray.cluster_resources().get("GPU", 0)))  # "auto": GPUs if the cluster has them
+    local = full.parallel.tp * full.parallel.cp_ulysses  # ranks that must share a node
+    gpus = 1 if full.device == "cuda" else 0
+    place = _Placement(local, gpus, placement_wait_s)
+    layouts = [full] + (smaller_layouts(full, min_world) if min_world else [])
+    if not min_world:
+        _check_fits(full.parallel.world_size, local, place.kind)
+    cfg = place.acquire(layouts)
+    if cfg is not full:
+        print(f"elastic: the cluster cannot hold the configured {describe(full)}; starting with {describe(cfg)}",
+              flush=True)
+        place.watch_for(full.parallel.world_size, cfg.parallel.world_size)
     current: list = []  # the actors of the attempt under way
 
     def stop_now(_signum):  # a second signal to the launcher
@@ -259,16 +354,19 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
         raise Stopped(stopped[0], at_once=True)
 
     stopped, restore = on_signals(lambda signum: [a.request_stop.remote(signum) for a in current], stop_now)
-    placed = None
+    placed, attempt, restarts = None, -1, 0
     try:
-        for attempt in range(max_restarts + 1):
+        while True:
+            attempt += 1
             if stopped:
                 raise Stopped(stopped[0])
-            actors, nodes, refs = [], [], []
+            world = cfg.parallel.world_size
+            threads = max(1, (os.cpu_count() or 1) // world)
+            actors, nodes, refs, growing = [], [], [], False
             try:
                 actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
                                             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
+                    placement_group=place.pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
                     for r in range(world)]
                 current[:] = actors
                 try:
@@ -291,8 +389,15 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 watchdog, watched = Watchdog(world, cfg.hang_timeout_s), time.time()
                 while pending:  # the first failure stops everyone; nobody waits in a collective
                     done, pending = ray.wait(pending, num_returns=1, timeout=1.0)  # signals run between waits
-                    if cfg.hang_timeout_s > 0 and time.time() - watched >= watch_every_s and not stopped:
-                        _watch(actors, watchdog, nodes)
+                    if time.time() - watched >= watch_every_s and not stopped:
+                        if cfg.hang_timeout_s > 0:
+                            _watch(actors, watchdog, nodes)
+                        if not growing and place.can_grow():
+                            growing = True
+                            print(f"elastic: the cluster holds the configured {describe(full)} again; growing back "
+                                  "after the next checkpoint", flush=True)
+                            for a in actors:
+                                a.request_grow.remote()
                         watched = time.time()
                     if not done:
                         continue
@@ -302,7 +407,13 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 rows = ray.get(refs[0])
                 if stopped:
                     raise Stopped(stopped[0])
-                return rows
+                if not (growing and ray.get(actors[0].grew.remote())):
+                    return rows
+                _kill(actors)
+                current[:] = []
+                cfg = place.acquire(layouts)  # normally the full layout; smaller if the room went again
+                print(f"elastic: continuing on {describe(cfg)} from the newest checkpoint", flush=True)
+                place.watch_for(full.parallel.world_size, cfg.parallel.world_size)
             except (*RAY_FAILURES, _Stalled) as e:
                 if stopped:  # a rank the signal ended: stopping, not a failure to restart
                     raise Stopped(stopped[0]) from None
@@ -310,20 +421,40 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
                 if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
                     raise cause from None
                 reason = str(e) if isinstance(e, _Stalled) else _diagnose(e, refs, actors, nodes)
-                if attempt == max_restarts:
+                if restarts == max_restarts:
                     raise RuntimeError(f"gave up after {max_restarts} restart(s); the last failure: {reason}") from None
+                restarts += 1
                 print(f"{reason}; restarting all ranks from the newest valid checkpoint "
-                      f"(restart {attempt + 1} of {max_restarts})", flush=True)
+                      f"(restart {restarts} of {max_restarts})", flush=True)
                 _kill(actors)
                 current[:] = []
-                time.sleep(min(2.0 ** attempt, 30.0))  # back-off: a failing node or network gets time to settle
-                _wait_placeable(pg, bundle, world // local, placement_wait_s, after=reason)
+                time.sleep(min(2.0 ** (restarts - 1), 30.0))  # back-off: a failing node or network gets time to settle
+                cfg = _after_failure(place, cfg, full, layouts, reason)
             finally:
                 _kill(actors)
     finally:
         restore()
-        remove_placement_group(pg)
-    return []
+        place.release()
+
+
+def _after_failure(place: _Placement, cfg: TrainConfig, full: TrainConfig, layouts: list[TrainConfig],
+                   reason: str) -> TrainConfig:
+    """The layout to restart on: the same once its placement group holds every bundle again
+    (Ray moves a lost node's bundles); elastic, when that wait ends, the largest smaller layout
+    the cluster holds (and a watch for the room to grow back)."""
+    try:
+        _wait_placeable(place.pg, place.bundle, cfg.parallel.world_size // place.local, place.wait_s, after=reason)
+        return cfg
+    except RuntimeError:
+        smaller = [c for c in layouts if c.parallel.world_size < cfg.parallel.world_size]
+        if not smaller:
+            raise
+    shrunk = place.acquire(smaller, after=reason)
+    print(f"elastic: the cluster cannot hold {describe(cfg)} within {place.wait_s:.0f} s; continuing on "
+          f"{describe(shrunk)} from the newest checkpoint, and growing back to {describe(full)} when it can",
+          flush=True)
+    place.watch_for(full.parallel.world_size, shrunk.parallel.world_size)
+    return shrunk
 
 
 def _kill(actors: list) -> None:

@@ -20,7 +20,7 @@ from . import identity
 from .device import job_device_type, local_device
 from .hf_init import hf_path, load_hf_weights
 from .host_memory import map_large_blocks
-from .stopping import StopRequest, first_save_estimate, save_on_stop, signal_name
+from .stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
 from .train_config import TrainConfig
 from .trainer import NonFiniteLoss, Trainer
 
@@ -28,7 +28,9 @@ from .trainer import NonFiniteLoss, Trainer
 HELD_OUT_SEED = 10_000  # offset of the held-out stream's seed from the training data's
 
 
-def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None = None):
+def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None = None, accum: int | None = None):
+    """This rank's data: `accum` micro-batches per step (default: the training step's grad_accum)."""
+    accum = cfg.grad_accum if accum is None else accum
     dp = 1 if mesh is None else mesh.size("dp")
     rank = 0 if mesh is None else mesh.coord("dp")
     d = cfg.data
@@ -40,12 +42,12 @@ def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None =
     from longtrain.data.loader import PackedLoader
 
     return PackedLoader(path or d.path, d.seq_len, d.batch_size, seed=d.seed + seed_offset, dp_rank=rank, dp_size=dp,
-                        document_mask=d.document_mask)
+                        document_mask=d.document_mask, accum=accum)
 
 
 def held_out_loader(cfg: TrainConfig, mesh):
     """The held-out stream every evaluation reads (the same samples each time)."""
-    return make_loader(cfg, mesh, seed_offset=HELD_OUT_SEED, path=cfg.data.eval_path)
+    return make_loader(cfg, mesh, seed_offset=HELD_OUT_SEED, path=cfg.data.eval_path, accum=1)
 
 
 @torch.no_grad()
@@ -103,7 +105,8 @@ def _check_data(cfg: TrainConfig) -> None:
     d = cfg.data
     paths = [d.path] + ([d.eval_path or d.path] if cfg.eval_every else [])
     for path in dict.fromkeys(paths):
-        loader = PackedLoader(path, d.seq_len, d.batch_size, seed=d.seed, dp_size=cfg.parallel.dp)
+        loader = PackedLoader(path, d.seq_len, d.batch_size, seed=d.seed, dp_size=cfg.parallel.dp,
+                              accum=cfg.grad_accum if path == d.path else 1)
         if loader.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"the data in {path} has {loader.vocab_size} token ids but model.vocab_size is "
                              f"{cfg.model.vocab_size}; set model.vocab_size = "
@@ -151,13 +154,21 @@ def _setup(cfg: TrainConfig):
     return device, mesh, trainer, Path(cfg.checkpoint_root)
 
 
-def _save(cfg: TrainConfig, trainer: Trainer, root: Path, say=lambda *_: None) -> Path | None:
-    """Checkpoint this rank's model, optimizer, loader position and step; None if the save failed
-    and `checkpoint.on_save_error` is "continue" (the committed checkpoints are untouched)."""
+def _saver(cfg: TrainConfig) -> ckpt.Saver:
+    """This rank's checkpoint writer; a background one writes over a gloo group of its own (made
+    here, at set-up, on every rank alike: making a group is a collective)."""
+    import torch.distributed as dist
+
+    asynchronous = cfg.checkpoint.async_save and cfg.checkpoint.every > 0
+    group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+    return ckpt.Saver(asynchronous, group)
+
+
+def _saved(cfg: TrainConfig, saver: ckpt.Saver, root: Path, say) -> Path | None:
+    """Wait for the save in flight (if any): its committed folder, or None if it failed and
+    `checkpoint.on_save_error` is "continue" (the committed checkpoints are untouched)."""
     try:
-        return ckpt.save(root, trainer.step, trainer.model, trainer.opt, trainer.mesh,
-                         {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last,
-                         identity=identity.run_identity(cfg))
+        return saver.wait()
     except ckpt.SaveFailed as e:
         if cfg.checkpoint.on_save_error == "stop":
             raise
@@ -167,22 +178,36 @@ def _save(cfg: TrainConfig, trainer: Trainer, root: Path, say=lambda *_: None) -
         return None
 
 
+def _save(cfg: TrainConfig, trainer: Trainer, saver: ckpt.Saver, root: Path, say=lambda *_: None,
+          wait: bool = False) -> Path | None:
+    """Checkpoint this rank's model, optimizer, loader position and step, after the save in
+    flight; in the background unless `wait` (or `checkpoint.async_save` is off), else the
+    committed folder (None if the save failed, see `_saved`)."""
+    _saved(cfg, saver, root, say)
+    saver.start(root, trainer.step, trainer.model, trainer.opt, trainer.mesh,
+                {"step": trainer.step, "loader": trainer.loader.state_dict()}, cfg.checkpoint.keep_last,
+                identity=identity.run_identity(cfg))
+    return _saved(cfg, saver, root, say) if wait or not saver.asynchronous else None
+
+
 def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
-               save_estimate_s: float = 0.0) -> tuple[list[float], int, float]:
+               save_estimate_s: float = 0.0) -> tuple[list[float], int, float, bool]:
     """(every rank's peak memory (MiB) since the previous call in rank order, the stop signal
-    any rank was asked for (0: none), the longest save any rank expects), the same on every
-    rank: the job's peak is the maximum, imbalance shows in the list, and a stop (`stopping`)
-    rides on the same gather instead of a collective of its own."""
+    any rank was asked for (0: none), the longest save any rank expects, whether any rank was
+    asked to grow the layout), the same on every rank: the job's peak is the maximum, imbalance
+    shows in the list, and a stop (`stopping`) rides on the same gather instead of a collective
+    of its own."""
     from longtrain.parallel.comm import all_gather_cat
 
     from .metrics import peak_memory_mib
 
-    mine = torch.tensor([[peak_memory_mib(device), stop.signum if stop else 0, save_estimate_s]],
-                        dtype=torch.float64, device=device)
+    mine = torch.tensor([[peak_memory_mib(device), stop.signum if stop else 0, save_estimate_s,
+                          float(stop.grow) if stop else 0.0]], dtype=torch.float64, device=device)
     if mesh is not None:
         mine = all_gather_cat(mine, mesh.group("world"), dim=0)
     mine = mine.cpu()
-    return [round(float(p), 1) for p in mine[:, 0]], int(mine[:, 1].max()), float(mine[:, 2].max())
+    return ([round(float(p), 1) for p in mine[:, 0]], int(mine[:, 1].max()), float(mine[:, 2].max()),
+            bool(mine[:, 3].max() > 0))
 
 
 def _sent(mesh) -> dict[str, int]:
@@ -208,17 +233,19 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
     `stop_at` ends this run early at that step (as a kill would), leaving the schedule intact.
     `stop` is this rank's stop request (a signal, or its launcher): when any rank has one, every
     rank stops after the same step, with a checkpoint if one fits in `checkpoint.stop_grace_s`,
-    and `stop.agreed` says which signal it was."""
+    and `stop.agreed` says which signal it was; when any rank was asked to grow (`stop.grow`,
+    by an elastic launcher), every rank stops after the next checkpoint, with `stop.agreed` GROW."""
     from .metrics import MetricsLog
 
     device, mesh, trainer, root = _setup(cfg)
     rank0 = mesh is None or mesh.rank == 0
     say = log if rank0 else (lambda *_: None)
+    saver = _saver(cfg)
     _resume_or_init(cfg, trainer, root, say)
     passkey = cfg.data.source == "passkey"
     rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
-    save_s = None  # seconds the last save took on this rank (a guess until one is measured)
+    save_s = None  # seconds a save takes on this rank (a guess until one is measured)
     if stop is not None:
         stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
     _sent(mesh)  # set-up and resume are not the first step's
@@ -231,13 +258,13 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                     raise
                 # the weights are still the last good ones (the step was not applied): keep
                 # them, with the loader past the offending batch, and end the run cleanly
-                path = _save(cfg, trainer, root, say)
+                path = _save(cfg, trainer, saver, root, say, wait=True)
                 say(f"stopped: {e}; the last good state is saved in {path}")
                 break
             sent = _sent(mesh)  # this step's collectives (rank 0's count), before peaks adds its own
             if save_s is None:  # before a save was measured: a guess from the state's size (its moments exist now)
                 save_s = first_save_estimate(_state_bytes(trainer))
-            peaks, stopping, save_estimate = rank_peaks(device, mesh, stop, save_s)
+            peaks, stopping, save_estimate, growing = rank_peaks(device, mesh, stop, save_s)
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
                    "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
@@ -253,8 +280,9 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                         f"{save_estimate:.0f} s, more than checkpoint.stop_grace_s = {cfg.checkpoint.stop_grace_s:g}")
             if saved:
                 t0 = time.perf_counter()
-                if _save(cfg, trainer, root, say) is not None:
-                    save_s = time.perf_counter() - t0
+                _save(cfg, trainer, saver, root, say, wait=bool(stopping))
+                row["save_pause_s"] = time.perf_counter() - t0  # what training waited (staging, or all of it)
+                save_s = saver.seconds or save_s  # the last save that finished (start to commit)
             _sent(mesh)  # evaluation and saving are not the step's
             if rank0:
                 rows.append(row)
@@ -271,10 +299,14 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
                 if stop is not None:
                     stop.agreed = stopping
                 break
+            if growing and saved and trainer.step < cfg.steps:  # the launcher restarts on more ranks from here
+                stop.agreed = GROW
+                say(f"stopping after the checkpoint of step {trainer.step}: the job grows back to its full layout")
+                break
+        _saved(cfg, saver, root, say)  # the last save commits before the run ends
     finally:
         if metrics is not None:
-            metrics.close()
-            metrics.plot()
+            metrics.close()  # draws the final loss curve
     return rows
 
 

@@ -43,12 +43,16 @@ class Stopped(Exception):
         return 128 + self.signum
 
 
+GROW = -1  # `StopRequest.agreed` of ranks that stopped at a checkpoint to start again on more ranks
+
+
 @dataclass
 class StopRequest:
     """A request to stop this rank at the next step boundary, and what the ranks agreed on."""
 
     signum: int = 0  # this rank's request (0: none)
-    agreed: int = 0  # the request all ranks acted on (set at the step boundary they stopped at)
+    agreed: int = 0  # the request all ranks acted on (set at the step boundary they stopped at; GROW)
+    grow: bool = False  # the launcher's request to stop after the next checkpoint (an elastic grow)
     heartbeat: str | None = None  # a file the launcher reads ("step time"), for local ranks
     step: int = -1  # the last step this rank completed (-1: still setting up)
     beat: float = field(default_factory=time.time)  # when it did
@@ -62,6 +66,11 @@ class StopRequest:
             with open(tmp, "w") as f:
                 f.write(f"{step} {self.beat}")
             os.replace(tmp, self.heartbeat)
+
+    def request_grow(self) -> None:
+        """Stop after the next checkpoint is saved (every rank at the same one), so that the
+        launcher can start the run again on a larger layout (`elastic`)."""
+        self.grow = True
 
     def request(self, signum: int) -> None:
         with self._lock:

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-restarts", type=int, default=3, help="worker or node failures tolerated (Ray)")
     ap.add_argument("--placement-wait", type=float, default=300.0, metavar="S",
                     help="seconds to wait for the Ray cluster to hold the layout, at the start and after a lost node")
+    ap.add_argument("--elastic", action="store_true",
+                    help="Ray: when the cluster cannot hold the layout (a node lost), go on with fewer ranks (dp, "
+                         "then cp_ring shrink; grad_accum rises) and grow back at a checkpoint (launch.min_world = 1)")
     ap.add_argument("--debug", action="store_true",
                     help="also print the traceback of errors in the input (data, config, checkpoint) raised in a rank")
     args = ap.parse_args(argv)
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             preflight(cfg)
     except (ConfigError, ValueError) as e:  # includes checkpoints of another model, or all corrupt
         print(f"longtrain train: {e}", file=sys.stderr)
+        return 2
+    if args.elastic and args.launcher != "ray":
+        print(f"longtrain train: --elastic needs --launcher ray (the {args.launcher} launcher has a fixed number "
+              "of ranks; torchrun has its own --nnodes MIN:MAX)", file=sys.stderr)
         return 2
     if args.launcher == "env":
         return _env_rank(runs, args.debug)
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                     from .ray_launcher import launch
 
                     launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug,
-                           placement_wait_s=args.placement_wait)
+                           placement_wait_s=args.placement_wait,
+                           min_world=(cfg.launch.min_world or 1) if args.elastic else None)
                 else:
                     from .spawn import spawn_local
 

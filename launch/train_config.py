@@ -71,6 +71,10 @@ class CheckpointConfig:
     # checkpoints; "continue" says so and trains on (saving again at the next interval),
     # "stop" ends the run with that error.
     on_save_error: str = "continue"
+    # Write checkpoints in the background: the state is copied to host memory at the step
+    # boundary (one more copy of the rank's parameters and optimizer state while it is written)
+    # and training goes on; false: training waits for every save.
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         if self.on_save_error not in ("continue", "stop"):
@@ -81,6 +85,20 @@ class CheckpointConfig:
             raise ValueError(f"every={self.every} must be >= 0 (steps between checkpoints; 0 disables them)")
         if self.keep_last < 1:  # 0 would delete every checkpoint, the one just written included
             raise ValueError(f"keep_last={self.keep_last} must be >= 1 (the newest checkpoints kept)")
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    # Elastic runs (the Ray launcher): when the cluster can no longer hold the layout (a node
+    # lost, no spare capacity within the placement wait), go on with at least this many ranks
+    # (data-parallel degree shrunk first, then cp_ring; grad_accum raised so a step reads the
+    # same samples), and grow back at a checkpoint when the nodes return. 0: not elastic (wait,
+    # then fail); `longtrain train --elastic` is min_world = 1.
+    min_world: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_world < 0:
+            raise ValueError(f"min_world={self.min_world} must be >= 0 (0: not elastic)")
 
 
 @dataclass(kw_only=True)
@@ -106,6 +124,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     steps: int = 100
     grad_accum: int = 1
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights)
@@ -156,6 +175,9 @@ class TrainConfig:
         if not 0 <= self.host_mmap_mib <= MAX_THRESHOLD_MIB:
             problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, {MAX_THRESHOLD_MIB}] (MiB; 0 leaves "
                             "glibc's threshold adaptive)")
+        if self.launch.min_world > self.parallel.world_size:
+            problems.append(f"launch.min_world={self.launch.min_world} is more than the layout's "
+                            f"{self.parallel.world_size} ranks; set it to at most {self.parallel.world_size}")
         if len({st.name for st in self.stages}) != len(self.stages):
             problems.append("stage names must be distinct")
         if problems:

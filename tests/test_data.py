@@ -88,6 +88,42 @@ def test_data_parallel_ranks_split_the_global_batch(corpus):
     assert torch.equal(torch.cat(parts), single)
 
 
+def _steps(loaders: list, accum: int, steps: int) -> list[set]:
+    """The samples (as token rows) each training step reads over every data-parallel rank."""
+    out = []
+    for _ in range(steps):
+        rows = [tuple(row.tolist()) for ld in loaders for _ in range(accum) for row in ld.next_batch()["input_ids"]]
+        out.append(sorted(rows))
+    return out
+
+
+def test_a_step_reads_the_same_samples_on_fewer_data_parallel_ranks_with_more_accumulation(corpus):
+    """Elastic shrink and grow: dp 4 x accum 1 and dp 2 x accum 2 and dp 1 x accum 4 read the same
+    samples per step, across an epoch boundary, and a position saved on one resumes on another."""
+    def ranks(dp, accum):
+        return [PackedLoader(corpus, seq_len=32, batch_size=1, seed=5, dp_rank=r, dp_size=dp, accum=accum)
+                for r in range(dp)]
+
+    wide = ranks(4, 1)
+    per_epoch = wide[0].batches_per_epoch
+    assert per_epoch == ranks(2, 2)[0].batches_per_epoch // 2 == ranks(1, 4)[0].batches_per_epoch // 4  # steps
+    steps = per_epoch + 3  # crosses into the second epoch
+    reference = _steps(wide, 1, steps)
+    assert _steps(ranks(2, 2), 2, steps) == reference == _steps(ranks(1, 4), 4, steps)
+    first = ranks(4, 1)  # 5 steps on dp 4, then dp 2 x accum 2 for 4, then dp 4 again
+    _steps(first, 1, 5)
+    shrunk = ranks(2, 2)
+    for ld in shrunk:
+        ld.load_state_dict(first[0].state_dict())
+    middle = _steps(shrunk, 2, 4)
+    grown = ranks(4, 1)
+    for ld in grown:
+        ld.load_state_dict(shrunk[1].state_dict())
+    assert middle + _steps(grown, 1, steps - 9) == reference[5:]
+    with pytest.raises(DataError, match="samples per step"):  # another global batch: refused
+        ranks(2, 1)[0].load_state_dict(first[0].state_dict())
+
+
 def test_bad_inputs(corpus, tmp_path):
     shard = sorted(corpus.glob("*.arrow"))[0]
     data = shard.read_bytes()

@@ -81,6 +81,8 @@ CASES = [
      "already exists and is not empty"),
     ("missing tokenizer", lambda root, base: ["prepare", "stdlib", "--out", str(root / "new"), "--tokenizer",
                                               str(root / "nope.json")], 2, "nope.json not found"),
+    ("elastic without Ray", lambda root, base: _train()(root, base) + ["--elastic"], 2, "--elastic needs --launcher ray"),
+    ("min_world above the layout", _train("launch.min_world=2"), 2, "launch.min_world=2 is more than the layout's 1"),
 ]
 
 

@@ -7,6 +7,7 @@ a bounded wait with one error naming the lost node."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -77,6 +78,60 @@ def test_node_loss_with_spare_capacity_finishes_with_the_uninterrupted_losses(cl
     line = next(ln for ln in printed.splitlines() if "restarting all ranks" in ln)
     assert line.startswith("rank") and "the node died" in line and lost[0][:8] in line and "(restart 1 of 3)" in line, line
     assert printed.count("placement: ") == 2  # the restart placed the ranks on another node, and said so
+
+
+def _rows_by_step(out: Path) -> dict[int, float]:
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_elastic_run_shrinks_on_node_loss_and_grows_back_with_the_same_losses(cluster, tmp_path, capfd):
+    """dp2 x ring2 on two nodes of 2 CPUs; one node dies after step 2's checkpoint and none is
+    spare: under min_world the run goes on as dp1 x ring2 with grad_accum 2 on the surviving node
+    (resharded from the checkpoint), a node comes back, and the job grows back to 4 ranks at the
+    next checkpoint. Every step's loss equals the uninterrupted run's within 1e-5."""
+    from longtrain.launch.ray_launcher import launch
+
+    c, workers, data = cluster
+    alive = [w for w in workers if w in c.worker_nodes]
+    while len(alive) > 2:
+        c.remove_node(alive.pop())
+    while len(alive) < 2:
+        alive.append(c.add_node(num_cpus=2))
+        workers.append(alive[-1])
+    parallel = {"dp": 2, "cp_ring": 2}
+    steps = 24  # longer steps than the other tests': room for the node to come back while the shrunk run trains
+
+    def config(out):
+        cfg = _cfg(data, out, steps, parallel)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=512))
+
+    launch(config(tmp_path / "full"))
+    full = _rows_by_step(tmp_path / "full")
+    capfd.readouterr()
+    out, lost = tmp_path / "elastic", []
+
+    def on_start(actors, attempt):
+        if attempt == 0:
+            _remove_node_of_rank(c, workers, actors, 2, out / "checkpoints" / "step-00000002", lost)
+        elif attempt == 1:  # running shrunk: the cluster gets a node again
+            workers.append(c.add_node(num_cpus=2))
+        starts.append(len(actors))
+
+    starts: list[int] = []
+    rows = launch(config(out), on_start=on_start, placement_wait_s=5, min_world=2,
+                  watch_every_s=0.5)
+    printed = capfd.readouterr().out
+    assert lost and starts == [4, 2, 4], (starts, printed)
+    assert "elastic: the cluster cannot hold 4 ranks (dp 2, cp_ring 2, grad_accum 1)" in printed, printed
+    assert "continuing on 2 ranks (dp 1, cp_ring 2, grad_accum 2)" in printed
+    assert "growing back" in printed and "elastic: continuing on 4 ranks" in printed
+    assert rows[-1]["step"] == steps
+    got = _rows_by_step(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step, loss in got.items():
+        assert loss == pytest.approx(full[step], rel=1e-5), (step, loss, full[step])
 
 
 def test_node_loss_without_capacity_stops_naming_the_node(cluster, tmp_path):
