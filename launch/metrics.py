@@ -18,6 +18,7 @@ import math
 import resource
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +58,9 @@ def peak_memory_mib(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+PLOT_EVERY_S = 300.0  # loss.png is redrawn at evaluations and saves at most this often, and at the end
+
+
 class MetricsLog:
     """Rank 0's writer: JSONL + TensorBoard + loss plot. `start_step` is the resumed step."""
 
@@ -68,6 +72,7 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
         self._plotting: threading.Thread | None = None
+        self._plotted = -PLOT_EVERY_S  # when loss.png was last redrawn (monotonic seconds)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -83,14 +88,17 @@ class MetricsLog:
                     self.tb.add_scalar(k if k.startswith("eval") else f"train/{k}", row[k], row["step"])
 
     def plot(self, wait: bool = False) -> None:
-        """Redraw loss.png in a background thread (drawing takes longer than a small step, and
-        every rank would wait for rank 0 at the next collective); a redraw still under way is
-        not started twice. `wait`: draw now, after the one under way. A convenience: a full
-        disk does not stop training over it."""
+        """Redraw loss.png in a background thread, at most every PLOT_EVERY_S: drawing takes
+        ~0.4 s of Python (it holds the GIL, so a thread only hides part of it) and every rank
+        waits for rank 0 at the next collective. `wait`: draw now, after any redraw under way
+        (the final curve). A convenience: a full disk does not stop training over it."""
         if self._plotting is not None and self._plotting.is_alive():
             if not wait:
                 return
             self._plotting.join()
+        if not wait and time.monotonic() - self._plotted < PLOT_EVERY_S:
+            return
+        self._plotted = time.monotonic()
         if wait:
             self._plot()
             return

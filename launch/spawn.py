@@ -80,8 +80,9 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
 
     SIGINT / SIGTERM here is passed on to every rank once (a rank that handles it stops at its
     next step boundary, `stopping`), and `Stopped` is raised when they are done; a second
-    signal kills them at once."""
-    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    signal kills them at once. Each rank runs `threads` torch threads: by default OMP_NUM_THREADS
+    when set (to leave cores to other work), else this machine's cores shared evenly."""
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
