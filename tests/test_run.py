@@ -3,7 +3,10 @@ exactly the losses of an uninterrupted run (one process and tp2 x ring2)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -211,3 +214,42 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint_and_trains_on(data_dir
         _write_limited(None, train_rank, _cfg(data_dir, out, 6, {}, checkpoint={"every": 2, "keep_last": 2,
                                                                                "on_save_error": "stop"}),
                        log=lambda *_: None)
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """`folder` read-only for this process: chmod for a user, the immutable attribute for root
+    (whom permissions do not stop)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("root, and no chattr +i here: no way to make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_checkpoint_folder_that_becomes_read_only_keeps_its_checkpoint_and_training_goes_on(data_dir, tmp_path):
+    """The checkpoints folder turns read-only after step 2 was committed: the saves of steps 4
+    and 6 fail with one line each, training finishes, and step 2 is still there, unchanged and
+    valid."""
+    from longtrain.launch import checkpoint as ckpt
+    from tests.test_mistakes import tree_hash
+
+    out = tmp_path / "run"
+    _job(data_dir, str(out), 6, {}, stop_at=2)
+    root = out / "checkpoints"
+    before = tree_hash(root)
+    with _read_only(root):
+        steps, said = _said_job(data_dir, str(out), 6, {})
+    assert steps == [3, 4, 5, 6]
+    failed = [s for s in said if "was not written" in s]
+    assert len(failed) == 2 and ("Permission denied" in failed[0] or "not permitted" in failed[0]), said
+    assert "the newest checkpoint is still" in failed[0] and "step-00000002" in failed[0], failed
+    assert tree_hash(root) == before and ckpt.verify(root / "step-00000002") is None
