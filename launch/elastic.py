@@ -6,7 +6,8 @@ so more memory; plan it with `longtrain plan --set parallel.cp_ring=N`). Tensor-
 Ulysses groups (a placement bundle each, on one node) and the expert layout keep their sizes.
 `grad_accum` rises as dp falls, so a step still reads the same samples (the loader deals
 step s the samples [s*S, (s+1)*S) for S = dp x batch_size x grad_accum, whatever the split)
-and its loss is the same global token mean: only the summation order changes. The checkpoint
+and its loss is the same global token mean: only the summation order changes; evaluations
+read the same held-out sequences too (`eval_batches` rises with grad_accum where it divides). The checkpoint
 reshards parameters and AdamW moments to the new layout (DCP), and the loader's position is
 counted in samples, so it follows.
 """
@@ -32,9 +33,11 @@ def smaller_layouts(cfg: TrainConfig, min_world: int, below: int | None = None) 
             world = rest * dp * ring
             if span % dp or not max(min_world, 1) <= world < below:
                 continue
+            evals = cfg.eval_batches * p.dp  # held-out sequences per evaluation, kept when it divides
             try:
                 out.append(dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=dp, cp_ring=ring),
-                                               grad_accum=span // dp))
+                                               grad_accum=span // dp,
+                                               eval_batches=evals // dp if evals % dp == 0 else cfg.eval_batches))
             except ValueError:  # e.g. the sequence does not split over this ring, or ep does not divide
                 continue
     return sorted(out, key=lambda c: (-c.parallel.world_size, -c.parallel.cp_ring))

@@ -22,6 +22,7 @@ def test_dp_shrinks_first_then_the_ring_keeping_the_samples_per_step():
     for c in smaller_layouts(cfg, 1):  # tp is a node's group: never changed; samples per step kept
         assert c.parallel.tp == 2 and c.parallel.dp * c.grad_accum * c.data.batch_size == 8
         assert c.tokens_per_step == cfg.tokens_per_step
+        assert c.eval_batches * c.parallel.dp == cfg.eval_batches * 4  # the same held-out sequences
     assert [c.parallel.world_size for c in smaller_layouts(cfg, 8)] == [8, 8]  # min_world
     assert smaller_layouts(cfg, 1, below=4)[0].parallel.world_size == 2
 

@@ -40,6 +40,12 @@ def cluster(tmp_path_factory):
     c.shutdown()
 
 
+def _long(cfg):
+    """Steps of 512 tokens instead of 64: slow enough that a node removed (or added) during the
+    run meets it still training."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=512))
+
+
 def _remove_node_of_rank(c, workers, actors, rank: int, when: Path, said: list):
     """Once `when` exists, kill (no graceful shutdown) the node that holds `rank`."""
 
@@ -60,7 +66,8 @@ def test_node_loss_with_spare_capacity_finishes_with_the_uninterrupted_losses(cl
 
     c, workers, data = cluster
     parallel = {"cp_ring": 2}  # two bundles of one CPU: PACK puts both ranks on one node
-    full = {r["step"]: r["loss"] for r in launch(_cfg(data, tmp_path / "full", 6, parallel))}
+    steps = 12  # room for the node to die while the run trains (it dies after step 2's checkpoint)
+    full = {r["step"]: r["loss"] for r in launch(_long(_cfg(data, tmp_path / "full", steps, parallel)))}
     capfd.readouterr()  # what the uninterrupted run printed
     out, lost = tmp_path / "lost", []
 
@@ -68,13 +75,13 @@ def test_node_loss_with_spare_capacity_finishes_with_the_uninterrupted_losses(cl
         if attempt == 0:
             _remove_node_of_rank(c, workers, actors, 0, out / "checkpoints" / "step-00000002", lost)
 
-    rows = launch(_cfg(data, out, 6, parallel), on_start=on_start, placement_wait_s=120)
+    rows = launch(_long(_cfg(data, out, steps, parallel)), on_start=on_start, placement_wait_s=120)
     printed = capfd.readouterr().out
     assert lost, "the node was never removed"
-    assert rows and rows[-1]["step"] == 6 and rows[0]["step"] > 1  # resumed from a checkpoint
+    assert rows and rows[-1]["step"] == steps and rows[0]["step"] > 1  # resumed from a checkpoint
     for r in rows:
         assert r["loss"] == full[r["step"]]
-    assert _logged(out) == [1, 2, 3, 4, 5, 6]
+    assert _logged(out) == list(range(1, steps + 1))
     line = next(ln for ln in printed.splitlines() if "restarting all ranks" in ln)
     assert line.startswith("rank") and "the node died" in line and lost[0][:8] in line and "(restart 1 of 3)" in line, line
     assert printed.count("placement: ") == 2  # the restart placed the ranks on another node, and said so
@@ -104,8 +111,7 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back_with_the_same_losses(cl
     steps = 24  # longer steps than the other tests': room for the node to come back while the shrunk run trains
 
     def config(out):
-        cfg = _cfg(data, out, steps, parallel)
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=512))
+        return _long(_cfg(data, out, steps, parallel))
 
     launch(config(tmp_path / "full"))
     full = _rows_by_step(tmp_path / "full")
