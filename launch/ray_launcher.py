@@ -155,7 +155,7 @@ def _watch(actors: list, watchdog: Watchdog, nodes: list[str], wait_s: float = 2
             except RAY_FAILURES:  # a dead actor: its run reports that
                 continue
             watchdog.seen(r, step, now - since)
-    hit = watchdog.stalled(now)
+    hit = watchdog.stalled(now, silent=frozenset(r for r, ref in enumerate(polls) if ref not in ready))
     if hit:
         node = nodes[hit[0]] if hit[0] < len(nodes) else ""
         raise _Stalled(stall_message(*hit, where=f" on node {node[:8]}" if node else ""))

@@ -143,12 +143,15 @@ class Watchdog:
             self.beats[rank] += 1
             self.last[rank] = (step, when)
 
-    def stalled(self, now: float | None = None) -> tuple[int, int, float] | None:
-        """(rank, its last step, seconds without progress) of the most stalled rank, or None."""
+    def stalled(self, now: float | None = None, silent: frozenset = frozenset()) -> tuple[int, int, float] | None:
+        """(rank, its last step, seconds without progress) of the most stalled rank, or None.
+        `silent`: ranks that did not answer the last poll (a stopped process does not): when one
+        rank stops, the others wait for it in a collective with the same last step, so the one
+        that went silent is the one to name."""
         if self.timeout_s <= 0:
             return None
         now = time.time() if now is None else now
-        worst = max(range(len(self.last)), key=lambda r: now - self.last[r][1])
+        worst = max(range(len(self.last)), key=lambda r: (r in silent, now - self.last[r][1]))
         step, when = self.last[worst]
         stepped = min(self.beats) >= 2 and self.slowest > 0  # every rank has completed a step
         limit = max(self.timeout_s, 3 * self.slowest) if stepped else 3 * self.timeout_s

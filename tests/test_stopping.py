@@ -176,3 +176,23 @@ def test_a_stopped_local_rank_is_detected_and_named(data, tmp_path):
     assert code == 1 and time.time() - t0 < 30, err[-3000:]
     assert "made no progress for" in err and "every rank was stopped" in err and "Traceback" not in err, err[-3000:]
     assert _gone(family) == []
+
+
+def test_the_watchdog_names_the_rank_that_went_silent_not_the_ones_waiting_for_it():
+    """When one rank stops, the others wait for it in a collective after the same step: the one
+    that no longer answers is named, even if a waiting rank's last step ended earlier."""
+    from longtrain.launch.stopping import Watchdog
+
+    import time
+
+    t = time.time()
+    w = Watchdog(3, timeout_s=5)
+    for r in range(3):
+        w.seen(r, 0, t + 1.0)  # set up
+    for r, when in ((0, 11.0), (1, 11.5), (2, 11.2)):  # step 1 done; rank 1 last
+        w.seen(r, 1, t + when)
+    assert w.stalled(now=t + 13.0) is None  # the limit: 3x the slowest step seen (10.5 s)
+    assert w.stalled(now=t + 50.0)[0] == 0  # nobody silent: the oldest progress
+    rank, step, idle = w.stalled(now=t + 50.0, silent=frozenset({1}))
+    assert (rank, step) == (1, 1) and abs(idle - 38.5) < 1e-6
+    assert w.stalled(now=t + 40.0, silent=frozenset({1})) is None  # within the limit (31.5 s)
