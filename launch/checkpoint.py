@@ -173,9 +173,9 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
     (the model config and data it belongs to: `identity.run_identity`) goes into the marker.
     A failure on any rank (disk full, permissions) raises `SaveFailed` on every rank, after
     removing the partial `.tmp` folder; committed checkpoints are never touched by a failure."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last={keep_last} must be >= 1: 0 would delete the checkpoint just written")
-    return write(state_for_checkpoint(model, optimizer, mesh, extra), root, step, keep_last, identity)
+    saver = Saver()
+    saver.start(root, step, model, optimizer, mesh, extra, keep_last, identity)
+    return saver.wait()
 
 
 def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, identity: dict | None = None,

@@ -95,6 +95,19 @@ def test_resume_into_a_different_layout(tmp_path, runs, parallel):
         assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-4)
 
 
+def once_exists(path: Path, act) -> None:
+    """Call `act()` on a thread as soon as `path` exists (at most 300 s from now): a failure
+    injected right after a checkpoint is committed."""
+
+    def run():
+        deadline = time.time() + 300
+        while not path.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        act()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def test_killed_worker_is_replaced_and_training_resumes(tmp_path, runs):
     from longtrain.launch.ray_launcher import launch
 
@@ -103,16 +116,8 @@ def test_killed_worker_is_replaced_and_training_resumes(tmp_path, runs):
     out = tmp_path / "killed"
 
     def kill_after_checkpoint(actors, attempt):
-        if attempt:
-            return
-
-        def killer():
-            deadline = time.time() + 300
-            while not (out / "checkpoints" / "step-00000002").exists() and time.time() < deadline:
-                time.sleep(0.05)
-            ray.kill(actors[1], no_restart=True)
-
-        threading.Thread(target=killer, daemon=True).start()
+        if not attempt:
+            once_exists(out / "checkpoints" / "step-00000002", lambda: ray.kill(actors[1], no_restart=True))
 
     rows = launch(_cfg(data, out, 6), on_start=kill_after_checkpoint)
     assert rows and rows[-1]["step"] == 6
@@ -191,18 +196,12 @@ def test_a_stopped_rank_is_detected_and_the_run_recovers(tmp_path, runs, capfd):
     frozen = []
 
     def freeze_after_checkpoint(actors, attempt):
-        if attempt:
-            return
-
-        def freezer():
-            deadline = time.time() + 300
-            while not (out / "checkpoints" / "step-00000002").exists() and time.time() < deadline:
-                time.sleep(0.05)
-            pid = ray.get(actors[1].pid.remote())
-            os.kill(pid, signal.SIGSTOP)
+        def freeze():
+            os.kill(ray.get(actors[1].pid.remote()), signal.SIGSTOP)
             frozen.append(time.time())
 
-        threading.Thread(target=freezer, daemon=True).start()
+        if not attempt:
+            once_exists(out / "checkpoints" / "step-00000002", freeze)
 
     cfg = dataclasses.replace(_cfg(data, out, 6), hang_timeout_s=3.0)
     rows = launch(cfg, on_start=freeze_after_checkpoint, watch_every_s=0.5)

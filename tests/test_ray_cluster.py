@@ -8,15 +8,13 @@ a bounded wait with one error naming the lost node."""
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import ray
 
 from longtrain.data.prepare import prepare
-from tests.test_ray import _cfg, _logged
+from tests.test_ray import _cfg, _logged, once_exists
 
 # a dead node is noticed in ~1.5 s instead of ~15 s (Ray's health checks)
 FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
@@ -49,16 +47,12 @@ def _long(cfg):
 def _remove_node_of_rank(c, workers, actors, rank: int, when: Path, said: list):
     """Once `when` exists, kill (no graceful shutdown) the node that holds `rank`."""
 
-    def run():
-        deadline = time.time() + 300
-        while not when.exists() and time.time() < deadline:
-            time.sleep(0.05)
+    def remove():
         node_id = ray.get(actors[rank].node.remote())
-        node = next(w for w in workers if w.node_id == node_id)
         said.append(node_id)
-        c.remove_node(node, allow_graceful=False)
+        c.remove_node(next(w for w in workers if w.node_id == node_id), allow_graceful=False)
 
-    threading.Thread(target=run, daemon=True).start()
+    once_exists(when, remove)
 
 
 def test_node_loss_with_spare_capacity_finishes_with_the_uninterrupted_losses(cluster, tmp_path, capfd):
