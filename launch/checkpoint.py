@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.data.shards import plain_file, sha256_file
+from longtrain.parallel.sharding import sharding_of
 
 from . import safe_dcp
 from .safe_dcp import read_metadata
@@ -44,34 +45,37 @@ from .safe_dcp import read_metadata
 MARKER = "COMMITTED.json"
 
 
-class _Meshes:
-    """2-D DeviceMeshes [rest, shard group] for the sharding groups parameters use (built once:
-    building a mesh is a collective)."""
-
-    def __init__(self, mesh):
-        self.mesh, self.cache = mesh, {}
-
-    def for_param(self, p):
-        from torch.distributed.device_mesh import DeviceMesh
-
-        axis = "ep" if getattr(p, "expert", False) else "tp"
-        if axis not in self.cache:
-            dims = self.mesh.dims
-            lists = dims.ep_groups() if axis == "ep" else dims.axis_groups("tp")
-            self.cache[axis] = DeviceMesh(self.mesh.device_type, torch.tensor(lists), mesh_dim_names=("rest", axis))
-        return self.cache[axis]
-
-
-def _as_dtensor(t: torch.Tensor, p, meshes: _Meshes | None):
-    dim = getattr(p, "shard_dim", None)
-    if meshes is None or dim is None:
+def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
+    """`t` (this rank's part of `p`, or of its optimizer state) as a DTensor over the global
+    shape: cut over `p`'s shard axis (`Sharding`), then over its replicas where ZeRO gave this
+    rank a chunk (`zero`), replicated over the rest. DTensor nests shards of one dim left to
+    right, which is how the chunks were cut."""
+    s = sharding_of(p)
+    axes, placements = [], []
+    if s.sharded:
+        axes.append(s.axis)
+        placements.append(s.dim)
+    if zero is not None:
+        axes.append(s.replicas)
+        placements.append(zero.dim)
+    if mesh is None or not axes:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    full = list(p.full_shape)
-    stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(t, meshes.for_param(p), [Replicate(), Shard(dim)], run_check=False,
-                              shape=torch.Size(full), stride=stride)
+    stride = torch.empty(s.full_shape, device="meta").stride()
+    return DTensor.from_local(t, mesh.device_mesh(*axes), [Replicate(), *(Shard(d) for d in placements)],
+                              run_check=False, shape=torch.Size(s.full_shape), stride=stride)
+
+
+def _optim_entries(model, optimizer) -> list[tuple[str, object, object, object]]:
+    """(name, model parameter, the parameter the optimizer keys its state by, ZeRO chunk or
+    None) for each parameter the optimizer updates."""
+    if optimizer is None:
+        return []
+    if hasattr(optimizer, "named_chunks"):  # ZeRO: state belongs to this rank's chunk
+        return list(optimizer.named_chunks(model))
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [(n, p, p, None) for n, p in model.named_parameters() if id(p) in owned]
 
 
 def _layout(mesh) -> dict:
@@ -92,26 +96,23 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = Fals
     bias, ...: replicated unless tagged like a parameter) and AdamW moments; this rank's own
     state (running activation-quantization scales) under ``rank_state.rankN``. `stage`: copies
     in host memory instead of views, for a write that runs while training changes the originals."""
-    meshes = _Meshes(mesh) if mesh is not None else None
-    names = {id(p): n for n, p in model.named_parameters()}
     tensors = model.state_dict(keep_vars=True)  # parameters and persistent buffers, with their tags
 
     def own_copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", copy=True) if stage else t.detach()
 
-    sd = {"model": {n: _as_dtensor(own_copy(t), t, meshes) for n, t in tensors.items()}}
+    sd = {"model": {n: _as_dtensor(own_copy(t), t, mesh) for n, t in tensors.items()}}
     own = model.quant.state_dict() if hasattr(model, "quant") else {}
     if own:
         sd["rank_state"] = {f"rank{_rank(mesh)}": {k: own_copy(v) if torch.is_tensor(v) else v for k, v in own.items()}}
     sd["layout"] = json.dumps(_layout(mesh))
     optim = {}
-    for group in optimizer.param_groups if optimizer is not None else []:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
-                continue
-            optim[names[id(p)]] = {k: (_as_dtensor(own_copy(v), p, meshes) if torch.is_tensor(v) and v.dim()
-                                       else own_copy(v) if torch.is_tensor(v) else v) for k, v in st.items()}
+    for name, p, key, zero in _optim_entries(model, optimizer):
+        st = optimizer.state.get(key)
+        if not st:
+            continue
+        optim[name] = {k: (_as_dtensor(own_copy(v), p, mesh, zero) if torch.is_tensor(v) and v.dim()
+                           else own_copy(v) if torch.is_tensor(v) else v) for k, v in st.items()}
     sd["optim"] = optim
     sd["extra"] = json.dumps(extra)  # one opaque entry: loader position, step, anything JSON
     return sd
@@ -401,9 +402,9 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
         for n, t in model.state_dict(keep_vars=True).items():
             src = sd["model"][n]
             t.copy_(src.to_local() if hasattr(src, "to_local") else src)
-        names = {n: p for n, p in model.named_parameters()}
+        keys = {n: key for n, _, key, _ in _optim_entries(model, optimizer)}
         for n, st in sd.get("optim", {}).items():
-            target = optimizer.state[names[n]]
+            target = optimizer.state[keys[n]]
             for k, v in st.items():
                 v = v.to_local() if hasattr(v, "to_local") else v
                 if torch.is_tensor(target.get(k)) and target[k].dim():

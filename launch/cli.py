@@ -14,6 +14,7 @@
     longtrain bench plan [--only NAME]      the plan (memory, bytes) against short training runs
     longtrain bench longrun CONFIG [...]    a long-context run against its plan, killed and resumed (1M tokens)
     longtrain bench checkpoint [CONFIG]     step time around a checkpoint save, synchronous vs in the background
+    longtrain bench pipeline [CONFIG]       pipeline bubble vs the 1F1B bound, interleaved gain, overlap, ZeRO memory
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _check(argv: list[str]) -> int:
     return main(argv)
 
 
-BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline")
 
 
 def _bench(argv: list[str]) -> int:

@@ -62,7 +62,7 @@ def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> d
     total = torch.zeros(5, dtype=torch.float64)  # loss sum, labeled, correct, sequences, whole keys
     for _ in range(batches):
         b = trainer._local(loader.next_batch())
-        loss, labeled, correct = model.eval_counts(b["input_ids"], b["labels"], b.get("doc_ids"))
+        loss, labeled, correct = trainer.eval_counts(b)
         per_seq = torch.stack([labeled, correct]).double().cpu()
         if mesh is not None:  # whole sequences: add up the sequence-parallel slices
             per_seq = all_reduce(per_seq, mesh.group("cp"))
@@ -219,12 +219,15 @@ def _sent(mesh) -> dict[str, int]:
     return sent
 
 
+def _optim_bytes(trainer: Trainer) -> int:
+    """Bytes of this rank's optimizer state (AdamW moments: its ZeRO chunks under ZeRO)."""
+    return sum(t.numel() * t.element_size() for st in trainer.opt.state.values() for t in st.values()
+               if torch.is_tensor(t))
+
+
 def _state_bytes(trainer: Trainer) -> int:
     """Bytes of this rank's checkpointed state: parameters and optimizer tensors."""
-    n = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    for st in trainer.opt.state.values():
-        n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-    return n
+    return sum(p.numel() * p.element_size() for p in trainer.model.parameters()) + _optim_bytes(trainer)
 
 
 def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
@@ -268,6 +271,7 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
             row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
                    "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
                    "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
+                   "optim_state_mib": _optim_bytes(trainer) / 2**20,
                    "skipped": r.skipped, "time": time.time()}
             evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0 and not stopping
             if evaluated:

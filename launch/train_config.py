@@ -40,6 +40,10 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # global norm over every parallel group; 0 disables
+    # ZeRO over each parameter's replicas (dp x cp; experts: the expert-data-parallel group):
+    # 0 off, 1 AdamW moments sharded, 2 gradients reduce-scattered too (parallel/zero.py)
+    zero: int = 0
+    overlap_grad_reduce: bool = True  # start gradient buckets from backward hooks, not after it
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)} must be {want}" for k, ok, want in (
@@ -49,7 +53,8 @@ class OptimConfig:
             ("weight_decay", 0 <= self.weight_decay < math.inf, "finite and >= 0"),
             ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
-            ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0 (0 disables clipping)")) if not ok]
+            ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0 (0 disables clipping)"),
+            ("zero", self.zero in (0, 1, 2), "0 (off), 1 (optimizer state sharded) or 2 (and gradients)")) if not ok]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -102,6 +107,20 @@ class LaunchConfig:
 
 
 @dataclass(kw_only=True)
+class PipelineConfig:
+    """How `parallel.pp > 1` runs (parallel/pipeline.py): the schedule over the step's grad_accum
+    micro-batches, stages per rank (interleaved), and layers per stage (default: balanced)."""
+
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zero_bubble (torch's interleaved zero bubble)
+    virtual_stages: int = 1  # stages per pipeline rank (interleaved: >= 2)
+    split: list[int] = field(default_factory=list)  # layers of each of pp x virtual_stages stages
+
+    def __post_init__(self) -> None:
+        if self.virtual_stages < 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} must be >= 1")
+
+
+@dataclass(kw_only=True)
 class StageConfig:
     """A run before the main one (e.g. a shorter context), with its own out_dir
     (<out_dir>/<name>); each stage starts from the previous one's weights, and the main run
@@ -125,6 +144,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     steps: int = 100
     grad_accum: int = 1
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights)
@@ -167,9 +187,7 @@ class TrainConfig:
         except ValueError as e:
             problems.append(str(e))
         problems += self._sequence_problems()
-        if self.parallel.pp > 1:
-            problems.append(f"parallel.pp={self.parallel.pp}: the trainer has no pipeline schedule yet; set "
-                            "parallel.pp = 1 (use tp / cp / dp for the ranks)")
+        problems += self._pipeline_problems()
         if not (math.isfinite(self.hang_timeout_s) and self.hang_timeout_s >= 0):
             problems.append(f"hang_timeout_s={self.hang_timeout_s} must be a finite number of seconds >= 0 (0: off)")
         if not 0 <= self.host_mmap_mib <= MAX_THRESHOLD_MIB:
@@ -182,6 +200,24 @@ class TrainConfig:
             problems.append("stage names must be distinct")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _pipeline_problems(self) -> list[str]:
+        from longtrain.parallel.pipeline import PipelineError, check_schedule, split_layers
+
+        pp, pl = self.parallel.pp, self.pipeline
+        if pp == 1:
+            return [] if not pl.split or pl.split == [self.model.n_layers] else [
+                f"pipeline.split={pl.split} is for pp > 1; remove it or set parallel.pp"]
+        problems = check_schedule(pl.schedule, pp, pl.virtual_stages, self.grad_accum)
+        try:
+            split_layers(self.model.n_layers, pp * pl.virtual_stages, pl.split or None)
+        except PipelineError as e:
+            problems.append(str(e))
+        if self.model.tie_embeddings:
+            problems.append(f"model.tie_embeddings with parallel.pp={pp}: the embedding (first stage) and the head "
+                            "(last stage) would have to share one weight across stages, which is not supported; "
+                            "set model.tie_embeddings = false or parallel.pp = 1")
+        return problems
 
     def _sequence_problems(self) -> list[str]:
         """The sequence must split over the layout: the zigzag ring needs 2 x cp_ring chunks,

@@ -20,8 +20,10 @@ from longtrain.models.memtrim import trim
 from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
 from longtrain.parallel.comm import all_reduce
-from longtrain.parallel.grads import global_grad_norm, sync_gradients
+from longtrain.parallel.grads import BUCKET_BYTES, GradSync, global_grad_norm
+from longtrain.parallel.zero import ZeroAdamW
 
+from .pipelined import Pipelined, stage_part
 from .train_config import TrainConfig
 
 
@@ -39,14 +41,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms and biases do not."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, mesh=None):
+    """AdamW; matrices decay, norms and biases do not. With `optim.zero` on a mesh, each rank
+    keeps the moments of its chunk of every parameter only (`ZeroAdamW`)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     o = cfg.optim
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=o.lr, betas=(o.beta1, o.beta2), foreach=False)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.zero and mesh is not None:
+        return ZeroAdamW(groups, mesh, o.zero, BUCKET_BYTES, lr=o.lr, betas=(o.beta1, o.beta2), foreach=False)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), foreach=False)
 
 
 @dataclass
@@ -66,10 +70,15 @@ class Trainer:
         if loader.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"the data's tokenizer has {loader.vocab_size} ids but model.vocab_size is "
                              f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of tp)")
-        self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device,
-                                 sequence_parallel=cfg.sequence_parallel)
+        piped = mesh is not None and mesh.size("pp") > 1
+        self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device, sequence_parallel=cfg.sequence_parallel,
+                                 part=stage_part(cfg, mesh) if piped else None)
         self.model.train()
-        self.opt = make_optimizer(self.model, cfg)
+        self.opt = make_optimizer(self.model, cfg, mesh)
+        self.zero2 = self.opt.slices if isinstance(self.opt, ZeroAdamW) and self.opt.stage == 2 else {}
+        self.sync = None if mesh is None else GradSync(self.model.parameters(), mesh, zero=self.zero2,
+                                                       overlap=cfg.optim.overlap_grad_reduce)
+        self.pipe = Pipelined(self.model, cfg, mesh, device, self.sync) if piped else None
         self.step = 0
         self.nan_skips = 0
 
@@ -93,19 +102,27 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
-        for m in micro:
+        if self.pipe is not None:
+            total = self.pipe.run(micro, count, autocast)
+            micro = []
+        for i, m in enumerate(micro):
+            if self.sync is not None and i == len(micro) - 1:
+                self.sync.arm()  # the last backward: its gradient hooks start the reduction
             with autocast:
                 out = self.model(m["input_ids"], m["labels"], m.get("doc_ids"))
             trim()  # the forward's freed temporaries: give their heap pages back before backward (CPU)
             loss = out.loss_sum / count.clamp(min=1)
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
-        if self.mesh is not None:
-            sync_gradients(self.model.parameters(), self.mesh)
-            norm = global_grad_norm(self.model.parameters(), self.mesh)
+        if self.sync is not None:
+            grads = self.sync.finish()  # whole gradients, or this rank's ZeRO-2 chunks
         else:
-            norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in self.model.parameters() if p.grad is not None))
-        mean = all_reduce(total.float().to(self.device), self._group()).item()
+            grads = {p: p.grad for p in self.model.parameters() if p.grad is not None}
+        norm = global_grad_norm(grads, self.mesh, chunked=self.zero2)
+        mean = all_reduce(total.float().to(self.device), self._group())
+        if self.pipe is not None:  # only the last stage computed the loss
+            mean = all_reduce(mean, self.mesh.group("pp"))
+        mean = mean.item()
         lr = lr_at(self.step, cfg)
         skipped = not (math.isfinite(mean) and math.isfinite(float(norm)))
         if skipped:
@@ -113,17 +130,22 @@ class Trainer:
         else:
             if cfg.optim.grad_clip > 0:
                 scale = min(1.0, cfg.optim.grad_clip / (float(norm) + 1e-6))
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
+                for g in grads.values():
+                    g.mul_(scale)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            self.opt.step()
+            self.opt.step(grads) if isinstance(self.opt, ZeroAdamW) else self.opt.step()
         self.model.end_step(apply=not skipped)
         self.opt.zero_grad(set_to_none=True)
         result = StepResult(self.step, mean, float(norm), lr, int(count.item()), time.perf_counter() - t0, skipped)
         self.step += 1
         return result
+
+    def eval_counts(self, batch: dict):
+        """`LongLM.eval_counts` on this rank's slice of a batch, through the pipeline if any."""
+        if self.pipe is not None:
+            return self.pipe.eval_counts(batch)
+        return self.model.eval_counts(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
 
     def _on_nonfinite(self, loss: float, norm: float) -> None:
         policy = self.cfg.nan_policy

@@ -21,6 +21,7 @@ from torch.distributed import ProcessGroup
 from longtrain.parallel.attention import AttentionPlan, sequence_parallel_attention
 from longtrain.parallel.comm import (CommStats, copy_to_region, gather_to_region, group_rank, group_size,
                                      reduce_from_region, reduce_scatter_from_region)
+from longtrain.parallel.sharding import Sharding, retag, shard
 from longtrain.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 from .config import ModelConfig
@@ -28,18 +29,37 @@ from .config import ModelConfig
 
 @dataclass
 class Parallel:
-    """What the layers need from the layout: the tp group, whether TP sequence parallel is on,
-    and the mesh for sequence-parallel attention (None: single process)."""
+    """The layers' view of the layout: the mesh (None: one process) and whether TP sequence
+    parallel is on. The groups are the mesh's; nothing here is a second copy of the layout."""
 
-    tp_group: ProcessGroup | None = None
-    sequence_parallel: bool = False
     mesh: object | None = None
-    stats: CommStats | None = None
-    ep_group: ProcessGroup | None = None
-    # ranks holding other tokens of the batch, for balance statistics: outside the tp region
-    # (MoE; dp x cp, x tp under TP-SP) and inside it, where tokens are replicated over tp (MoH)
-    token_group: ProcessGroup | None = None
-    region_token_group: ProcessGroup | None = None
+    sequence_parallel: bool = False
+
+    def _group(self, axis: str) -> ProcessGroup | None:
+        return None if self.mesh is None else self.mesh.group(axis)
+
+    @property
+    def tp_group(self) -> ProcessGroup | None:
+        return self._group("tp")
+
+    @property
+    def ep_group(self) -> ProcessGroup | None:
+        return self._group("ep")
+
+    @property
+    def stats(self) -> CommStats | None:
+        return None if self.mesh is None else self.mesh.stats
+
+    @property
+    def token_group(self) -> ProcessGroup | None:
+        """Ranks holding other tokens of the batch outside the tp region, for balance statistics
+        (MoE): dp x cp, and x tp under TP sequence parallel (each tp rank holds its own slice)."""
+        return self._group("dp_cp_tp" if self.sequence_parallel else "dp_cp")
+
+    @property
+    def region_token_group(self) -> ProcessGroup | None:
+        """The same inside the tp region, where tokens are replicated over tp (MoH)."""
+        return self._group("dp_cp")
 
     @property
     def tp(self) -> int:
@@ -69,7 +89,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim, device=device))
-        self.weight.init = "ones"
+        shard(self.weight, Sharding(full_shape=(dim,), init="ones"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _apex_rms_norm is not None and x.is_cuda:
@@ -98,7 +118,7 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, bias=bias, device=device)
         self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, bias=bias, device=device)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, g, device=device)
-        self.wo.weight.init = "scaled"
+        retag(self.wo.weight, init="scaled")
         self.router = None
         if cfg.moh is not None:
             from .moh import HeadRouter
@@ -106,7 +126,7 @@ class Attention(nn.Module):
             self.router = HeadRouter(cfg.dim, cfg.n_heads, cfg.moh, par.region_token_group, device)
             if tp > 1:  # each tp rank differentiates only its own heads' gates
                 for p in self.router.parameters():
-                    p.tp_partial_grad = True
+                    retag(p, partial_over_tp=True)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Normed input (replicated over tp) -> rotated q, k, v [b, s, heads/tp, hd] and, with MoH,
@@ -144,7 +164,7 @@ class SwiGLU(nn.Module):
         self.w1 = ColumnParallelLinear(cfg.dim, hidden, g, device=device)  # gate
         self.w3 = ColumnParallelLinear(cfg.dim, hidden, g, device=device)  # up
         self.w2 = RowParallelLinear(hidden, cfg.dim, g, device=device)
-        self.w2.weight.init = "scaled"
+        retag(self.w2.weight, init="scaled")
         self.chunk = cfg.mlp_chunk
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from longtrain.parallel.comm import all_reduce, group_size
 from longtrain.parallel.experts import combine, dispatch
-from longtrain.parallel.tensor import mark_shard
+from longtrain.parallel.sharding import Sharding, retag, shard
 
 
 @dataclass(kw_only=True)
@@ -125,9 +125,8 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(local, dim, hidden, device=device))
         for p, shape in ((self.w1, (num_experts, hidden, dim)), (self.w3, (num_experts, hidden, dim)),
                          (self.w2, (num_experts, dim, hidden))):
-            mark_shard(p, 0, shape, ep_group)
-            p.expert = True
-        self.w2.init = "scaled"
+            shard(p, Sharding(full_shape=shape, dim=0, axis="ep", group=ep_group))
+        retag(self.w2, init="scaled")
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [M, d] grouped by local expert, counts [E/ep] -> [M, d]."""

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longtrain.parallel.attention import AttentionPlan, plan_attention, sequence_positions
 from longtrain.parallel.comm import all_reduce, group_rank, group_size
+from longtrain.parallel.sharding import retag, sharding_of
 from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from .config import ModelConfig
@@ -84,6 +85,15 @@ class Block(nn.Module):
 
 
 @dataclass
+class BatchContext:
+    """Per micro-batch inputs of every layer (`LongLM.batch_context`)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    plan: AttentionPlan | None
+
+
+@dataclass
 class LossOutput:
     """Sum of token losses and count of counted tokens on this rank (labels != -100), and the
     weighted MoE balance losses (already global: computed from statistics of the whole batch)."""
@@ -93,58 +103,96 @@ class LossOutput:
     aux: torch.Tensor | float = 0.0
 
 
+@dataclass(frozen=True)
+class Part:
+    """The part of the model one rank holds: its decoder layers (global indices), and whether
+    it has the embedding (first pipeline stage) and the final norm and head (last)."""
+
+    layers: tuple[int, ...]
+    first: bool = True
+    last: bool = True
+
+
+class LayerStack(nn.ModuleDict):
+    """The decoder layers a rank holds, keyed by their global index: parameter names are the
+    same ("layers.5.attn.wq.weight") whichever pipeline stage holds them, so a checkpoint moves
+    between pipeline layouts. Iterates over the layers in order; `stack[i]` is layer i."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, i):
+        return super().__getitem__(str(i))
+
+
 class LongLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel | None = None, device=None):
+    def __init__(self, cfg: ModelConfig, par: Parallel | None = None, device=None, part: Part | None = None):
         super().__init__()
         self.cfg, self.par = cfg, par or Parallel()
+        self.part = part or Part(tuple(range(cfg.n_layers)))
         cfg.check_layout(self.par.tp, _ulysses(self.par.mesh), group_size(self.par.ep_group))
         g = self.par.tp_group
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, g, device=device)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, g, device=device) if self.part.first else None
         self.quant = ActQuant(cfg.act_quant)
-        self.layers = nn.ModuleList(Block(cfg, self.par, i, self.quant, device) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, g, device=device)
+        self.layers = LayerStack({str(i): Block(cfg, self.par, i, self.quant, device) for i in self.part.layers})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device) if self.part.last else None
+        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, g, device=device) if self.part.last else None
         self.tie()
         if self.par.sequence_parallel and self.par.tp > 1:
             for p in self.parameters():  # not split over tp: each tp rank saw only its sequence slice
-                if getattr(p, "shard_group", None) is not g:
-                    p.tp_partial_grad = True
-        if self.par.tp > 1:  # the final norm runs inside the tp region, per loss chunk: each tp
-            self.norm.weight.tp_partial_grad = True  # rank differentiates it through its vocab shard only
+                s = sharding_of(p)
+                if not (s.sharded and s.axis == "tp"):
+                    retag(p, partial_over_tp=True)
+        if self.par.tp > 1 and self.norm is not None:  # the final norm runs inside the tp region, per loss chunk: each tp
+            retag(self.norm.weight, partial_over_tp=True)  # rank differentiates it through its vocab shard only
 
     def tie(self) -> None:
         """With `tie_embeddings`, the head's weight is the embedding's: both are [vocab/tp, dim]
         rows of the same tp shard, so one parameter serves both (and is counted once)."""
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
             self.head.weight = self.embed.weight
+
+    def batch_context(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> "BatchContext":
+        """What every layer needs for one micro-batch, made once per batch, not per layer:
+        rotary tables at the global positions of this rank's tokens, and the attention plan
+        (validation across the sequence-parallel ranks, the document-id gathers). Attention
+        sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first."""
+        par, cfg = self.par, self.cfg
+        seq_len = input_ids.shape[1] * _cp(par.mesh)
+        pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
+        cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len)
+        plan = plan_attention(par.mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // par.tp, cfg.head_dim),
+                              cfg.n_kv_heads // par.tp, causal=True, window=cfg.layer_window(0),
+                              windows=cfg.windows, doc_ids=doc_ids, device=input_ids.device)
+        return BatchContext(cos, sin, plan)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream [b, s_local(/tp with TP-SP), dim] of the first layer."""
+        return self.par.leave(self.embed(input_ids))  # complete the vocab-parallel lookup (and split under TP-SP)
+
+    def run_layers(self, x: torch.Tensor, ctx: "BatchContext", aux: torch.Tensor | None = None):
+        """This rank's decoder layers over `x`: (x, balance losses summed onto `aux`)."""
+        aux = x.new_zeros((), dtype=torch.float32) if aux is None else aux
+        for layer in self.layers:
+            x, a = layer(x, ctx.cos, ctx.sin, ctx.plan)
+            aux = aux + a
+        return x, aux
 
     def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, norm: bool = True):
         """(final hidden states [b, s_local(/tp with TP-SP), dim], normed unless `norm=False`,
         summed balance losses)."""
-        par = self.par
-        seq_len = input_ids.shape[1] * _cp(par.mesh)
-        pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
-        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, seq_len)
-        # once per batch, not per layer: validation across ranks and the document-id gathers.
-        # Attention sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first.
-        cfg, tp = self.cfg, par.tp
-        plan = plan_attention(par.mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // tp, cfg.head_dim),
-                              cfg.n_kv_heads // tp, causal=True, window=cfg.layer_window(0),
-                              windows=cfg.windows, doc_ids=doc_ids,
-                              device=input_ids.device)
-        x = self.embed(input_ids)
-        x = par.leave(x)  # complete the vocab-parallel lookup (and split the sequence under TP-SP)
-        aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, a = layer(x, cos, sin, plan)
-            aux = aux + a
+        x, aux = self.run_layers(self.embed_tokens(input_ids), self.batch_context(input_ids, doc_ids))
         return (self.norm(x) if norm else x), aux
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> LossOutput:
         h, aux = self.hidden(input_ids, doc_ids, norm=False)  # the final norm runs per loss chunk
-        out = chunked_lm_loss(self.par.enter(h), self.head, labels, self.cfg.loss_chunk, self.par, self.norm)
+        out = self.lm_loss(h, labels)
         out.aux = aux
         return out
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Loss sums of the un-normed final residual stream `h` (the norm runs per loss chunk)."""
+        return chunked_lm_loss(self.par.enter(h), self.head, labels, self.cfg.loss_chunk, self.par, self.norm)
 
     @torch.no_grad()
     def eval_counts(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -154,6 +202,11 @@ class LongLM(nn.Module):
         whole, possibly vocab-parallel, vocabulary equals the label). Sum over the cp group for
         whole sequences; every tp rank returns the same numbers."""
         h, _ = self.hidden(input_ids, doc_ids)
+        return self.head_counts(h, labels)
+
+    @torch.no_grad()
+    def head_counts(self, h: torch.Tensor, labels: torch.Tensor):
+        """`eval_counts` from the normed final hidden states (the last pipeline stage's part)."""
         h = self.par.enter(h)
         loss = h.new_zeros((), dtype=torch.float32)
         correct = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
@@ -244,22 +297,13 @@ def _param_seed(seed: int, name: str) -> int:
 
 
 def _full_init(p: nn.Parameter, name: str, cfg: ModelConfig, seed: int) -> torch.Tensor:
-    shape = getattr(p, "full_shape", tuple(p.shape))
-    kind = getattr(p, "init", "normal")
-    if kind == "ones":
-        return torch.ones(shape)
+    s = sharding_of(p)
+    shape, kind = s.full_shape, s.init
+    if kind in ("ones", "zeros"):
+        return (torch.ones if kind == "ones" else torch.zeros)(shape)
     std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if kind == "scaled" else cfg.init_std
     g = torch.Generator().manual_seed(_param_seed(seed, name))
     return torch.randn(shape, generator=g) * std
-
-
-def _local_slice(full: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-    """This rank's slice of a parameter's full tensor (the whole of it if not sharded)."""
-    dim = getattr(p, "shard_dim", None)
-    if dim is None:
-        return full
-    grp = p.shard_group
-    return full.chunk(group_size(grp), dim=dim)[group_rank(grp)]
 
 
 @torch.no_grad()
@@ -268,17 +312,17 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
     """Give a meta-device model real storage: this rank's slice of each seed-determined
     parameter (or of `source(name, param)`, which returns that slice: a pretrained model's),
     and every buffer (router bias, anything registered later) on `device`.
-    Buffers keep their own dtype; one created on meta starts at its `init` ("zeros" unless
-    the buffer says "ones"), since meta tensors carry no values."""
+    Buffers keep their own dtype; one created on meta starts at zeros, or at its Sharding's
+    `init` if it has one ("ones"), since meta tensors carry no values."""
     cfg = model.cfg
     for name, p in list(model.named_parameters()):
-        local = source(name, p) if source is not None else _local_slice(_full_init(p, name, cfg, seed), p)
+        local = source(name, p) if source is not None else sharding_of(p).local_slice(_full_init(p, name, cfg, seed))
         new = nn.Parameter(local.to(device=device, dtype=dtype).contiguous())
-        new.__dict__.update(p.__dict__)  # sharding and gradient-reduction tags
+        new.__dict__.update(p.__dict__)  # its Sharding
         _set(model, name, new)
     for name, b in list(model.named_buffers()):
         if b.is_meta:
-            fill = torch.ones if getattr(b, "init", "zeros") == "ones" else torch.zeros
+            fill = torch.ones if getattr(b, "sharding", None) is not None and b.sharding.init == "ones" else torch.zeros
             new = fill(b.shape, dtype=b.dtype, device=device)
         else:
             new = b.to(device)
@@ -296,15 +340,11 @@ def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
 
 
 def build_model(cfg: ModelConfig, mesh=None, *, seed: int = 0, device: str = "cpu", dtype=torch.float32,
-                sequence_parallel: bool = True, source=None) -> LongLM:
+                sequence_parallel: bool = True, source=None, part: Part | None = None) -> LongLM:
     """The model for this rank of `mesh` (None: one process), with seed-determined weights (or
-    those `source` gives: see `materialize`)."""
+    those `source` gives: see `materialize`); `part`: only these layers (a pipeline stage's)."""
     sp = sequence_parallel and mesh is not None and mesh.size("tp") > 1
-    par = Parallel(tp_group=None if mesh is None else mesh.group("tp"), sequence_parallel=sp, mesh=mesh,
-                   stats=None if mesh is None else mesh.stats,
-                   ep_group=None if mesh is None else mesh.group("ep"),
-                   token_group=None if mesh is None else mesh.group("dp_cp_tp" if sp else "dp_cp"),
-                   region_token_group=None if mesh is None else mesh.group("dp_cp"))
+    par = Parallel(mesh=mesh, sequence_parallel=sp)
     with torch.device("meta"):
-        model = LongLM(cfg, par)
+        model = LongLM(cfg, par, part=part)
     return materialize(model, seed, device, dtype, source)

@@ -112,6 +112,23 @@ class ParallelDims:
         """Rank lists of the expert-parallel groups (see module docstring)."""
         return self._dp_cp_blocks().reshape(-1, self.ep).tolist()
 
+    def device_grid(self, *axes: str) -> torch.Tensor:
+        """Global ranks as [rest, *sizes of `axes`]: every rank list along `axes` (in that order)
+        is one row of the trailing dims. `axes` are mesh axes, ``ep``, ``edp`` or ``dp_cp``;
+        this is the layout of a DTensor whose placements follow `axes` (`ParallelMesh.device_mesh`)."""
+        grid = self.rank_grid().permute(0, 4, 1, 2, 3)  # [pp, tp, dp, cp_ring, cp_ulysses]
+        names = ["pp", "tp", "dp", "cp_ring", "cp_ulysses"]
+        if {"ep", "edp"} & set(axes):
+            grid, names = grid.reshape(self.pp, self.tp, -1, self.ep), ["pp", "tp", "edp", "ep"]
+        elif "dp_cp" in axes:
+            grid, names = grid.reshape(self.pp, self.tp, -1), ["pp", "tp", "dp_cp"]
+        missing = [a for a in axes if a not in names]
+        if missing or len(set(axes)) != len(axes):
+            raise ValueError(f"device_grid: cannot lay out axes {axes}")
+        idx = [names.index(a) for a in axes]
+        rest = [i for i in range(len(names)) if i not in idx]
+        return grid.permute(rest + idx).reshape(-1, *(grid.shape[i] for i in idx))
+
     def edp_groups(self) -> list[list[int]]:
         """Expert-data-parallel groups: ranks holding the same experts (same place in their EP
         group), over which expert gradients are summed."""
@@ -125,8 +142,8 @@ class ParallelMesh:
     ``cp`` (ring x Ulysses: every rank holding part of one sequence) and ``dp_cp`` (data x
     sequence: the replicas of a parameter, over which gradients are summed).
 
-    Groups of size one are ``None`` (no communication). `device_mesh` is the same layout as a
-    torch `DeviceMesh` with named axes, for DTensor-based code.
+    Groups of size one are ``None`` (no communication). `device_mesh(*axes)` gives the same
+    layout as a torch `DeviceMesh` over some axes, for DTensor views (checkpoints).
     """
 
     dims: ParallelDims
@@ -134,8 +151,19 @@ class ParallelMesh:
     device_type: str
     groups: dict[str, ProcessGroup | None]
     ep_group: ProcessGroup | None
-    device_mesh: object | None = None
     stats: CommStats = field(default_factory=CommStats)
+    _device_meshes: dict = field(default_factory=dict, repr=False)
+
+    def device_mesh(self, *axes: str):
+        """A DeviceMesh [rest, *axes] (see `ParallelDims.device_grid`), built on first use and
+        kept: building one is a collective, so every rank must ask for the same ones in the
+        same order (the checkpoint does, parameter by parameter)."""
+        if axes not in self._device_meshes:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._device_meshes[axes] = DeviceMesh(self.device_type, self.dims.device_grid(*axes),
+                                                   mesh_dim_names=("rest", *axes))
+        return self._device_meshes[axes]
 
     def size(self, axis: str) -> int:
         return self.dims.world_size if axis == "world" else getattr(self.dims, axis)  # "cp" is a property
@@ -174,7 +202,6 @@ def build_mesh(
     *,
     device_type: str | None = None,
     timeout: timedelta = timedelta(minutes=5),
-    with_device_mesh: bool = True,
 ) -> ParallelMesh:
     """Build this rank's `ParallelMesh`. The default process group must be initialized;
     `device_type` defaults to the device its backend communicates on.
@@ -197,10 +224,4 @@ def build_mesh(
     groups["edp"] = _new_groups(dims.edp_groups(), rank, timeout)
     groups["world"] = dist.group.WORLD if world > 1 else None  # job-wide reports (per-rank peaks)
     ep_group = _new_groups(dims.ep_groups(), rank, timeout) if dims.ep > 1 else None
-    device_mesh = None
-    if with_device_mesh:
-        from torch.distributed.device_mesh import DeviceMesh
-
-        device_mesh = DeviceMesh(device_type, dims.rank_grid(), mesh_dim_names=AXES)
-    return ParallelMesh(dims=dims, rank=rank, device_type=device_type, groups=groups,
-                        ep_group=ep_group, device_mesh=device_mesh)
+    return ParallelMesh(dims=dims, rank=rank, device_type=device_type, groups=groups, ep_group=ep_group)

@@ -6,7 +6,7 @@ tensor-parallel region explicitly with the mappings in `comm.py` (`copy_to_regio
 `reduce_scatter_from_region` along the sequence). That keeps one all-gather for Q, K and V
 together and makes every collective visible where it happens.
 
-Every sharded parameter records how it was cut (`shard_dim`, `full_shape`), so that
+Every sharded parameter carries its `Sharding` (how it was cut, its full shape), so that
 initialization can draw the *full* tensor from the seed and keep this rank's slice: the
 same seed gives the same model on every layout.
 """
@@ -19,13 +19,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .comm import CommStats, all_reduce, group_rank, group_size
-
-
-def mark_shard(p: nn.Parameter, dim: int | None, full_shape: tuple[int, ...], group: ProcessGroup | None) -> None:
-    """Record that `p` is the `group_rank`-th of `group_size` slices of a `full_shape` tensor along `dim`."""
-    p.shard_dim = dim if group_size(group) > 1 else None
-    p.full_shape = tuple(full_shape)
-    p.shard_group = group
+from .sharding import Sharding, shard
 
 
 def _divide(n: int, p: int, what: str) -> int:
@@ -43,11 +37,11 @@ class ColumnParallelLinear(nn.Module):
         self.group = group
         local = _divide(out_features, group_size(group), "output features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
-        mark_shard(self.weight, 0, (out_features, in_features), group)
+        shard(self.weight, Sharding(full_shape=(out_features, in_features), dim=0, group=group))
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
-            mark_shard(self.bias, 0, (out_features,), group)
+            shard(self.bias, Sharding(full_shape=(out_features,), dim=0, group=group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -63,11 +57,12 @@ class RowParallelLinear(nn.Module):
         self.group = group
         local = _divide(in_features, group_size(group), "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
-        mark_shard(self.weight, 1, (out_features, in_features), group)
+        shard(self.weight, Sharding(full_shape=(out_features, in_features), dim=1, group=group))
         self.bias = None
-        if bias:  # added once, on rank 0 of the group, so the reduction counts it once
+        if bias:  # added once, on rank 0 of the group, so the reduction counts it once; the other
+            # ranks get no gradient for it, so the full gradient is the sum over the group
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-            mark_shard(self.bias, None, (out_features,), None)
+            shard(self.bias, Sharding(full_shape=(out_features,), partial_over_tp=group_size(group) > 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.bias is not None and group_rank(self.group) == 0 else None
@@ -85,7 +80,7 @@ class VocabParallelEmbedding(nn.Module):
         local = _divide(vocab_size, group_size(group), "vocabulary size")
         self.start = group_rank(group) * local
         self.weight = nn.Parameter(torch.empty(local, dim, device=device, dtype=dtype))
-        mark_shard(self.weight, 0, (vocab_size, dim), group)
+        shard(self.weight, Sharding(full_shape=(vocab_size, dim), dim=0, group=group))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Partial embeddings [..., dim]: complete after summing over the group."""

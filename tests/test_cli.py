@@ -8,8 +8,8 @@ def test_train_rejects_bad_config(tmp_path, capsys):
     assert "unknown key(s) optim.lrr" in capsys.readouterr().err
     assert main(["train", "--set", "parallel.tp=3"]) == 2
     assert "divisible by tp=3" in capsys.readouterr().err
-    assert main(["train", "--set", "parallel.pp=2"]) == 2
-    assert "no pipeline schedule yet" in capsys.readouterr().err
+    assert main(["train", "--set", "parallel.pp=2"]) == 2  # one micro-batch cannot fill two stages
+    assert "set grad_accum >= 2" in capsys.readouterr().err
     # a sequence the layout cannot split: refused before any rank starts, with lengths that work
     assert main(["train", "--set", "parallel.cp_ring=2", "--set", "data.seq_len=1030"]) == 2
     assert "data.seq_len=1030 must be divisible by 4 (= 2 x cp_ring=2); use data.seq_len = 1028 or 1032" \

@@ -9,6 +9,7 @@ from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import IGNORE, build_model, global_loss
 from longtrain.parallel.attention import shard_sequence
 from longtrain.parallel.grads import full_tensor, sync_gradients
+from longtrain.parallel.sharding import Sharding, shard
 from tests.dist import mesh_for
 
 CFG = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, loss_chunk=24)
@@ -209,7 +210,7 @@ def test_buffers_materialized_on_every_layout(pool4):
         model = LongLM(ModelConfig(**CFG))
     model.layers[0].register_buffer("later", torch.empty(3, device="meta"))
     ones = torch.empty(2, device="meta")
-    ones.init = "ones"
+    shard(ones, Sharding(full_shape=(2,), init="ones"))
     model.norm.register_buffer("scale", ones)
     materialize(model, seed=0)
     assert torch.equal(model.layers[0].later, torch.zeros(3)) and torch.equal(model.norm.scale, torch.ones(2))

@@ -51,6 +51,7 @@ def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_fac
     EP rank of each group receives no token at all."""
     from longtrain.parallel.comm import all_reduce, group_rank, group_size
     from longtrain.parallel.grads import full_tensor, sync_gradients
+    from longtrain.parallel.sharding import sharding_of
     from tests.dist import mesh_for
 
     mesh = None if degrees is None else mesh_for(**degrees)
@@ -62,10 +63,8 @@ def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_fac
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
-            full = torch.randn(getattr(p, "full_shape", p.shape), generator=g) * 0.3
-            if getattr(p, "shard_dim", None) is not None:
-                full = full.chunk(group_size(p.shard_group), p.shard_dim)[group_rank(p.shard_group)]
-            p.copy_(full)
+            s = sharding_of(p)
+            p.copy_(s.local_slice(torch.randn(s.full_shape, generator=g) * 0.3))
         if force_first_rank:
             layer.router.bias.copy_(torch.tensor([50.0, 50.0, -50.0, -50.0]))
     x = torch.randn(4, 8, 16, generator=g)

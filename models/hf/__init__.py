@@ -62,12 +62,9 @@ def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", 
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
-    dim = getattr(p, "shard_dim", None)
-    if dim is None:
-        return p.detach()
-    from longtrain.parallel.comm import all_gather_cat
+    from longtrain.parallel.sharding import sharding_of
 
-    return all_gather_cat(p.detach().contiguous(), p.shard_group, dim)
+    return sharding_of(p).gather(p.detach())
 
 
 def save_pretrained(model, path: str | os.PathLike, *, kind: str | None = None, max_position_embeddings: int | None = None,

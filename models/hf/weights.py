@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from longtrain.data.shards import plain_file
+from longtrain.parallel.sharding import sharding_of
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -137,26 +138,20 @@ class Reader:
         if theirs not in self.files:
             raise ValueError(f"the model has no tensor {theirs} (longtrain's {name})")
         sl = self.open[self.files[theirs]].get_slice(theirs)
-        full = tuple(getattr(p, "full_shape", tuple(p.shape)))
-        if tuple(sl.get_shape()) != full:
-            raise ValueError(f"tensor {theirs} has shape {tuple(sl.get_shape())}, the config implies {full}")
+        s = sharding_of(p)
+        if tuple(sl.get_shape()) != s.full_shape:
+            raise ValueError(f"tensor {theirs} has shape {tuple(sl.get_shape())}, the config implies {s.full_shape}")
         self.used.add(theirs)
-        dim = getattr(p, "shard_dim", None)
-        if dim is None:
+        if not s.sharded:
             return sl[:]
-        from longtrain.parallel.comm import group_rank, group_size
-
-        n = full[dim] // group_size(p.shard_group)
-        lo = group_rank(p.shard_group) * n
-        return sl[lo:lo + n] if dim == 0 else sl[:, lo:lo + n]
+        lo, hi = s.local_range()
+        return sl[lo:hi] if s.dim == 0 else sl[:, lo:hi]
 
     def _experts(self, name: str, p) -> torch.Tensor:
         """This rank's experts (its ep slice of the stack), one HF tensor each."""
-        from longtrain.parallel.comm import group_rank, group_size
-
-        full = tuple(p.full_shape)
-        n = full[0] // group_size(p.shard_group)
-        names = expert_names(name, range(group_rank(p.shard_group) * n, (group_rank(p.shard_group) + 1) * n))
+        s = sharding_of(p)
+        full = s.full_shape
+        names = expert_names(name, range(*s.local_range()))
         missing = [t for t in names if t not in self.files]
         if missing:
             raise ValueError(f"the model has no tensor {missing[0]} (longtrain's {name})")

@@ -1,0 +1,125 @@
+"""Benchmark: the pipeline bubble, the interleaved schedule's gain, overlapped gradient reduction
+and ZeRO's optimizer memory, each measured side by side in one run of local CPU ranks.
+
+- Bubble: with p stages and m micro-batches, 1F1B cannot beat (m + p - 1) / m x the time the m
+  micro-batches take through one stage alone. The per-stage time is measured by training, on
+  one rank, a model of the stage's n_layers / p layers (with the embedding and the loss, which
+  only the first and last stage have: the bound is a little generous); the pipelined steps are
+  the same model of n_layers on p ranks, 1F1B and interleaved (2 stages per rank).
+- Overlap: data-parallel ranks with `optim.overlap_grad_reduce` off and on.
+- ZeRO: the same data-parallel job with `optim.zero` 0, 1 and 2: optimizer state per rank
+  (`optim_state_mib` in the metrics) and peak memory.
+
+    longtrain prepare stdlib --out runs/data --limit-bytes 4000000
+    longtrain bench pipeline --write-docs docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+
+from .checkpoint import _run
+
+DEFAULTS = ["steps=6", "checkpoint.every=0", "eval_every=0", "log_every=1", "tensorboard=false",
+            "model.dim=256", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.checkpoint=none",
+            "data.seq_len=512", "data.batch_size=1", "optim.warmup_steps=2", "parallel.tp=1", "parallel.cp_ring=1"]
+
+
+def step_seconds(rows: list[dict], tokens_per_step: int) -> float:
+    """Median seconds per step, the first (warm-up) left out."""
+    return statistics.median(tokens_per_step / r["tokens_per_s"] for r in sorted(rows, key=lambda r: r["step"])[1:])
+
+
+def _job(config, sets, out, threads, name):
+    from longtrain.launch.config import load_tree
+    from longtrain.launch.train_config import expand_stages
+
+    cfg = expand_stages(load_tree(config, sets))[-1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    rows = _run(config, sets, f"{out}-{name}", env)
+    r = {"s": step_seconds(rows, cfg.tokens_per_step), "loss": rows[-1]["loss"],
+         "peak_mib": max(x["peak_mem_mib"] for x in rows), "optim_mib": rows[-1].get("optim_state_mib")}
+    print(f"{name}: {json.dumps(r)}", flush=True)
+    return r
+
+
+def bubble(config, base, out, pp: int, micro: int, layers: int) -> dict:
+    m = [f"grad_accum={micro}"]
+    stage = _job(config, base + m + [f"model.n_layers={layers // pp}"], out, 1, f"stage-p{pp}-m{micro}")
+    piped = [f"parallel.pp={pp}", f"model.n_layers={layers}"]
+    f1b = _job(config, base + m + piped, out, 1, f"1f1b-p{pp}-m{micro}")
+    inter = _job(config, base + m + piped + ["pipeline.schedule=interleaved", "pipeline.virtual_stages=2"], out, 1,
+                 f"interleaved-p{pp}-m{micro}")
+    bound = (micro + pp - 1) / micro * stage["s"]
+    return {"pp": pp, "m": micro, "stage_s": stage["s"], "bound_s": bound, "f1b_s": f1b["s"], "inter_s": inter["s"],
+            "ideal_inter_s": (micro + (pp - 1) / 2) / micro * stage["s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="longtrain bench pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="?", default="configs/cpu_demo.toml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"applied after the benchmark's own ({' '.join(DEFAULTS)})")
+    ap.add_argument("--pp", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--micro", type=int, nargs="+", default=[4, 8], help="micro-batches per step (grad_accum)")
+    ap.add_argument("--dp", type=int, default=2, help="data-parallel ranks of the overlap and ZeRO runs")
+    ap.add_argument("--out", default="runs/bench-pipeline", help="scratch run folders (removed first)")
+    ap.add_argument("--write-docs", metavar="PATH")
+    args = ap.parse_args(argv)
+    base = DEFAULTS + args.overrides
+    from longtrain.launch.config import load_tree
+    from longtrain.launch.train_config import expand_stages
+
+    layers = expand_stages(load_tree(args.config, base))[-1].model.n_layers
+    result = {"bubble": [bubble(args.config, base, args.out, pp, m, layers) for pp in args.pp for m in args.micro]}
+    dp = [f"parallel.dp={args.dp}", "grad_accum=1"]
+    threads = max(1, (os.cpu_count() or 1) // args.dp)
+    result["overlap"] = {mode: _job(args.config, base + dp + [f"optim.overlap_grad_reduce={mode}"], args.out, threads,
+                                    f"overlap-{mode}") for mode in ("false", "true")}
+    result["zero"] = {z: _job(args.config, base + dp + [f"optim.zero={z}"], args.out, threads, f"zero{z}")
+                      for z in (0, 1, 2)}
+    result["threads"] = threads
+    print(json.dumps(result))
+    if args.write_docs:
+        write_docs(args.write_docs, expand_stages(load_tree(args.config, base))[-1], args, result,
+                   "longtrain bench pipeline " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+def write_docs(path: str, cfg, args, r: dict, cmd: str) -> None:
+    from .report import replace_section
+
+    m = cfg.model
+    lines = [f"Command: `{cmd}`", "",
+             f"Model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, seq {cfg.data.seq_len} x batch "
+             f"{cfg.data.batch_size} per micro-batch, fp32, one torch thread per rank, {os.cpu_count()} cores. "
+             "Seconds per step (medians, the first step left out). Stage: m micro-batches through "
+             "n_layers / p layers on one rank (with embedding and loss); 1F1B bound = (m + p - 1) / m x stage; "
+             "interleaved (2 stages per rank) ideal = (m + (p - 1) / 2) / m x stage.", "",
+             "| pp | micro-batches | stage | 1F1B bound | 1F1B | 1F1B / bound | interleaved ideal | interleaved "
+             "| interleaved gain |", "|---|---|---|---|---|---|---|---|---|"]
+    for b in r["bubble"]:
+        lines.append(f"| {b['pp']} | {b['m']} | {b['stage_s']:.2f} | {b['bound_s']:.2f} | {b['f1b_s']:.2f} | "
+                     f"{b['f1b_s'] / b['bound_s']:.2f} | {b['ideal_inter_s']:.2f} | {b['inter_s']:.2f} | "
+                     f"{b['f1b_s'] / b['inter_s']:.2f}x |")
+    o, z = r["overlap"], r["zero"]
+    lines += ["", f"pp > cores: with more ranks than the {os.cpu_count()} cores, a stage in its bubble lends its core "
+              "to the others, so the bound is not a floor there.", "",
+              f"Gradient reduction, dp {args.dp} ({r['threads']} thread(s) per rank), one micro-batch per step:", "",
+              "| buckets started | step (s) | loss |", "|---|---|---|",
+              f"| after backward | {o['false']['s']:.2f} | {o['false']['loss']:.5f} |",
+              f"| from backward hooks (`optim.overlap_grad_reduce`) | {o['true']['s']:.2f} | {o['true']['loss']:.5f} |",
+              "", f"ZeRO over dp {args.dp}:", "", "| optim.zero | AdamW state on rank 0 (MiB) | peak memory (MiB) | step (s) "
+              "| loss |", "|---|---|---|---|---|"]
+    for k, x in z.items():
+        lines.append(f"| {k} | {x['optim_mib']:.1f} | {x['peak_mib']:.0f} | {x['s']:.2f} | {x['loss']:.5f} |")
+    replace_section(path, "pipeline", "Pipeline bubble, overlapped gradient reduction, ZeRO", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

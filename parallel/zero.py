@@ -1,0 +1,193 @@
+"""ZeRO: optimizer state (stage 1) and gradients (stage 2) sharded over a parameter's replicas.
+
+A parameter is replicated over its replica group (data x sequence parallel for dense weights,
+the expert-data-parallel group for experts: `Sharding.replicas`). Under ZeRO each of the R
+replicas owns one `torch.chunk` of it along one dimension (`ZeroSlice`), keeps AdamW moments
+for that chunk only and updates only it; after the step the chunks are all-gathered so every
+replica holds the whole parameter again. Stage 2 also reduce-scatters the gradients (each rank
+receives the sum of its own chunk only) instead of all-reducing them (`grads.GradSync`).
+
+Chunks of each parameter along a dimension, not DeepSpeed's flat partition of all of them, so
+every piece of optimizer state is a regular slice of the global tensor: the checkpoint saves it
+as a DTensor (`placements`) and loads it into any other layout, with ZeRO or without.
+Parameters stay fp32 (bf16 runs under autocast), so they are their own master copy: the chunk
+the optimizer updates is a view of the parameter, and no second copy exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .comm import CommStats, _all_gather_single, _record, group_rank, group_size
+from .sharding import sharding_of
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroSlice:
+    """This rank's chunk of a (local, possibly tp-sharded) parameter of `shape`, cut along
+    `dim` into `parts` chunks over `group` (torch.chunk sizes: ceil, the last ones smaller or
+    empty). Packed forms pad every chunk to the same length, for collectives."""
+
+    shape: tuple[int, ...]
+    dim: int
+    parts: int
+    rank: int
+    group: ProcessGroup | None
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], group: ProcessGroup | None) -> "ZeroSlice":
+        parts = group_size(group)
+        even = [d for d, n in enumerate(shape) if n >= parts and n % parts == 0]
+        dim = even[0] if even else max(range(len(shape)), key=lambda d: shape[d])  # fewest padding rows
+        return cls(tuple(shape), dim, parts, group_rank(group), group)
+
+    @property
+    def step(self) -> int:
+        return -(-self.shape[self.dim] // self.parts)
+
+    @property
+    def inner(self) -> int:
+        return math.prod(self.shape) // max(1, self.shape[self.dim])
+
+    @property
+    def packed(self) -> int:
+        """Elements of one padded chunk."""
+        return self.step * self.inner
+
+    def range(self, rank: int | None = None) -> tuple[int, int]:
+        n, r = self.shape[self.dim], self.rank if rank is None else rank
+        lo = min(n, r * self.step)
+        return lo, min(n, lo + self.step)
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of `t` (a view)."""
+        lo, hi = self.range()
+        return t.narrow(self.dim, lo, hi - lo)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(self.dim, 0).reshape(self.shape[self.dim], self.inner)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Every chunk of the whole tensor `t`, padded: [parts, packed]."""
+        out = t.new_zeros(self.parts * self.step, self.inner)
+        out[:self.shape[self.dim]] = self._rows(t)
+        return out.view(self.parts, self.packed)
+
+    def pack_mine(self, chunk: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk, padded: [packed]."""
+        out = chunk.new_zeros(self.step, self.inner)
+        lo, hi = self.range()
+        out[:hi - lo] = chunk.movedim(self.dim, 0).reshape(hi - lo, self.inner)
+        return out.view(-1)
+
+    def unpack_mine(self, flat: torch.Tensor) -> torch.Tensor:
+        """Inverse of `pack_mine`: [packed] -> this rank's chunk (a new tensor)."""
+        lo, hi = self.range()
+        moved = list(self.shape)
+        moved.insert(0, moved.pop(self.dim))
+        moved[0] = hi - lo
+        return flat[:(hi - lo) * self.inner].reshape(moved).movedim(0, self.dim).contiguous()
+
+    def unpack_all(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Inverse of `pack`: [parts, packed] -> the whole tensor, written into `out`."""
+        n = self.shape[self.dim]
+        moved = list(self.shape)
+        moved.insert(0, moved.pop(self.dim))
+        out.copy_(rows.reshape(self.parts * self.step, self.inner)[:n].reshape(moved).movedim(0, self.dim))
+
+
+def zero_slices(params: list[nn.Parameter], mesh) -> dict[nn.Parameter, ZeroSlice]:
+    """One `ZeroSlice` per parameter, over its replica group (skipped where that has one rank)."""
+    out = {}
+    for p in params:
+        group = mesh.group(sharding_of(p).replicas)
+        if group_size(group) > 1:
+            out[p] = ZeroSlice.of(tuple(p.shape), group)
+    return out
+
+
+def gather_params(slices: dict[nn.Parameter, ZeroSlice], bucket_bytes: int, stats: CommStats | None = None) -> None:
+    """After each rank updated its chunks: all-gather them so every replica holds whole
+    parameters again (bucketed per replica group, in the same order on every rank)."""
+    by_group: dict[int, list] = {}
+    for p, z in slices.items():
+        by_group.setdefault(id(z.group), []).append((p, z))
+    for items in by_group.values():
+        for bucket in _buckets(items, bucket_bytes):
+            group, parts = bucket[0][1].group, bucket[0][1].parts
+            mine = torch.cat([z.pack_mine(z.view(p.detach())) for p, z in bucket])
+            rows = torch.empty(parts * mine.numel(), dtype=mine.dtype, device=mine.device)
+            _all_gather_single(rows, mine, group=group)
+            _record(stats, "all_gather", mine.numel() * mine.element_size() * (parts - 1))
+            rows = rows.view(parts, -1)
+            with torch.no_grad():
+                for (p, z), part in zip(bucket, rows.split([z.packed for _, z in bucket], dim=1)):
+                    z.unpack_all(part, p.data)
+
+
+def _buckets(items: list, bucket_bytes: int) -> list[list]:
+    out, size = [[]], 0
+    for p, z in items:
+        n = z.packed * z.parts * p.element_size()
+        if out[-1] and (size + n > bucket_bytes or p.dtype != out[-1][0][0].dtype):
+            out.append([])
+            size = 0
+        out[-1].append((p, z))
+        size += n
+    return [b for b in out if b]
+
+
+class ZeroAdamW:
+    """AdamW on this rank's chunk of every parameter (a view of it: the update lands in place),
+    then an all-gather of the chunks (`gather_params`). `stage` 1: gradients arrive whole
+    (all-reduced) and the chunk's is a view of them; stage 2: `GradSync` hands over each
+    parameter's reduced chunk (`grads`). Parameters whose replica group has one rank are
+    updated whole, as without ZeRO.
+
+    `param_groups` and `state` are the inner AdamW's (keyed by the chunk parameters);
+    `chunks` maps each model parameter to its chunk parameter and `ZeroSlice`."""
+
+    def __init__(self, param_groups: list[dict], mesh, stage: int, bucket_bytes: int, **adamw):
+        if stage not in (1, 2):
+            raise ValueError(f"ZeRO stage {stage} must be 1 or 2")
+        self.stage, self.bucket_bytes, self.stats = stage, bucket_bytes, getattr(mesh, "stats", None)
+        params = [p for g in param_groups for p in g["params"]]
+        self.slices = zero_slices(params, mesh)
+        self.chunks: dict[nn.Parameter, nn.Parameter] = {}
+        groups = []
+        for g in param_groups:
+            own = []
+            for p in g["params"]:
+                z = self.slices.get(p)
+                c = p if z is None else nn.Parameter(z.view(p.data))  # shares p's storage
+                self.chunks[p] = c
+                own.append(c)
+            groups.append({**g, "params": own})
+        self.opt = torch.optim.AdamW(groups, **adamw)
+        self.param_groups, self.state = self.opt.param_groups, self.opt.state
+
+    def step(self, grads: dict[nn.Parameter, torch.Tensor]) -> None:
+        """`grads`: each parameter's reduced gradient (whole, or its chunk under stage 2)."""
+        for p, c in self.chunks.items():
+            g = grads.get(p)
+            z = self.slices.get(p)
+            c.grad = None if g is None else (z.view(g) if z is not None and self.stage == 1 else g)
+        self.opt.step()
+        gather_params(self.slices, self.bucket_bytes, self.stats)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+        for p in self.chunks:
+            p.grad = None
+
+    def named_chunks(self, model: nn.Module):
+        """(name, model parameter, chunk parameter, ZeroSlice or None) for each parameter."""
+        for n, p in model.named_parameters():
+            if p in self.chunks:
+                yield n, p, self.chunks[p], self.slices.get(p)
