@@ -6,9 +6,10 @@ and ZeRO's optimizer memory, each measured side by side in one run of local CPU 
   one rank, a model of the stage's n_layers / p layers (with the embedding and the loss, which
   only the first and last stage have: the bound is a little generous); the pipelined steps are
   the same model of n_layers on p ranks, 1F1B and interleaved (2 stages per rank).
-- Overlap: data-parallel ranks with `optim.overlap_grad_reduce` off and on.
-- ZeRO: the same data-parallel job with `optim.zero` 0, 1 and 2: optimizer state per rank
-  (`optim_state_mib` in the metrics) and peak memory.
+- Overlap: data-parallel ranks (`--dp`, a core each) with `optim.overlap_grad_reduce` off and on.
+- ZeRO: a data-parallel job (`--zero-dp` ranks) with `optim.zero` 0, 1 and 2: optimizer state
+  per rank (`optim_state_mib` in the metrics), peak memory, step time.
+Each part writes its own section of docs/benchmarks.md (`--only` runs some of them).
 
     longtrain prepare stdlib --out runs/data --limit-bytes 4000000
     longtrain bench pipeline --write-docs docs/benchmarks.md
@@ -24,6 +25,10 @@ import statistics
 import sys
 
 from .checkpoint import _run
+
+PARTS = ("bubble", "overlap", "zero")
+# the overlap runs: a wider model, so the gradients (436 MiB) weigh against the compute
+OVERLAP = ["model.dim=768", "model.n_heads=12", "model.n_kv_heads=12", "data.seq_len=256"]
 
 DEFAULTS = ["steps=6", "checkpoint.every=0", "eval_every=0", "log_every=1", "tensorboard=false",
             "model.dim=256", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=8", "model.checkpoint=none",
@@ -67,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"applied after the benchmark's own ({' '.join(DEFAULTS)})")
     ap.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--micro", type=int, nargs="+", default=[4, 8], help="micro-batches per step (grad_accum)")
-    ap.add_argument("--dp", type=int, default=2, help="data-parallel ranks of the overlap and ZeRO runs")
+    ap.add_argument("--dp", type=int, default=2, help="data-parallel ranks of the overlap runs")
+    ap.add_argument("--zero-dp", type=int, default=4, help="data-parallel ranks of the ZeRO runs")
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--out", default="runs/bench-pipeline", help="scratch run folders (removed first)")
     ap.add_argument("--write-docs", metavar="PATH")
     args = ap.parse_args(argv)
@@ -75,50 +82,69 @@ def main(argv: list[str] | None = None) -> int:
     from longtrain.launch.config import load_tree
     from longtrain.launch.train_config import expand_stages
 
-    layers = expand_stages(load_tree(args.config, base))[-1].model.n_layers
-    result = {"bubble": [bubble(args.config, base, args.out, pp, m, layers) for pp in args.pp for m in args.micro]}
-    dp = [f"parallel.dp={args.dp}", "grad_accum=1"]
-    threads = max(1, (os.cpu_count() or 1) // args.dp)
-    result["overlap"] = {mode: _job(args.config, base + dp + [f"optim.overlap_grad_reduce={mode}"], args.out, threads,
-                                    f"overlap-{mode}") for mode in ("false", "true")}
-    result["zero"] = {z: _job(args.config, base + dp + [f"optim.zero={z}"], args.out, threads, f"zero{z}")
-                      for z in (0, 1, 2)}
-    result["threads"] = threads
+    cfg = expand_stages(load_tree(args.config, base))[-1]
+    result = {}
+    if "bubble" in args.only:
+        result["bubble"] = [bubble(args.config, base, args.out, pp, m, cfg.model.n_layers)
+                            for pp in args.pp for m in args.micro]
+    for part, dp in (("overlap", args.dp), ("zero", args.zero_dp)):
+        if part not in args.only:
+            continue
+        wide = OVERLAP if part == "overlap" else []
+        sets, threads = base + wide + [f"parallel.dp={dp}", "grad_accum=1"], max(1, (os.cpu_count() or 1) // dp)
+        modes = (("false", "true") if part == "overlap" else (0, 1, 2))
+        key = "optim.overlap_grad_reduce" if part == "overlap" else "optim.zero"
+        result[part] = {"dp": dp, "threads": threads, "sets": wide,
+                        "runs": {x: _job(args.config, sets + [f"{key}={x}"], args.out, threads, f"{part}-{x}")
+                                 for x in modes}}
     print(json.dumps(result))
     if args.write_docs:
-        write_docs(args.write_docs, expand_stages(load_tree(args.config, base))[-1], args, result,
-                   "longtrain bench pipeline " + shlex.join(argv if argv is not None else sys.argv[1:]))
+        write_docs(args.write_docs, cfg, result, "longtrain bench pipeline " +
+                   shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 
-def write_docs(path: str, cfg, args, r: dict, cmd: str) -> None:
+def write_docs(path: str, cfg, r: dict, cmd: str) -> None:
     from .report import replace_section
 
     m = cfg.model
-    lines = [f"Command: `{cmd}`", "",
-             f"Model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, seq {cfg.data.seq_len} x batch "
-             f"{cfg.data.batch_size} per micro-batch, fp32, one torch thread per rank, {os.cpu_count()} cores. "
-             "Seconds per step (medians, the first step left out). Stage: m micro-batches through "
-             "n_layers / p layers on one rank (with embedding and loss); 1F1B bound = (m + p - 1) / m x stage; "
-             "interleaved (2 stages per rank) ideal = (m + (p - 1) / 2) / m x stage.", "",
-             "| pp | micro-batches | stage | 1F1B bound | 1F1B | 1F1B / bound | interleaved ideal | interleaved "
-             "| interleaved gain |", "|---|---|---|---|---|---|---|---|---|"]
-    for b in r["bubble"]:
-        lines.append(f"| {b['pp']} | {b['m']} | {b['stage_s']:.2f} | {b['bound_s']:.2f} | {b['f1b_s']:.2f} | "
-                     f"{b['f1b_s'] / b['bound_s']:.2f} | {b['ideal_inter_s']:.2f} | {b['inter_s']:.2f} | "
-                     f"{b['f1b_s'] / b['inter_s']:.2f}x |")
-    o, z = r["overlap"], r["zero"]
-    lines += ["", f"pp > cores: with more ranks than the {os.cpu_count()} cores, a stage in its bubble lends its core "
-              "to the others, so the bound is not a floor there.", "",
-              f"Gradient reduction, dp {args.dp} ({r['threads']} thread(s) per rank), one micro-batch per step:", "",
-              "| buckets started | step (s) | loss |", "|---|---|---|",
-              f"| after backward | {o['false']['s']:.2f} | {o['false']['loss']:.5f} |",
-              f"| from backward hooks (`optim.overlap_grad_reduce`) | {o['true']['s']:.2f} | {o['true']['loss']:.5f} |",
-              "", f"ZeRO over dp {args.dp}:", "", "| optim.zero | AdamW state on rank 0 (MiB) | peak memory (MiB) | step (s) "
-              "| loss |", "|---|---|---|---|---|"]
-    for k, x in z.items():
-        lines.append(f"| {k} | {x['optim_mib']:.1f} | {x['peak_mib']:.0f} | {x['s']:.2f} | {x['loss']:.5f} |")
-    replace_section(path, "pipeline", "Pipeline bubble, overlapped gradient reduction, ZeRO", "\n".join(lines))
+    model = (f"Model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, seq {cfg.data.seq_len} x batch "
+             f"{cfg.data.batch_size} per micro-batch, fp32, {os.cpu_count()} cores. Seconds per step are medians, "
+             "the first step left out.")
+    if "bubble" in r:
+        lines = [f"Command: `{cmd}`", "", model + " One torch thread per rank. Stage: m micro-batches through "
+                 "n_layers / p layers on one rank (with embedding and loss, so a little more than a stage); 1F1B "
+                 "bound = (m + p - 1) / m x stage; interleaved (2 stages per rank) ideal = (m + (p - 1) / 2) / m x "
+                 "stage.", "",
+                 "| pp | micro-batches | stage | 1F1B bound | 1F1B | 1F1B / bound | interleaved ideal | interleaved "
+                 "| interleaved gain |", "|---|---|---|---|---|---|---|---|---|"]
+        for b in r["bubble"]:
+            lines.append(f"| {b['pp']} | {b['m']} | {b['stage_s']:.2f} | {b['bound_s']:.2f} | {b['f1b_s']:.2f} | "
+                         f"{b['f1b_s'] / b['bound_s']:.2f} | {b['ideal_inter_s']:.2f} | {b['inter_s']:.2f} | "
+                         f"{b['f1b_s'] / b['inter_s']:.2f}x |")
+        lines += ["", f"With more ranks than the {os.cpu_count()} cores (pp 4), a stage in its bubble lends its "
+                  "core to the others, so the bound is not a floor there and the schedules converge."]
+        replace_section(path, "pipeline-bubble", "Pipeline: bubble against the 1F1B bound, interleaved gain",
+                        "\n".join(lines))
+    if "overlap" in r:
+        o = r["overlap"]
+        lines = [f"Command: `{cmd}`", "", model + f" Here with {' '.join(o['sets'])}: dp {o['dp']}, "
+                 f"{o['threads']} thread(s) per rank, one micro-batch per step. Gradients accumulate in the "
+                 "buckets either way (views of one buffer per bucket, as DDP's gradient_as_bucket_view).", "", "| gradient buckets start | step (s) | loss |", "|---|---|---|",
+                 f"| after the backward | {o['runs']['false']['s']:.3f} | {o['runs']['false']['loss']:.6f} |",
+                 f"| from backward hooks (`optim.overlap_grad_reduce`) | {o['runs']['true']['s']:.3f} | "
+                 f"{o['runs']['true']['loss']:.6f} |"]
+        replace_section(path, "pipeline-overlap", "Gradient reduction overlapped with the backward", "\n".join(lines))
+    if "zero" in r:
+        z = r["zero"]
+        lines = [f"Command: `{cmd}`", "", model + f" dp {z['dp']}, {z['threads']} thread(s) per rank.", "",
+                 "| optim.zero | AdamW state per rank (MiB) | vs off | peak memory (MiB) | step (s) | loss |",
+                 "|---|---|---|---|---|---|"]
+        off = z["runs"][0]["optim_mib"]
+        for k, x in z["runs"].items():
+            lines.append(f"| {k} | {x['optim_mib']:.1f} | {x['optim_mib'] / off:.2f} | {x['peak_mib']:.0f} | "
+                         f"{x['s']:.2f} | {x['loss']:.6f} |")
+        replace_section(path, "pipeline-zero", "ZeRO: optimizer state per rank", "\n".join(lines))
 
 
 if __name__ == "__main__":

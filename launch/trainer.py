@@ -102,6 +102,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
+        if self.sync is not None:
+            self.sync.prepare()  # gradients accumulate in the buckets
         if self.pipe is not None:
             total = self.pipe.run(micro, count, autocast)
             micro = []

@@ -36,17 +36,33 @@ class _Bucket:
     ready: set = field(default_factory=set)
     work: object = None
     buffers: tuple = ()
+    flat: torch.Tensor | None = None  # all-reduce buckets: the gradients live here (`views`)
+
+    def views(self) -> list[torch.Tensor]:
+        """Each parameter's gradient as a view of the bucket (all-reduce buckets)."""
+        if self.flat is None:
+            self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
+                                    device=self.params[0].device)
+        return [part.view_as(p) for p, part in zip(self.params, self.flat.split([p.numel() for p in self.params]))]
 
     def launch(self, stats: CommStats | None) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         p = group_size(self.group)
-        if self.slices is None:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self.work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self.buffers = (flat,)
-            _record(stats, "all_reduce", 2 * flat.numel() * flat.element_size() * (p - 1) // p)
+        if self.slices is None:  # in place on the bucket: a gradient that is not its view is copied in
+            for q, view in zip(self.params, self.views()):
+                if q.grad is None:
+                    view.zero_()
+                elif q.grad.data_ptr() != view.data_ptr():
+                    view.copy_(q.grad)
+            self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+            _record(stats, "all_reduce", 2 * self.flat.numel() * self.flat.element_size() * (p - 1) // p)
             return
-        send = torch.cat([z.pack(g) for z, g in zip(self.slices, grads)], dim=1).contiguous()  # [p, L]
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
+        send = grads[0].new_empty(p, sum(z.packed for z in self.slices))  # [p, L]: each rank's chunks, padded
+        off = 0
+        for q, z, g in zip(self.params, self.slices, grads):
+            z.pack_into(g, send[:, off:off + z.packed])
+            off += z.packed
+            q.grad = None  # packed: the whole gradient is not needed again (ZeRO-2 keeps chunks only)
         if dist.get_backend(self.group) == "gloo":  # gloo: an all-to-all and a local sum is fastest
             recv = torch.empty_like(send)
             self.work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
@@ -60,19 +76,14 @@ class _Bucket:
         """Wait, then put each parameter's reduced gradient (whole or chunk) into `out`."""
         self.work.wait()
         if self.slices is None:
-            flat = self.buffers[0]
-            for p, part in zip(self.params, flat.split([p.numel() for p in self.params])):
-                if p.grad is None:
-                    p.grad = part.view_as(p).clone()
-                else:
-                    p.grad.copy_(part.view_as(p))
-                out[p] = p.grad
+            for p, view in zip(self.params, self.views()):
+                p.grad = view
+                out[p] = view
         else:
             recv = self.buffers[1]
             mine = recv.sum(0) if recv.dim() == 2 else recv
             for p, z, part in zip(self.params, self.slices, mine.split([z.packed for z in self.slices])):
                 out[p] = z.unpack_mine(part)
-                p.grad = None  # the whole gradient is no longer needed: only the chunk is updated
         self.work, self.buffers, self.ready = None, (), set()
 
 
@@ -113,6 +124,17 @@ class GradSync:
         self.live: set = set()  # parameters whose next gradient is their last of the step
         self.next = 0
         self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.bucket_of] if overlap else []
+
+    def prepare(self) -> None:
+        """Before a step's first backward: every all-reduce bucket's gradients become views of
+        one zeroed buffer (as DDP's gradient_as_bucket_view), so backward accumulates straight
+        into the buckets and the reduction copies nothing."""
+        for b in self.buckets:
+            if b.slices is None:
+                views = b.views()
+                b.flat.zero_()
+                for p, view in zip(b.params, views):
+                    p.grad = view
 
     def _ready(self, p: nn.Parameter) -> None:
         if p not in self.live:

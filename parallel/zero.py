@@ -75,9 +75,18 @@ class ZeroSlice:
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """Every chunk of the whole tensor `t`, padded: [parts, packed]."""
-        out = t.new_zeros(self.parts * self.step, self.inner)
-        out[:self.shape[self.dim]] = self._rows(t)
-        return out.view(self.parts, self.packed)
+        out = t.new_empty(self.parts, self.packed)
+        self.pack_into(t, out)
+        return out
+
+    def pack_into(self, t: torch.Tensor, out: torch.Tensor) -> None:
+        """`pack` into `out` [parts, packed], which may be a column block of a wider buffer."""
+        blocks = out.view(self.parts, self.step, self.inner)
+        rows = self._rows(t)
+        for r in range(self.parts):
+            lo, hi = self.range(r)
+            blocks[r, :hi - lo] = rows[lo:hi]
+            blocks[r, hi - lo:] = 0
 
     def pack_mine(self, chunk: torch.Tensor) -> torch.Tensor:
         """This rank's chunk, padded: [packed]."""

@@ -51,7 +51,8 @@ def _train(data_dir, degrees, cfg_kw, steps, batch=4, root=None, save_at=None, r
 
     def capture(*args):
         if not grads:
-            grads.update({n: full_tensor(p, p.grad) for n, p in t.model.named_parameters() if p.grad is not None})
+            grads.update({n: full_tensor(p, p.grad).clone() for n, p in t.model.named_parameters()
+                          if p.grad is not None})
         return step(*args)
 
     t.opt.step = capture

@@ -15,6 +15,7 @@ import ray
 
 from longtrain.data.prepare import prepare
 from tests.test_ray import _cfg, _logged, once_exists
+from tests.test_trainer import MODEL
 
 # a dead node is noticed in ~1.5 s instead of ~15 s (Ray's health checks)
 FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
@@ -53,6 +54,32 @@ def _remove_node_of_rank(c, workers, actors, rank: int, when: Path, said: list):
         c.remove_node(next(w for w in workers if w.node_id == node_id), allow_graceful=False)
 
     once_exists(when, remove)
+
+
+def test_pipeline_stages_on_different_nodes(cluster, tmp_path):
+    """pp2 x tp2: each tp pair is one bundle of 2 CPUs, so each pipeline stage fills a node of its
+    own and the activations cross nodes; the losses are those of tp2 with the same micro-batches."""
+    from longtrain.launch.ray_launcher import launch
+
+    c, workers, data = cluster
+    nodes = {}
+
+    def on_start(actors, attempt):
+        nodes.update({r: ray.get(a.node.remote()) for r, a in enumerate(actors)})
+
+    def cfg(parallel, out):
+        from longtrain.launch.config import build
+        from longtrain.launch.train_config import TrainConfig
+
+        return build(TrainConfig, {"model": {**MODEL, "n_layers": 4}, "parallel": parallel, "steps": 4, "grad_accum": 2,
+                                   "out_dir": str(tmp_path / out), "log_every": 0, "checkpoint": {"every": 0},
+                                   "data": {"path": data, "seq_len": 64, "batch_size": 1},
+                                   "optim": {"lr": 3e-3, "warmup_steps": 2}})
+
+    rows = launch(cfg({"pp": 2, "tp": 2}, "pp"), on_start=on_start)
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]  # a stage per node
+    ref = launch(cfg({"tp": 2}, "ref"))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
 
 
 def test_node_loss_with_spare_capacity_finishes_with_the_uninterrupted_losses(cluster, tmp_path, capfd):
