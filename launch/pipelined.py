@@ -14,15 +14,13 @@ import torch.distributed as dist
 
 from longtrain.models.stages import Micro, StageModule, StepInputs
 from longtrain.models.transformer import Part
-from longtrain.parallel.pipeline import make_schedule, make_stage, rank_stages, split_layers
+from longtrain.parallel.pipeline import make_schedule, make_stage, rank_part, rank_stages, split_layers
 
 
 def stage_part(cfg, mesh) -> Part:
     """The layers (and embedding / head) this pipeline rank builds."""
-    pp, v = mesh.size("pp"), cfg.pipeline.virtual_stages
-    per_stage = split_layers(cfg.model.n_layers, pp * v, cfg.pipeline.split or None)
-    mine = rank_stages(mesh.coord("pp"), pp, v)
-    return Part(tuple(i for k in mine for i in per_stage[k]), first=0 in mine, last=pp * v - 1 in mine)
+    return Part(*rank_part(cfg.model.n_layers, mesh.size("pp"), cfg.pipeline.virtual_stages, mesh.coord("pp"),
+                           cfg.pipeline.split))
 
 
 class Pipelined:
@@ -56,7 +54,8 @@ class Pipelined:
             arm = (lambda mod=mod: self.sync.arm(list(mod.parameters()))) if early else (lambda: None)
             stages.append(make_stage(mod, k, self.num_stages, self.device, self.mesh.group("pp"),
                                      (ids,) if k == 0 else (x, aux),
-                                     (loss,) if k == self.num_stages - 1 else (x, aux), arm, self.microbatches))
+                                     (loss,) if k == self.num_stages - 1 else (x, aux), arm, self.microbatches,
+                                     self.mesh.stats))
         self.schedule = make_schedule(self.cfg.pipeline.schedule, stages, self.microbatches,
                                       lambda out, target: out.sum())
         self.ids_shape, self.x_shape = ids_shape, tuple(x.shape)

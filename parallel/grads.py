@@ -157,13 +157,16 @@ class GradSync:
         self.live.update(self.bucket_of if params is None else (p for p in params if p in self.bucket_of))
 
     def finish(self) -> dict[nn.Parameter, torch.Tensor]:
-        """Start what is left, wait for every bucket, sum partial-over-tp gradients over tp."""
+        """Start what is left, wait for every bucket, sum partial-over-tp gradients over tp.
+        Buckets not started yet run one at a time (a reduce-scatter bucket's buffers are freed
+        before the next is packed), in the same order on every rank."""
         self.live = set()
-        self._launch(lambda bucket: True)
-        self.next = 0
         out: dict[nn.Parameter, torch.Tensor] = {}
-        for b in self.buckets:
+        for i, b in enumerate(self.buckets):
+            if i >= self.next:
+                b.launch(self.stats)
             b.finish(out)
+        self.next = 0
         for p in self.params:
             if p not in out:
                 if p.grad is None:

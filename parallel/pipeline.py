@@ -53,6 +53,26 @@ def rank_stages(pp_rank: int, pp: int, virtual: int) -> list[int]:
     return [pp_rank + v * pp for v in range(virtual)]
 
 
+def rank_part(n_layers: int, pp: int, virtual: int, pp_rank: int, split: list[int] | None = None):
+    """(layers, holds the first stage, holds the last stage) of pipeline rank `pp_rank`."""
+    per_stage = split_layers(n_layers, pp * virtual, split or None)
+    mine = rank_stages(pp_rank, pp, virtual)
+    return tuple(i for k in mine for i in per_stage[k]), 0 in mine, pp * virtual - 1 in mine
+
+
+def in_flight(schedule: str, pp: int, virtual: int, microbatches: int, pp_rank: int) -> int:
+    """Stage forwards whose activations pipeline rank `pp_rank` holds at once, at most (its
+    warm-up plus one): GPipe all m; 1F1B pp - rank; the interleaved schedules torch's warm-up
+    count, (virtual - 1) pp + 2 (pp - 1 - rank), plus one."""
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "1f1b":
+        return min(microbatches, pp - pp_rank)
+    return min(microbatches * virtual, (virtual - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
+
+
 def check_schedule(schedule: str, pp: int, virtual: int, microbatches: int) -> list[str]:
     """Problems with running `schedule` (none: an empty list); said before any process starts."""
     if schedule not in SCHEDULES:
@@ -73,13 +93,25 @@ def check_schedule(schedule: str, pp: int, virtual: int, microbatches: int) -> l
 
 
 def make_stage(module: nn.Module, index: int, num_stages: int, device, group, inputs, outputs, on_last_backward,
-               microbatches: int):
+               microbatches: int, stats=None):
     """A `torch.distributed.pipelining.PipelineStage` for `module` (stage `index`), with static
     shapes (`inputs`/`outputs` examples: no shape-inference pass), telling `module.micro` which
-    micro-batch runs and calling `on_last_backward()` before the last one's backward."""
+    micro-batch runs, calling `on_last_backward()` before the last one's backward, and counting
+    the bytes it sends (activations forward, their gradients backward) in `stats` ("pipeline")."""
     from torch.distributed.pipelining import PipelineStage
 
+    def counted(ops):
+        if stats is not None and ops:
+            stats.record("pipeline", sum(op.tensor.numel() * op.tensor.element_size() for op in ops))
+        return ops
+
     class Stage(PipelineStage):
+        def get_fwd_send_ops(self, fwd_chunk_id):
+            return counted(super().get_fwd_send_ops(fwd_chunk_id))
+
+        def get_bwd_send_ops(self, bwd_chunk_id):
+            return counted(super().get_bwd_send_ops(bwd_chunk_id))
+
         def forward_one_chunk(self, fwd_chunk_id, *args, **kwargs):
             module.micro = fwd_chunk_id
             return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         fits, rejected = search(cfg, args.world, limit, base, rate, link)
         if args.json:
             print(json.dumps({"world": args.world, "fits": [plan_object(
-                _with(cfg, c.parallel), c, rate, source, limit) for c in fits],
+                _with(cfg, c), c, rate, source, limit) for c in fits],
                 "rejected": [{"layout": str(d), "why": why} for d, why in rejected]}))
         else:
             print(layout_table(fits, rejected, limit, source))
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _with(cfg, dims):
+def _with(cfg, cand):
     import dataclasses
 
-    return dataclasses.replace(cfg, parallel=dims)
+    return dataclasses.replace(cfg, parallel=cand.parallel, optim=dataclasses.replace(cfg.optim, zero=cand.zero))
 
 
 if __name__ == "__main__":

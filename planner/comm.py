@@ -15,7 +15,9 @@ from longtrain.launch.train_config import TrainConfig
 from longtrain.parallel.attention.blocks import hop_plan
 from longtrain.parallel.attention.ringplan import message_rows
 
-from .shapes import local_sizes, param_counts
+from longtrain.parallel.pipeline import rank_stages
+
+from .shapes import local_sizes, param_counts, pipeline_parts
 
 META_INTS = 11  # values in the attention plan's agreement vector (`attention.plan._validate`)
 
@@ -77,15 +79,21 @@ def _layer(cfg: TrainConfig, window: int | None, moe: bool, ring_rank: int) -> C
     return c
 
 
-def micro_batch_bytes(cfg: TrainConfig, ring_rank: int = 0) -> Counter:
+def micro_batch_bytes(cfg: TrainConfig, ring_rank: int = 0, pp_rank: int = 0) -> Counter:
     """Forward + backward of one micro-batch (the plan's collectives included), on a rank at
     `ring_rank` of its ring (ring messages carry only the keys their receivers need, so ring
-    ranks send different amounts)."""
+    ranks send different amounts) and `pp_rank` of its pipeline (its own layers only)."""
     m, p = cfg.model, cfg.parallel
     loc = local_sizes(m, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
+    layers, first, last = pipeline_parts(cfg)[pp_rank]
     c: Counter = Counter()
-    for i in range(m.n_layers):
+    for i in layers:
         c.update(_layer(cfg, m.layer_window(i), m.is_moe_layer(i), ring_rank))
+    if p.pp > 1:  # per stage: its output forward (unless last), its input's gradient back (unless first)
+        stages = rank_stages(pp_rank, p.pp, cfg.pipeline.virtual_stages)
+        last_stage = p.pp * cfg.pipeline.virtual_stages - 1
+        x = loc.stream * m.dim * 4 + 4  # the fp32 residual stream and the balance-loss sum
+        c["pipeline"] += x * (sum(k != last_stage for k in stages) + sum(k != 0 for k in stages))
     cp = p.cp_ring * p.cp_ulysses
     if cp > 1:
         c["agreement"] += META_INTS * 8 * (cp - 1)
@@ -95,23 +103,35 @@ def micro_batch_bytes(cfg: TrainConfig, ring_rank: int = 0) -> Counter:
     if p.tp > 1:
         x = loc.tokens * m.dim * act_bytes(cfg)
         if cfg.sequence_parallel:  # embedding reduce-scatter, loss-input gather (and their backward)
-            c["reduce_scatter"] += 2 * _rs(x, p.tp)
-            c["all_gather"] += 2 * _rs(x, p.tp)
+            c["reduce_scatter"] += first * _rs(x, p.tp) + last * _rs(x, p.tp)
+            c["all_gather"] += first * _rs(x, p.tp) + last * _rs(x, p.tp)
         else:
-            c["all_reduce"] += 2 * _ar(x, p.tp)
+            c["all_reduce"] += first * _ar(x, p.tp) + last * _ar(x, p.tp)
         # vocab-parallel cross-entropy: max, sum-exp and target per token (fp32), again in backward
-        c["all_reduce"] += 6 * _ar(loc.tokens * 4, p.tp)
+        c["all_reduce"] += last * 6 * _ar(loc.tokens * 4, p.tp)
     return c
 
 
-def step_bytes(cfg: TrainConfig, ring_rank: int | None = None) -> dict[str, float]:
-    """Every kind for one optimizer step: micro-batches, then the gradient reductions, sent by a
-    rank at `ring_rank` of its ring (None: the ring rank that sends the most)."""
+def step_bytes(cfg: TrainConfig, ring_rank: int | None = None, pp_rank: int | None = None) -> dict[str, float]:
+    """Every kind for one optimizer step: micro-batches, then the gradient reductions (and
+    ZeRO's all-gather of the updated chunks), sent by a rank at `ring_rank` of its ring and
+    `pp_rank` of its pipeline (None: the one that sends the most)."""
     m, p = cfg.model, cfg.parallel
-    if ring_rank is None:
-        ring_rank = max(range(p.cp_ring), key=lambda r: sum(micro_batch_bytes(cfg, r).values()))
-    c = Counter({k: v * cfg.grad_accum for k, v in micro_batch_bytes(cfg, ring_rank).items()})
-    n = param_counts(m, p, cfg.sequence_parallel)
+    if ring_rank is None or pp_rank is None:
+        options = [(r, q) for r in ([ring_rank] if ring_rank is not None else range(p.cp_ring))
+                   for q in ([pp_rank] if pp_rank is not None else range(p.pp))]
+        ring_rank, pp_rank = max(options, key=lambda o: sum(step_bytes(cfg, *o).values()))
+    c = Counter({k: v * cfg.grad_accum for k, v in micro_batch_bytes(cfg, ring_rank, pp_rank).items()})
+    n = param_counts(m, p, cfg.sequence_parallel, pipeline_parts(cfg)[pp_rank])
     dp_cp = p.dp * p.cp_ring * p.cp_ulysses
-    c["all_reduce"] += _ar(n.dense * 4, dp_cp) + _ar(n.expert * 4, dp_cp // p.ep) + _ar(n.tp_partial * 4, p.tp)
+    zero = cfg.optim.zero
+    for elems, r in ((n.dense, dp_cp), (n.expert, dp_cp // p.ep)):
+        if zero == 2:
+            c["reduce_scatter"] += _rs(elems * 4, r)
+        else:
+            c["all_reduce"] += _ar(elems * 4, r)
+        if zero and r > 1:
+            c["all_gather"] += elems * 4 / r * (r - 1)
+    partial = n.tp_partial / dp_cp if zero == 2 else n.tp_partial  # under ZeRO-2 only the chunks are summed
+    c["all_reduce"] += _ar(partial * 4, p.tp)
     return {k: float(v) for k, v in sorted(c.items()) if v}

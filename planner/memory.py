@@ -6,6 +6,10 @@ The peak of a training step is the larger of two moments:
   tensors the top layer recomputes and the gradients it produces, plus the buffers of its
   collectives (ring K/V in flight, Ulysses all-to-all copies);
 - the gradient sync and optimizer step: weights, gradients, moments and one bucket.
+Under ZeRO the moments are this rank's chunks (1/R of each parameter over its R replicas) and,
+at ZeRO-2, the step holds gradient chunks instead of whole gradients. Under pipeline parallelism
+each pipeline rank holds its own layers, and the activations of as many micro-batches as its
+schedule keeps in flight (`pipeline.in_flight`); the plan is the largest pipeline rank's.
 Both include the host copy of the weights and moments a background checkpoint save holds
 while it writes (`checkpoint.async_save`), as the steps it overlaps do.
 On CPU the measured peak is the resident set, so the process's own baseline (Python, torch,
@@ -22,11 +26,13 @@ from longtrain.launch.train_config import TrainConfig
 
 from longtrain.parallel.attention.ringplan import BAND_ROWS, message_rows
 
+from longtrain.parallel.grads import BUCKET_BYTES as BUCKET
+from longtrain.parallel.pipeline import in_flight
+
 from .comm import act_bytes
-from .shapes import Local, local_sizes, param_counts
+from .shapes import Local, Params, local_sizes, param_counts, pipeline_parts
 
 MIB = 2**20
-BUCKET = 64 * MIB  # gradient all-reduce bucket (`parallel.grads`)
 
 
 @dataclass
@@ -42,6 +48,8 @@ class MemoryPlan:
 
     groups: dict[str, list[Item]] = field(default_factory=dict)
     baseline: float = 0.0
+    pp_rank: int = 0  # which pipeline rank this is (the largest one's plan is reported)
+    not_at_step: tuple[str, ...] = ()  # items of "state" freed before the optimizer step (ZeRO-2 gradients)
 
     def total(self, group: str) -> float:
         return sum(i.bytes for i in self.groups.get(group, []))
@@ -52,20 +60,32 @@ class MemoryPlan:
 
     @property
     def step_peak(self) -> float:
-        return self.baseline + self.total("state") + self.total("batch") + self.total("sync")
+        state = sum(i.bytes for i in self.groups.get("state", []) if i.name not in self.not_at_step)
+        return self.baseline + state + self.total("batch") + self.total("sync")
 
     @property
     def peak(self) -> float:
         return max(self.backward_peak, self.step_peak)
 
 
-def _state(cfg: TrainConfig) -> list[Item]:
-    n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel).total
-    return [Item("parameters", 4 * n, f"{n:,} fp32 on this rank"),
-            Item("gradients", 4 * n, "fp32, from the first backward to the optimizer step"),
-            Item("AdamW moments", 8 * n, "exp_avg + exp_avg_sq, fp32"),
-            Item("checkpoint staging", 12 * n if cfg.checkpoint.async_save and cfg.checkpoint.every else 0,
-                 "host copy of parameters and moments while a background save writes them")]
+def replicas(cfg: TrainConfig) -> tuple[int, int]:
+    """(R dense, R expert): the ranks holding each copy, over which ZeRO cuts (1: ZeRO off)."""
+    p = cfg.parallel
+    span = p.dp * p.cp_ring * p.cp_ulysses
+    return (span, span // p.ep) if cfg.optim.zero else (1, 1)
+
+
+def _state(cfg: TrainConfig, n: Params) -> list[Item]:
+    rd, re_ = replicas(cfg)
+    chunks = n.dense / rd + n.expert / re_  # elements whose moments this rank keeps
+    zero = f", ZeRO-{cfg.optim.zero}: 1/{rd} of each dense and 1/{re_} of each expert parameter" if cfg.optim.zero else ""
+    grads = ("fp32, whole during backward; reduce-scattered to chunks before the step (ZeRO-2)"
+             if cfg.optim.zero == 2 else "fp32, in the gradient buckets (kept between steps)")
+    return [Item("parameters", 4 * n.total, f"{n.total:,} fp32 on this rank"),
+            Item("gradients", 4 * n.total, grads),
+            Item("AdamW moments", 8 * chunks, "exp_avg + exp_avg_sq, fp32" + zero),
+            Item("checkpoint staging", 4 * n.total + 8 * chunks if cfg.checkpoint.async_save and cfg.checkpoint.every
+                 else 0, "host copy of parameters and moments while a background save writes them")]
 
 
 def _batch(cfg: TrainConfig, loc: Local) -> list[Item]:
@@ -124,16 +144,22 @@ def _none_layer_saved(cfg: TrainConfig, loc: Local, e: int) -> float:
     return _selective_layer_saved(cfg, loc, e) + norms + linear_in + mlp
 
 
-def _saved(cfg: TrainConfig, loc: Local) -> list[Item]:
-    m, e = cfg.model, act_bytes(cfg)
+def _saved(cfg: TrainConfig, loc: Local, part, pp_rank: int) -> list[Item]:
+    m, e, p, pl = cfg.model, act_bytes(cfg), cfg.parallel, cfg.pipeline
+    layers, _, last = part
     per = _layer_saved(cfg, loc, e)
-    sp = cfg.parallel.tp > 1 and cfg.sequence_parallel
-    final = (loc.tokens if sp else loc.stream) * m.dim * e  # the loss chunks' input; each norms its own
-    return [Item("layers", per * m.n_layers, f"{per / max(1, loc.tokens):.0f} B per local token per layer "
-                                             f"(checkpoint={m.checkpoint})"),
+    sp = p.tp > 1 and cfg.sequence_parallel
+    final = (loc.tokens if sp else loc.stream) * m.dim * e if last else 0  # the loss chunks' input
+    flight = in_flight(pl.schedule, p.pp, pl.virtual_stages, cfg.grad_accum, pp_rank)
+    layers_kept = len(layers) / pl.virtual_stages * flight if p.pp > 1 else len(layers)
+    why = f"; {flight} stage forwards in flight ({pl.schedule})" if p.pp > 1 else ""
+    tables = cfg.grad_accum if p.pp > 1 else 1  # a pipeline makes every micro-batch's inputs first
+    return [Item("layers", per * layers_kept, f"{per / max(1, loc.tokens):.0f} B per local token per layer "
+                                              f"(checkpoint={m.checkpoint}){why}"),
             Item("final norm + loss input", final, "the last layer's output (gathered over tp under TP-SP); "
                                                   "the norm and logits are recomputed per chunk"),
-            Item("rotary tables", loc.tokens * m.head_dim * 4, "cos, sin [tokens, head_dim/2] fp32")]
+            Item("rotary tables", tables * loc.tokens * m.head_dim * 4, "cos, sin [tokens, head_dim/2] fp32"
+                 + (", every micro-batch's" if tables > 1 else ""))]
 
 
 def _attention_backward(cfg: TrainConfig, loc: Local, e: int) -> float:
@@ -189,17 +215,33 @@ def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
     resid = 2 * x  # gradient of the residual stream, in and out
     rows = min(m.loss_chunk, loc.tokens // cfg.data.batch_size) * cfg.data.batch_size
     loss = 3 * rows * (m.vocab_size // p.tp) * 4  # logits, softmax, gradient of one chunk (fp32)
-    return [Item("top layer backward", work + resid, what + " + residual gradients"),
-            Item("loss chunk", loss, f"{rows} rows x vocab/tp logits, fp32, recomputed per chunk")]
+    items = [Item("top layer backward", work + resid, what + " + residual gradients")]
+    if p.pp > 1:  # the gradient of a stage's input, sent back, beside the one received
+        items.append(Item("pipeline gradients", 2 * loc.stream * m.dim * 4, "activation gradients to and from "
+                                                                            "the neighbouring stages, fp32"))
+    return items + [Item("loss chunk", loss, f"{rows} rows x vocab/tp logits, fp32, recomputed per chunk")]
 
 
-def _sync(cfg: TrainConfig) -> list[Item]:
-    n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel).total
-    return [Item("gradient bucket", 2 * min(BUCKET, 4 * n), "flattened bucket and its reduced copy")]
+def _sync(cfg: TrainConfig, n: Params) -> list[Item]:
+    rd, re_ = replicas(cfg)
+    b = min(BUCKET, 4 * n.total)
+    items = []
+    if cfg.optim.zero == 2:
+        items += [Item("gradient chunks", 4 * (n.dense / rd + n.expert / re_), "this rank's reduced chunks, fp32"),
+                  Item("reduce-scatter bucket", 2 * b, "packed chunks sent and received (one bucket at a time)")]
+    if cfg.optim.zero:
+        items.append(Item("all-gather bucket", b * (1 + 1 / rd), "this rank's updated chunks and every rank's"))
+    return items or [Item("gradient bucket", 0, "reduced in place (gradients are views of their bucket)")]
 
 
 def memory_plan(cfg: TrainConfig, baseline_bytes: float = 0.0) -> MemoryPlan:
+    """The plan of the pipeline rank with the largest peak (every rank's, without pp)."""
     loc = local_sizes(cfg.model, cfg.parallel, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
-    return MemoryPlan({"state": _state(cfg), "batch": _batch(cfg, loc), "saved": _saved(cfg, loc),
-                       "transient": _transient(cfg, loc), "sync": _sync(cfg)}, baseline_bytes)
+    plans = []
+    for r, part in enumerate(pipeline_parts(cfg)):
+        n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel, part)
+        plans.append(MemoryPlan({"state": _state(cfg, n), "batch": _batch(cfg, loc), "saved": _saved(cfg, loc, part, r),
+                                 "transient": _transient(cfg, loc), "sync": _sync(cfg, n)}, baseline_bytes, r,
+                                ("gradients",) if cfg.optim.zero == 2 else ()))
+    return max(plans, key=lambda plan: plan.peak)
 

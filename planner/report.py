@@ -16,7 +16,9 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
     loc = local_sizes(cfg.model, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
     return {
         "layout": {"tp": p.tp, "cp_ulysses": p.cp_ulysses, "cp_ring": p.cp_ring, "dp": p.dp, "ep": p.ep, "pp": p.pp,
-                   "world": p.world_size},
+                   "world": p.world_size, "zero": cfg.optim.zero,
+                   **({"schedule": cfg.pipeline.schedule, "virtual_stages": cfg.pipeline.virtual_stages,
+                       "planned_pp_rank": mem.pp_rank} if p.pp > 1 else {})},
         "tokens_per_rank": loc.tokens,
         "peak_mib": round(mem.peak / MIB, 1),
         "fits": None if limit is None else mem.peak <= limit,
@@ -29,7 +31,7 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
         "flops": {"model_per_step": fl.model, "hardware_per_step": fl.hardware, "per_rank": fl.per_rank,
                   "attention_over": fl.attention_basis},
         "bytes_per_step": {k: round(v) for k, v in cand.sent.items()},  # the busiest ring rank
-        "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0).items()},  # what metrics.jsonl counts
+        "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0, 0).items()},  # what metrics.jsonl counts
         "step_seconds_min": round(cand.seconds, 3),
         "rate_flops_per_rank": rate,
         "source": source,
@@ -43,8 +45,11 @@ def _mib(x: float) -> str:
 def plan_text(obj: dict, mem: MemoryPlan) -> str:
     lay = obj["layout"]
     ep = f" (ep {lay['ep']})" if lay["ep"] > 1 else ""
-    lines = [f"layout: tp {lay['tp']} x cp_ulysses {lay['cp_ulysses']} x cp_ring {lay['cp_ring']} x dp {lay['dp']}"
-             f"{ep} = {lay['world']} ranks; "
+    pp = (f"pp {lay['pp']} ({lay['schedule']}; memory of pipeline rank {lay['planned_pp_rank']}) x "
+          if lay["pp"] > 1 else "")
+    zero = f", ZeRO-{lay['zero']}" if lay["zero"] else ""
+    lines = [f"layout: {pp}tp {lay['tp']} x cp_ulysses {lay['cp_ulysses']} x cp_ring {lay['cp_ring']} x dp {lay['dp']}"
+             f"{ep}{zero} = {lay['world']} ranks; "
              f"{obj['tokens_per_rank']:,} tokens per rank per micro-batch", "",
              "| memory per rank | MiB | what |", "|---|---|---|",
              f"| baseline | {_mib(obj['memory_mib']['baseline'])} | the process before its tensors ({obj['source']}) |"]
@@ -72,6 +77,7 @@ def layout_table(fits, rejected, limit: float | None, source: str) -> str:
     lines += [f"| {c.name()} | {_mib(c.peak_bytes / MIB)} | {c.seconds:.2f} | {c.compute_seconds:.2f} | "
               f"{c.comm_seconds:.2f} |" for c in fits]
     if rejected:
-        lines += ["", "not possible:"] + [f"- tp{d.tp} x ulysses{d.cp_ulysses} x ring{d.cp_ring} x dp{d.dp}"
-                                          f"{f' (ep{d.ep})' if d.ep > 1 else ''}: {why}" for d, why in rejected]
+        lines += ["", "not possible:"] + [f"- {f'pp{d.pp} x ' if d.pp > 1 else ''}tp{d.tp} x ulysses{d.cp_ulysses} x "
+                                          f"ring{d.cp_ring} x dp{d.dp}{f' (ep{d.ep})' if d.ep > 1 else ''}: {why}"
+                                          for d, why in rejected]
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Layouts of N ranks that can run a config, best first.
 
-Every factorization of N into tp x cp_ulysses x cp_ring x dp (x ep over dp x cp for MoE) is
-validated exactly as `longtrain train` would validate it (heads, vocabulary, sequence
-divisibility), planned, and kept if its peak fits the memory per rank. They are ordered by a
+Every factorization of N into pp x tp x cp_ulysses x cp_ring x dp (x ep over dp x cp for MoE)
+is validated exactly as `longtrain train` would validate it (heads, vocabulary, sequence
+divisibility, micro-batches for the pipeline), planned with the config's ZeRO level or, where
+that does not fit, the lowest higher one that does, and kept if its peak fits the memory per rank. They are ordered by a
 lower bound on the step time: the FLOPs per rank at the given rate, plus the bytes of the
 collectives that block compute (tp, Ulysses, expert all-to-alls, the gradient sync) at the
 given link speed; ring traffic overlaps compute and is counted only where it exceeds it.
@@ -28,6 +29,7 @@ class Candidate:
     """One layout planned: its memory, FLOPs and bytes, and the step-time bound they give."""
 
     parallel: ParallelDims
+    zero: int
     memory: MemoryPlan
     flops: StepFlops
     sent: dict[str, float]  # bytes per kind, the busiest ring rank
@@ -41,7 +43,8 @@ class Candidate:
 
     def name(self) -> str:
         p = self.parallel
-        return f"tp{p.tp} x ulysses{p.cp_ulysses} x ring{p.cp_ring} x dp{p.dp}" + (f" (ep{p.ep})" if p.ep > 1 else "")
+        return ((f"pp{p.pp} x " if p.pp > 1 else "") + f"tp{p.tp} x ulysses{p.cp_ulysses} x ring{p.cp_ring} x dp{p.dp}"
+                + (f" (ep{p.ep})" if p.ep > 1 else "") + (f" ZeRO-{self.zero}" if self.zero else ""))
 
 
 def _divisors(n: int) -> list[int]:
@@ -50,12 +53,13 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(world: int, moe: bool) -> list[ParallelDims]:
     out = []
-    for tp in _divisors(world):
-        for cu in _divisors(world // tp):
-            for cr in _divisors(world // (tp * cu)):
-                dp = world // (tp * cu * cr)
-                for ep in (_divisors(dp * cu * cr) if moe else [1]):
-                    out.append(ParallelDims(tp=tp, cp_ulysses=cu, cp_ring=cr, dp=dp, ep=ep))
+    for pp in _divisors(world):
+        for tp in _divisors(world // pp):
+            for cu in _divisors(world // (pp * tp)):
+                for cr in _divisors(world // (pp * tp * cu)):
+                    dp = world // (pp * tp * cu * cr)
+                    for ep in (_divisors(dp * cu * cr) if moe else [1]):
+                        out.append(ParallelDims(pp=pp, tp=tp, cp_ulysses=cu, cp_ring=cr, dp=dp, ep=ep))
     return out
 
 
@@ -67,7 +71,11 @@ def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float) -> Can
     blocking = sum(v for k, v in sent.items() if k in BLOCKING) / link
     ring = sum(v for k, v in sent.items() if k.startswith("ring")) / link
     comm = blocking + max(0.0, ring - compute)
-    return Candidate(cfg.parallel, mem, fl, sent, compute + comm, compute, comm)
+    p, m = cfg.parallel, cfg.grad_accum
+    if p.pp > 1:  # the 1F1B bubble (interleaved: divided by the stages per rank); p2p overlaps
+        v = cfg.pipeline.virtual_stages
+        compute *= (m + (p.pp - 1) / (v if cfg.pipeline.schedule != "1f1b" else 1)) / m
+    return Candidate(cfg.parallel, cfg.optim.zero, mem, fl, sent, compute + comm, compute, comm)
 
 
 def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: float, rate: float,
@@ -80,10 +88,13 @@ def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: fl
         except ValueError as e:
             rejected.append((dims, str(e).split(";")[0]))
             continue
-        cand = evaluate(c, baseline, rate, link)
-        if limit_bytes is not None and cand.peak_bytes > limit_bytes:
-            rejected.append((dims, f"peak {cand.peak_bytes / 2**30:.1f} GiB > {limit_bytes / 2**30:.1f} GiB"))
-            continue
-        fits.append(cand)
+        for zero in range(cfg.optim.zero, 3):  # the lowest ZeRO level that fits
+            cand = evaluate(dataclasses.replace(c, optim=dataclasses.replace(c.optim, zero=zero)), baseline, rate, link)
+            if limit_bytes is None or cand.peak_bytes <= limit_bytes:
+                fits.append(cand)
+                break
+        else:
+            rejected.append((dims, f"peak {cand.peak_bytes / 2**30:.1f} GiB > {limit_bytes / 2**30:.1f} GiB "
+                                   "(even with ZeRO-2)"))
     fits.sort(key=lambda c: (c.seconds, c.peak_bytes))
     return fits, rejected

@@ -55,13 +55,20 @@ def _swiglu(dim: int, hidden: int, tp: int) -> int:
     return 3 * dim * (hidden // tp)
 
 
-def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True) -> Params:
+def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True,
+                 part: tuple[tuple[int, ...], bool, bool] | None = None) -> Params:
+    """`part`: (layers, first stage, last stage) of a pipeline rank (`pipeline.rank_part`);
+    default the whole model."""
     tp, d, hd = p.tp, m.dim, m.head_dim
-    dense = (1 if m.tie_embeddings else 2) * (m.vocab_size // tp) * d + d  # embedding, LM head, final norm
-    replicated = d  # final norm: not split over tp
+    layers, first, last = part or (range(m.n_layers), True, True)
+    vocab = (m.vocab_size // tp) * d
+    dense = (vocab if first else 0) + (vocab + d if last else 0)  # embedding; LM head, final norm
+    if m.tie_embeddings and first and last:
+        dense -= vocab
+    replicated = d if last else 0  # final norm: not split over tp
     routers = 0  # MoH routers: each tp rank differentiates only its own heads' gates
     expert = 0
-    for i in range(m.n_layers):
+    for i in layers:
         attn = d * (m.n_heads // tp) * hd * 2 + d * (m.n_kv_heads // tp) * hd * 2  # wq, wo, wk, wv
         if m.qkv_bias:
             attn += (m.n_heads + 2 * m.n_kv_heads) // tp * hd
@@ -81,10 +88,19 @@ def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True
                 dense += _swiglu(d, hidden, tp)
         else:
             dense += _swiglu(d, m.ffn_hidden, tp)
-    # under TP-SP every unsplit weight; without it the final norm (it runs inside the tp region,
-    # per loss chunk) and the MoH routers
-    partial = (replicated if sequence_parallel else d) + routers if tp > 1 else 0
+    # under TP-SP every weight not split over tp (experts too: each tp rank routes its own
+    # tokens); without it the final norm (it runs inside the tp region, per loss chunk) and the
+    # MoH routers
+    partial = ((replicated + expert) if sequence_parallel else (d if last else 0)) + routers if tp > 1 else 0
     return Params(dense=dense, expert=expert, tp_partial=partial)
+
+
+def pipeline_parts(cfg) -> list[tuple[tuple[int, ...], bool, bool]]:
+    """Every pipeline rank's (layers, first, last), in pp order (one entry without pp)."""
+    from longtrain.parallel.pipeline import rank_part
+
+    p, pl = cfg.parallel, cfg.pipeline
+    return [rank_part(cfg.model.n_layers, p.pp, pl.virtual_stages, r, pl.split) for r in range(p.pp)]
 
 
 def full_params(m: ModelConfig) -> int:

@@ -245,3 +245,66 @@ def test_longrun_summary_tells_a_recomputed_step_from_a_kept_row():
     assert summarize(cfg, rows, plan, 1e9, killed, rows[1])["resume"]["exact"]
     assert not summarize(cfg, rows, plan, 1e9, rows[1], rows[1])["resume"]["recomputed"]
     assert not summarize(cfg, rows, plan, 1e9, dict(killed, loss=5.0), rows[1])["resume"]["exact"]
+
+
+# ---------------------------------------------------------------- pipeline and ZeRO, through the trainer
+
+STEP_CASES = {  # name: (degrees, config tree)
+    "pp2 x tp2, 1F1B": (dict(pp=2, tp=2), dict(grad_accum=2)),
+    "pp2 interleaved x dp2, ZeRO-2": (dict(pp=2, dp=2), dict(grad_accum=2, optim={"zero": 2},
+                                                             pipeline={"schedule": "interleaved", "virtual_stages": 2})),
+    "pp2 x ring2, ZeRO-1": (dict(pp=2, cp_ring=2), dict(grad_accum=2, optim={"zero": 1})),
+    "dp4, ZeRO-2": (dict(dp=4), dict(optim={"zero": 2})),
+}
+
+
+def _step_cfg(data_dir: str, degrees: dict, tree: dict) -> TrainConfig:
+    from longtrain.launch.config import build
+
+    model = dict(BASE, vocab_size=320, n_layers=4)
+    return build(TrainConfig, {**tree, "model": model, "parallel": degrees,
+                               "data": {"path": data_dir, "seq_len": 64, "batch_size": 1}})
+
+
+def trainer_step(data_dir: str, degrees: dict, tree: dict):
+    """A second training step (the first builds the pipeline): (CommStats bytes per kind, local
+    parameters, ring rank, pipeline rank)."""
+    from longtrain.data.loader import PackedLoader
+    from longtrain.launch.trainer import Trainer
+
+    cfg = _step_cfg(data_dir, degrees, tree)
+    mesh = mesh_for(**degrees)
+    loader = PackedLoader(data_dir, seq_len=64, batch_size=1, seed=0, dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"))
+    t = Trainer(cfg, mesh, loader)
+    t.train_step()
+    mesh.stats.reset()
+    t.train_step()
+    return dict(mesh.stats.bytes_sent), sum(p.numel() for p in t.model.parameters()), mesh.coord("cp_ring"), \
+        mesh.coord("pp")
+
+
+@pytest.fixture(scope="module")
+def step_data(tmp_path_factory):
+    from longtrain.data.prepare import prepare
+
+    out = str(tmp_path_factory.mktemp("plandata"))
+    prepare(["stdlib"], out, limit_bytes=100_000)
+    return out
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_pipeline_and_zero_bytes_and_params_match_a_real_step(pool4, step_data, name):
+    """Every kind the plan expects is sent within 1% (the trainer's scalar all-reduces for the
+    loss, token count and gradient norm aside: a few bytes each); each pipeline rank holds the
+    parameters the plan gives its layers."""
+    from longtrain.planner.shapes import pipeline_parts
+
+    degrees, tree = STEP_CASES[name]
+    cfg = _step_cfg(step_data, degrees, tree)
+    for got, n_params, ring_rank, pp_rank in pool4.run(trainer_step, step_data, degrees, tree):
+        want = step_bytes(cfg, ring_rank, pp_rank)
+        assert n_params == param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel,
+                                        pipeline_parts(cfg)[pp_rank]).total
+        big = {k for k, v in got.items() if v > 64} | set(want)
+        for kind in big:
+            assert abs(got.get(kind, 0) - want.get(kind, 0)) <= 0.01 * got.get(kind, 0) + 64, (kind, got, want)
