@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from longtrain.models.stages import Micro, StageModule, StepInputs
 from longtrain.models.transformer import Part
-from longtrain.parallel.pipeline import make_schedule, make_stage, rank_part, rank_stages, split_layers
+from longtrain.parallel.comm import check_agreement
+from longtrain.parallel.pipeline import SCHEDULES, make_schedule, make_stage, rank_part, rank_stages, split_layers
 
 
 def stage_part(cfg, mesh) -> Part:
@@ -40,6 +41,13 @@ class Pipelined:
         """The stages and schedule for micro-batches of token ids [b, s_local] (static shapes:
         every rank of the pipeline reads the same shapes, so no shape-inference pass runs)."""
         b, s = ids_shape
+        # every rank of the pipeline must run the same schedule on the same shapes, or sends and
+        # receives would wait for each other: said by every rank, before any of them
+        pl = self.cfg.pipeline
+        check_agreement([SCHEDULES.index(pl.schedule), pl.virtual_stages, self.microbatches, self.num_stages, b, s,
+                         self.cfg.model.n_layers], self.mesh.group("pp"), "pipeline schedule",
+                        ["schedule", "virtual_stages", "micro-batches", "stages", "batch", "seq_local", "layers"],
+                        device=self.device, stats=self.mesh.stats)
         tp_split = self.mesh.size("tp") if self.model.par.sequence_parallel else 1
         # float examples require grad: torch records that in the stage's metadata, and received
         # activations that do not would send no gradient back (the previous stage would wait)

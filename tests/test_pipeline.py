@@ -58,16 +58,18 @@ def _train(data_dir, degrees, cfg_kw, steps, batch=4, root=None, save_at=None, r
         return step(*args)
 
     t.opt.step = capture
-    losses = []
+    losses, norms = [], []
     for _ in range(steps):
-        losses.append(t.train_step().loss)
+        r = t.train_step()
+        losses.append(r.loss)
+        norms.append(r.grad_norm)
         if t.step == save_at:
             ckpt.save(root, t.step, t.model, t.opt, mesh, {"step": t.step, "loader": t.loader.state_dict()})
     from dataclasses import replace
 
     cfg_eval = replace(cfg, data=replace(cfg.data, path=data_dir, seq_len=64, batch_size=2 // dp))
     row = evaluate(t, held_out_loader(cfg_eval, mesh), 2)
-    return losses, grads, row
+    return losses, grads, dict(row, grad_norms=norms)
 
 
 def _whole(opt, p, g):
@@ -91,6 +93,7 @@ def _check(results, ref, tol=1e-5):
     for losses, g, row in results:
         assert losses == pytest.approx(ref[0], rel=tol)
         assert row["eval_loss"] == pytest.approx(ref[2]["eval_loss"], rel=1e-4)
+        assert row["grad_norms"][0] == pytest.approx(ref[2]["grad_norms"][0], rel=1e-5)  # spans every stage
         grads.update(g)
     assert set(grads) == set(ref[1])  # the stages together hold every parameter
     for n, want in ref[1].items():
@@ -201,3 +204,20 @@ def test_pipeline_8_ranks(data_dir, name, degrees, kw, model):
     finally:
         pool.close()
     _check(results, ref)
+
+
+def _mismatched(data_dir):
+    """Rank 1 runs another schedule than rank 0 (a broken launcher): both must fail, naming it."""
+    import torch.distributed as dist
+
+    schedule = "gpipe" if dist.get_rank() == 1 else "1f1b"
+    try:
+        _train(data_dir, dict(pp=2), dict(grad_accum=2, model=MODEL4, pipeline={"schedule": schedule}), 1)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_mismatched_schedules_fail_with_a_message(data_dir, pool2):
+    for said in pool2.run(_mismatched, data_dir):
+        assert "pipeline schedule: ranks disagree" in said and "'schedule': 0" in said and "'schedule': 1" in said
