@@ -36,6 +36,11 @@ CONFIGS = {
                                          "model.layer_windows=[1024,4096,1024]", "model.checkpoint=selective"],
     "tp2 x ulysses2, no ckpt, 128K": ["parallel.tp=2", "parallel.cp_ulysses=2", "data.seq_len=131072",
                                       "model.window=1024", "model.checkpoint=none"],
+    # pipeline: each rank holds 2 of 4 layers and up to pp micro-batches' activations (1F1B)
+    "pp2 x ring2, 1F1B, 4 layers, 128K": ["parallel.pp=2", "parallel.cp_ring=2", "grad_accum=2", "model.n_layers=4",
+                                          "data.seq_len=131072", "model.window=2048", "model.checkpoint=selective"],
+    "dp2 x ring2, ZeRO-2, 128K": ["parallel.dp=2", "parallel.cp_ring=2", "optim.zero=2", "data.seq_len=131072",
+                                  "model.window=2048", "model.checkpoint=selective"],
 }
 
 
