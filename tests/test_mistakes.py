@@ -83,6 +83,13 @@ CASES = [
                                               str(root / "nope.json")], 2, "nope.json not found"),
     ("elastic without Ray", lambda root, base: _train()(root, base) + ["--elastic"], 2, "--elastic needs --launcher ray"),
     ("min_world above the layout", _train("launch.min_world=2"), 2, "launch.min_world=2 is more than the layout's 1"),
+    ("a pipeline with fewer layers than stages", _train("parallel.pp=2", "grad_accum=2"), 2,
+     "model.n_layers=1 cannot fill 2 pipeline stages"),
+    ("a pipeline fed one micro-batch", _train("parallel.pp=2", "model.n_layers=2"), 2,
+     "set grad_accum >= 2"),
+    ("tied embeddings across pipeline stages", _train("parallel.pp=2", "model.n_layers=2", "grad_accum=2",
+                                                      "model.tie_embeddings=true"), 2, "model.tie_embeddings"),
+    ("an unknown ZeRO stage", _train("optim.zero=3"), 2, "zero=3 must be 0 (off), 1"),
 ]
 
 
