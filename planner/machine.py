@@ -30,8 +30,11 @@ def tiny(cfg: TrainConfig, out_dir: str) -> TrainConfig:
                                checkpoint=dataclasses.replace(cfg.checkpoint, every=0, init_from=None))
 
 
-def _baseline_rank(cfg: TrainConfig) -> float:
+def _baseline_rank(cfg: TrainConfig, pipelined: bool = False) -> float:
     from longtrain.launch.run import train_rank
+
+    if pipelined:  # a pipeline rank imports torch.distributed.pipelining (with torch.fx): ~150 MiB resident
+        import torch.distributed.pipelining  # noqa: F401
 
     rows = train_rank(cfg, log=lambda *_: None)
     return max(r["peak_mem_mib"] for r in rows[1:] or rows)
@@ -43,7 +46,7 @@ def measure_baseline_mib(cfg: TrainConfig, ranks_per_machine: int) -> float:
 
     threads = max(1, (os.cpu_count() or 1) // max(1, ranks_per_machine))
     with tempfile.TemporaryDirectory(prefix="longtrain-plan-") as out:
-        return spawn_local(_baseline_rank, 1, tiny(cfg, out), threads=threads)[0]
+        return spawn_local(_baseline_rank, 1, tiny(cfg, out), cfg.parallel.pp > 1, threads=threads)[0]
 
 
 def matmul_rate(threads: int, n: int = 1024, seconds: float = 0.5) -> float:

@@ -27,7 +27,7 @@ from longtrain.launch.train_config import TrainConfig
 from longtrain.parallel.attention.ringplan import BAND_ROWS, message_rows
 
 from longtrain.parallel.grads import BUCKET_BYTES as BUCKET
-from longtrain.parallel.pipeline import in_flight
+from longtrain.parallel.pipeline import in_flight, rank_stages
 
 from .comm import act_bytes
 from .shapes import Local, Params, local_sizes, param_counts, pipeline_parts
@@ -154,12 +154,29 @@ def _saved(cfg: TrainConfig, loc: Local, part, pp_rank: int) -> list[Item]:
     layers_kept = len(layers) / pl.virtual_stages * flight if p.pp > 1 else len(layers)
     why = f"; {flight} stage forwards in flight ({pl.schedule})" if p.pp > 1 else ""
     tables = cfg.grad_accum if p.pp > 1 else 1  # a pipeline makes every micro-batch's inputs first
-    return [Item("layers", per * layers_kept, f"{per / max(1, loc.tokens):.0f} B per local token per layer "
-                                              f"(checkpoint={m.checkpoint}){why}"),
+    items = [Item("layers", per * layers_kept, f"{per / max(1, loc.tokens):.0f} B per local token per layer "
+                                               f"(checkpoint={m.checkpoint}){why}")]
+    if p.pp > 1:
+        items.append(_pipeline_buffers(cfg, loc, pp_rank, flight))
+    return items + [
             Item("final norm + loss input", final, "the last layer's output (gathered over tp under TP-SP); "
                                                   "the norm and logits are recomputed per chunk"),
             Item("rotary tables", tables * loc.tokens * m.head_dim * 4, "cos, sin [tokens, head_dim/2] fp32"
                  + (", every micro-batch's" if tables > 1 else ""))]
+
+
+def _pipeline_buffers(cfg: TrainConfig, loc: Local, pp_rank: int, flight: int) -> Item:
+    """torch's pipeline stages allocate a receive buffer per micro-batch up front (activations
+    into every stage but the first, their gradients into every stage but the last), and keep
+    each in-flight micro-batch's stage output until its backward."""
+    p, pl, m = cfg.parallel, cfg.pipeline, cfg.grad_accum
+    x = loc.stream * cfg.model.dim * 4 + 4  # the fp32 residual stream and the balance-loss sum
+    stages = rank_stages(pp_rank, p.pp, pl.virtual_stages)
+    last = p.pp * pl.virtual_stages - 1
+    recv = sum((k > 0) + (k < last) for k in stages) * m * x
+    outputs = sum(k < last for k in stages) * flight / pl.virtual_stages * x
+    return Item("pipeline buffers", recv + outputs, f"receive buffers for {m} micro-batches per stage and "
+                                                    "the outputs of those in flight, fp32")
 
 
 def _attention_backward(cfg: TrainConfig, loc: Local, e: int) -> float:
@@ -216,9 +233,8 @@ def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
     rows = min(m.loss_chunk, loc.tokens // cfg.data.batch_size) * cfg.data.batch_size
     loss = 3 * rows * (m.vocab_size // p.tp) * 4  # logits, softmax, gradient of one chunk (fp32)
     items = [Item("top layer backward", work + resid, what + " + residual gradients")]
-    if p.pp > 1:  # the gradient of a stage's input, sent back, beside the one received
-        items.append(Item("pipeline gradients", 2 * loc.stream * m.dim * 4, "activation gradients to and from "
-                                                                            "the neighbouring stages, fp32"))
+    if p.pp > 1:  # the gradient of a stage's input, to be sent back
+        items.append(Item("pipeline gradient", loc.stream * m.dim * 4, "the stage input's gradient, fp32"))
     return items + [Item("loss chunk", loss, f"{rows} rows x vocab/tp logits, fp32, recomputed per chunk")]
 
 
