@@ -7,7 +7,7 @@ and ZeRO's optimizer memory, each measured side by side in one run of local CPU 
   only the first and last stage have: the bound is a little generous); the pipelined steps are
   the same model of n_layers on p ranks, 1F1B and interleaved (2 stages per rank).
 - Overlap: data-parallel ranks (`--dp`, a core each) with `optim.overlap_grad_reduce` off and on.
-- ZeRO: a data-parallel job (`--zero-dp` ranks) with `optim.zero` 0, 1 and 2: optimizer state
+- ZeRO: a data-parallel job (`--zero-dp` ranks) with `optim.zero` 0 to 3: optimizer state
   per rank (`optim_state_mib` in the metrics), peak memory, step time.
 Each part writes its own section of docs/benchmarks.md (`--only` runs some of them).
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         wide = OVERLAP if part == "overlap" else []
         sets, threads = base + wide + [f"parallel.dp={dp}", "grad_accum=1"], max(1, (os.cpu_count() or 1) // dp)
-        modes = (("false", "true") if part == "overlap" else (0, 1, 2))
+        modes = (("false", "true") if part == "overlap" else (0, 1, 2, 3))
         key = "optim.overlap_grad_reduce" if part == "overlap" else "optim.zero"
         result[part] = {"dp": dp, "threads": threads, "sets": wide,
                         "runs": {x: _job(args.config, sets + [f"{key}={x}"], args.out, threads, f"{part}-{x}")
@@ -153,7 +153,8 @@ def write_docs(path: str, cfg, r: dict, cmd: str) -> None:
         lines += ["", "Peak memory is the largest rank's resident set (the process baseline included). ZeRO-1 "
                   "adds an all-gather of the updated chunks after each step; ZeRO-2 replaces the all-reduce by "
                   "a reduce-scatter (gloo: an all-to-all and a local sum) and holds only gradient chunks at the "
-                  "optimizer step."]
+                  "optimizer step; ZeRO-3 keeps the blocks' parameters and gradients as FSDP chunks too, "
+                  "all-gathering each block for its forward and backward."]
         replace_section(path, "pipeline-zero", "ZeRO: optimizer state per rank", "\n".join(lines))
 
 

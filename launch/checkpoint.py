@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.data.shards import plain_file, sha256_file
+from longtrain.parallel.fsdp import fsdp_slice, is_sharded, local
 from longtrain.parallel.sharding import sharding_of
 
 from . import safe_dcp
@@ -49,7 +50,11 @@ def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
     """`t` (this rank's part of `p`, or of its optimizer state) as a DTensor over the global
     shape: cut over `p`'s shard axis (`Sharding`), then over its replicas where ZeRO gave this
     rank a chunk (`zero`), replicated over the rest. DTensor nests shards of one dim left to
-    right, which is how the chunks were cut."""
+    right, which is how the chunks were cut. FSDP's (ZeRO-3) DTensors are viewed the same way:
+    their local chunk, cut over the replicas along dim 0."""
+    if is_sharded(p) and zero is None:
+        zero = fsdp_slice(p)
+    t = local(t)
     s = sharding_of(p)
     axes, placements = [], []
     if s.sharded:
@@ -98,8 +103,9 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = Fals
     in host memory instead of views, for a write that runs while training changes the originals."""
     tensors = model.state_dict(keep_vars=True)  # parameters and persistent buffers, with their tags
 
-    def own_copy(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", copy=True) if stage else t.detach()
+    def own_copy(t: torch.Tensor) -> torch.Tensor:  # this rank's part (FSDP: its local chunk)
+        t = local(t.detach())
+        return t.to("cpu", copy=True) if stage else t
 
     sd = {"model": {n: _as_dtensor(own_copy(t), t, mesh) for n, t in tensors.items()}}
     own = model.quant.state_dict() if hasattr(model, "quant") else {}
@@ -401,14 +407,14 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
     with torch.no_grad():
         for n, t in model.state_dict(keep_vars=True).items():
             src = sd["model"][n]
-            t.copy_(src.to_local() if hasattr(src, "to_local") else src)
+            local(t).copy_(src.to_local() if hasattr(src, "to_local") else src)
         keys = {n: key for n, _, key, _ in _optim_entries(model, optimizer)}
         for n, st in sd.get("optim", {}).items():
             target = optimizer.state[keys[n]]
             for k, v in st.items():
                 v = v.to_local() if hasattr(v, "to_local") else v
                 if torch.is_tensor(target.get(k)) and target[k].dim():
-                    target[k].copy_(v)
+                    local(target[k]).copy_(v)
                 else:
                     target[k] = v if torch.is_tensor(v) else torch.tensor(v)
     return json.loads(sd["extra"])

@@ -221,13 +221,17 @@ def _sent(mesh) -> dict[str, int]:
 
 def _optim_bytes(trainer: Trainer) -> int:
     """Bytes of this rank's optimizer state (AdamW moments: its ZeRO chunks under ZeRO)."""
-    return sum(t.numel() * t.element_size() for st in trainer.opt.state.values() for t in st.values()
+    from longtrain.parallel.fsdp import local
+
+    return sum(local(t).numel() * t.element_size() for st in trainer.opt.state.values() for t in st.values()
                if torch.is_tensor(t))
 
 
 def _state_bytes(trainer: Trainer) -> int:
     """Bytes of this rank's checkpointed state: parameters and optimizer tensors."""
-    return sum(p.numel() * p.element_size() for p in trainer.model.parameters()) + _optim_bytes(trainer)
+    from longtrain.parallel.fsdp import local
+
+    return sum(local(p).numel() * p.element_size() for p in trainer.model.parameters()) + _optim_bytes(trainer)
 
 
 def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,

@@ -41,7 +41,8 @@ class OptimConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # global norm over every parallel group; 0 disables
     # ZeRO over each parameter's replicas (dp x cp; experts: the expert-data-parallel group):
-    # 0 off, 1 AdamW moments sharded, 2 gradients reduce-scattered too (parallel/zero.py)
+    # 0 off, 1 AdamW moments sharded, 2 gradients reduce-scattered too (parallel/zero.py),
+    # 3 the decoder blocks' parameters sharded too, on FSDP2 (parallel/fsdp.py)
     zero: int = 0
     overlap_grad_reduce: bool = True  # start gradient buckets from backward hooks, not after it
 
@@ -54,7 +55,8 @@ class OptimConfig:
             ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
             ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0 (0 disables clipping)"),
-            ("zero", self.zero in (0, 1, 2), "0 (off), 1 (optimizer state sharded) or 2 (and gradients)")) if not ok]
+            ("zero", self.zero in (0, 1, 2, 3), "0 (off), 1 (optimizer state sharded), 2 (and gradients) or 3 "
+                                                 "(and the blocks' parameters)")) if not ok]
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -21,6 +21,7 @@ from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
 from longtrain.parallel.comm import all_reduce
 from longtrain.parallel.grads import BUCKET_BYTES, GradSync, global_grad_norm
+from longtrain.parallel.fsdp import shard_blocks
 from longtrain.parallel.zero import ZeroAdamW
 
 from .pipelined import Pipelined, stage_part
@@ -74,10 +75,13 @@ class Trainer:
         self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device, sequence_parallel=cfg.sequence_parallel,
                                  part=stage_part(cfg, mesh) if piped else None)
         self.model.train()
+        if cfg.optim.zero == 3 and mesh is not None:
+            shard_blocks(self.model, mesh)
         self.opt = make_optimizer(self.model, cfg, mesh)
-        self.zero2 = self.opt.slices if isinstance(self.opt, ZeroAdamW) and self.opt.stage == 2 else {}
-        self.sync = None if mesh is None else GradSync(self.model.parameters(), mesh, zero=self.zero2,
-                                                       overlap=cfg.optim.overlap_grad_reduce)
+        self.chunked = self.opt.chunked_grads if isinstance(self.opt, ZeroAdamW) else {}
+        self.sync = None if mesh is None else GradSync(
+            self.model.parameters(), mesh, zero={p: z for p, z in self.chunked.items() if p not in self.opt.fsdp},
+            overlap=cfg.optim.overlap_grad_reduce)
         self.pipe = Pipelined(self.model, cfg, mesh, device, self.sync) if piped else None
         self.step = 0
         self.nan_skips = 0
@@ -120,7 +124,7 @@ class Trainer:
             grads = self.sync.finish()  # whole gradients, or this rank's ZeRO-2 chunks
         else:
             grads = {p: p.grad for p in self.model.parameters() if p.grad is not None}
-        norm = global_grad_norm(grads, self.mesh, chunked=self.zero2)
+        norm = global_grad_norm(grads, self.mesh, chunked=self.chunked)
         mean = all_reduce(total.float().to(self.device), self._group())
         if self.pipe is not None:  # only the last stage computed the loss
             mean = all_reduce(mean, self.mesh.group("pp"))

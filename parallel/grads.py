@@ -100,11 +100,15 @@ class GradSync:
     def __init__(self, params: Iterable[nn.Parameter], mesh, *, zero: dict[nn.Parameter, ZeroSlice] | None = None,
                  overlap: bool = False, bucket_bytes: int = BUCKET_BYTES, stats: CommStats | None = None):
         self.mesh, self.stats = mesh, stats if stats is not None else getattr(mesh, "stats", None)
+        from .fsdp import is_sharded
+
         self.params = [p for p in params if p.requires_grad]
+        self.fsdp = {p: None for p in self.params if is_sharded(p)}  # FSDP reduces these itself (ZeRO-3)
         zero = zero or {}
         # dense first, then experts (whose gradients may never arrive on a rank): buckets start
         # in this order, and later layers' gradients are ready first in backward
-        order = sorted(reversed(self.params), key=lambda p: sharding_of(p).replicas != "dp_cp")
+        order = sorted((p for p in reversed(self.params) if p not in self.fsdp),
+                       key=lambda p: sharding_of(p).replicas != "dp_cp")
         self.buckets: list[_Bucket] = []
         for p in order:
             group = mesh.group(sharding_of(p).replicas)
@@ -167,8 +171,11 @@ class GradSync:
                 b.launch(self.stats)
             b.finish(out)
         self.next = 0
+        for p in self.fsdp:  # this rank's chunk, reduce-scattered by FSDP in backward
+            if p.grad is not None:
+                out[p] = p.grad.to_local()
         for p in self.params:
-            if p not in out:
+            if p not in out and p not in self.fsdp:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 out[p] = p.grad
@@ -206,8 +213,12 @@ def sync_gradients(params: Iterable[nn.Parameter], mesh, stats: CommStats | None
 
 
 def full_tensor(p: nn.Parameter, t: torch.Tensor | None = None) -> torch.Tensor:
-    """The full (unsharded) value of `t` (default: `p` itself), gathered over its shard group."""
-    return sharding_of(p).gather(p.detach() if t is None else t)
+    """The full (unsharded) value of `t` (default: `p` itself), gathered over its shard group
+    (and first over FSDP's replicas, for a ZeRO-3 DTensor)."""
+    from .fsdp import is_sharded
+
+    t = p.detach() if t is None else t
+    return sharding_of(p).gather(t.full_tensor() if is_sharded(t) else t)
 
 
 _NORM_KINDS = [(axis, replicas) for axis in (None, "tp", "ep") for replicas in (None, "dp_cp", "edp")]

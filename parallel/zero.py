@@ -159,22 +159,28 @@ class ZeroAdamW:
     parameter's reduced chunk (`grads`). Parameters whose replica group has one rank are
     updated whole, as without ZeRO.
 
+    Stage 3: parameters FSDP already shards (`fsdp.shard_blocks`: DTensors) are updated as they
+    are, their chunk being FSDP's (`fsdp_slice`); the others as under stage 2.
+
     `param_groups` and `state` are the inner AdamW's (keyed by the chunk parameters);
     `chunks` maps each model parameter to its chunk parameter and `ZeroSlice`."""
 
     def __init__(self, param_groups: list[dict], mesh, stage: int, bucket_bytes: int, **adamw):
-        if stage not in (1, 2):
-            raise ValueError(f"ZeRO stage {stage} must be 1 or 2")
+        from .fsdp import fsdp_slice, is_sharded
+
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage {stage} must be 1, 2 or 3")
         self.stage, self.bucket_bytes, self.stats = stage, bucket_bytes, getattr(mesh, "stats", None)
         params = [p for g in param_groups for p in g["params"]]
-        self.slices = zero_slices(params, mesh)
+        self.fsdp = {p: fsdp_slice(p) for p in params if is_sharded(p)}
+        self.slices = {**zero_slices([p for p in params if p not in self.fsdp], mesh), **self.fsdp}
         self.chunks: dict[nn.Parameter, nn.Parameter] = {}
         groups = []
         for g in param_groups:
             own = []
             for p in g["params"]:
                 z = self.slices.get(p)
-                c = p if z is None else nn.Parameter(z.view(p.data))  # shares p's storage
+                c = p if z is None or p in self.fsdp else nn.Parameter(z.view(p.data))  # shares p's storage
                 self.chunks[p] = c
                 own.append(c)
             groups.append({**g, "params": own})
@@ -184,11 +190,18 @@ class ZeroAdamW:
     def step(self, grads: dict[nn.Parameter, torch.Tensor]) -> None:
         """`grads`: each parameter's reduced gradient (whole, or its chunk under stage 2)."""
         for p, c in self.chunks.items():
+            if p in self.fsdp:  # its gradient is FSDP's reduced DTensor already
+                continue
             g = grads.get(p)
             z = self.slices.get(p)
             c.grad = None if g is None else (z.view(g) if z is not None and self.stage == 1 else g)
         self.opt.step()
-        gather_params(self.slices, self.bucket_bytes, self.stats)
+        gather_params({p: z for p, z in self.slices.items() if p not in self.fsdp}, self.bucket_bytes, self.stats)
+
+    @property
+    def chunked_grads(self) -> dict[nn.Parameter, ZeroSlice]:
+        """Parameters whose reduced gradient is only this rank's chunk (stages 2 and 3)."""
+        return self.slices if self.stage >= 2 else {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.opt.zero_grad(set_to_none=set_to_none)

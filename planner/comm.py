@@ -125,13 +125,19 @@ def step_bytes(cfg: TrainConfig, ring_rank: int | None = None, pp_rank: int | No
     n = param_counts(m, p, cfg.sequence_parallel, pipeline_parts(cfg)[pp_rank])
     dp_cp = p.dp * p.cp_ring * p.cp_ulysses
     zero = cfg.optim.zero
-    for elems, r in ((n.dense, dp_cp), (n.expert, dp_cp // p.ep)):
-        if zero == 2:
+    groups = ((n.dense, dp_cp), (n.expert, dp_cp // p.ep))
+    if zero == 3:  # FSDP: each block gathered for forward and again for backward, gradients
+        # reduce-scattered, every micro-batch (its own collectives: CommStats does not see them)
+        for elems, r in ((n.block_dense, dp_cp), (n.expert, dp_cp // p.ep)):
+            c["fsdp"] += cfg.grad_accum * (2 * elems * 4 / r * (r - 1) + _rs(elems * 4, r))
+        groups = ((n.outside_blocks, dp_cp),)  # the rest as under ZeRO-2
+    for elems, r in groups:
+        if zero >= 2:
             c["reduce_scatter"] += _rs(elems * 4, r)
         else:
             c["all_reduce"] += _ar(elems * 4, r)
         if zero and r > 1:
             c["all_gather"] += elems * 4 / r * (r - 1)
-    partial = n.tp_partial / dp_cp if zero == 2 else n.tp_partial  # under ZeRO-2 only the chunks are summed
+    partial = n.tp_partial / dp_cp if zero >= 2 else n.tp_partial  # under ZeRO-2/3 only the chunks are summed
     c["all_reduce"] += _ar(partial * 4, p.tp)
     return {k: float(v) for k, v in sorted(c.items()) if v}

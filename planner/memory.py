@@ -81,10 +81,15 @@ def _state(cfg: TrainConfig, n: Params) -> list[Item]:
     zero = f", ZeRO-{cfg.optim.zero}: 1/{rd} of each dense and 1/{re_} of each expert parameter" if cfg.optim.zero else ""
     grads = ("fp32, whole during backward; reduce-scattered to chunks before the step (ZeRO-2)"
              if cfg.optim.zero == 2 else "fp32, in the gradient buckets (kept between steps)")
-    return [Item("parameters", 4 * n.total, f"{n.total:,} fp32 on this rank"),
-            Item("gradients", 4 * n.total, grads),
+    held = n.total
+    if cfg.optim.zero == 3:  # the blocks' parameters and gradients are FSDP chunks between uses
+        held = n.outside_blocks + n.block_dense / rd + n.expert / re_
+        grads = "fp32: FSDP chunks of the blocks' (reduce-scattered in backward), whole for embedding and head"
+    return [Item("parameters", 4 * held, f"{held:,.0f} fp32 on this rank"
+                 + (" (the blocks' as FSDP chunks)" if cfg.optim.zero == 3 else "")),
+            Item("gradients", 4 * held, grads),
             Item("AdamW moments", 8 * chunks, "exp_avg + exp_avg_sq, fp32" + zero),
-            Item("checkpoint staging", 4 * n.total + 8 * chunks if cfg.checkpoint.async_save and cfg.checkpoint.every
+            Item("checkpoint staging", 4 * held + 8 * chunks if cfg.checkpoint.async_save and cfg.checkpoint.every
                  else 0, "host copy of parameters and moments while a background save writes them")]
 
 
@@ -233,6 +238,11 @@ def _transient(cfg: TrainConfig, loc: Local) -> list[Item]:
     rows = min(m.loss_chunk, loc.tokens // cfg.data.batch_size) * cfg.data.batch_size
     loss = 3 * rows * (m.vocab_size // p.tp) * 4  # logits, softmax, gradient of one chunk (fp32)
     items = [Item("top layer backward", work + resid, what + " + residual gradients")]
+    if cfg.optim.zero == 3:  # FSDP unshards a block for its backward (and prefetches the next)
+        n = param_counts(m, p, cfg.sequence_parallel)
+        block = (n.block_dense + n.expert) / m.n_layers * 4
+        items.append(Item("FSDP unsharded blocks", 3 * block, "two blocks' parameters (one prefetched) and one's "
+                                                              "unsharded gradients, fp32"))
     if p.pp > 1:  # the gradient of a stage's input, to be sent back
         items.append(Item("pipeline gradient", loc.stream * m.dim * 4, "the stage input's gradient, fp32"))
     return items + [Item("loss chunk", loss, f"{rows} rows x vocab/tp logits, fp32, recomputed per chunk")]
@@ -243,8 +253,9 @@ def _sync(cfg: TrainConfig, n: Params) -> list[Item]:
     b = min(BUCKET, 4 * n.total)
     items = []
     if cfg.optim.zero == 2:
-        items += [Item("gradient chunks", 4 * (n.dense / rd + n.expert / re_), "this rank's reduced chunks, fp32"),
-                  Item("reduce-scatter bucket", 2 * b, "packed chunks sent and received (one bucket at a time)")]
+        items.append(Item("gradient chunks", 4 * (n.dense / rd + n.expert / re_), "this rank's reduced chunks, fp32"))
+    if cfg.optim.zero >= 2:
+        items.append(Item("reduce-scatter bucket", 2 * b, "packed chunks sent and received (one bucket at a time)"))
     if cfg.optim.zero:
         items.append(Item("all-gather bucket", b * (1 + 1 / rd), "this rank's updated chunks and every rank's"))
     return items or [Item("gradient bucket", 0, "reduced in place (gradients are views of their bucket)")]

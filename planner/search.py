@@ -21,7 +21,8 @@ from .comm import step_bytes
 from .flops import StepFlops, step_flops
 from .memory import MemoryPlan, memory_plan
 
-BLOCKING = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "expert_all_to_all", "doc_ids", "agreement")
+BLOCKING = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "expert_all_to_all", "doc_ids", "agreement",
+            "fsdp", "pipeline")
 
 
 @dataclass
@@ -88,13 +89,13 @@ def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: fl
         except ValueError as e:
             rejected.append((dims, str(e).split(";")[0]))
             continue
-        for zero in range(cfg.optim.zero, 3):  # the lowest ZeRO level that fits
+        for zero in range(cfg.optim.zero, 4):  # the lowest ZeRO level that fits
             cand = evaluate(dataclasses.replace(c, optim=dataclasses.replace(c.optim, zero=zero)), baseline, rate, link)
             if limit_bytes is None or cand.peak_bytes <= limit_bytes:
                 fits.append(cand)
                 break
         else:
             rejected.append((dims, f"peak {cand.peak_bytes / 2**30:.1f} GiB > {limit_bytes / 2**30:.1f} GiB "
-                                   "(even with ZeRO-2)"))
+                                   "(even with ZeRO-3)"))
     fits.sort(key=lambda c: (c.seconds, c.peak_bytes))
     return fits, rejected

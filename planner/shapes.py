@@ -45,10 +45,16 @@ class Params:
     dense: int  # replicated over dp x cp (tp-sharded or not)
     expert: int  # expert weights: replicated over the expert-data-parallel group
     tp_partial: int  # part of `dense` whose gradient is also summed over tp (TP sequence parallel)
+    outside_blocks: int = 0  # part of `dense` outside the decoder blocks: embedding, final norm, head
 
     @property
     def total(self) -> int:
         return self.dense + self.expert
+
+    @property
+    def block_dense(self) -> int:
+        """Dense parameters inside the decoder blocks (what ZeRO-3 shards with FSDP)."""
+        return self.dense - self.outside_blocks
 
 
 def _swiglu(dim: int, hidden: int, tp: int) -> int:
@@ -65,6 +71,7 @@ def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True
     dense = (vocab if first else 0) + (vocab + d if last else 0)  # embedding; LM head, final norm
     if m.tie_embeddings and first and last:
         dense -= vocab
+    outside = dense
     replicated = d if last else 0  # final norm: not split over tp
     routers = 0  # MoH routers: each tp rank differentiates only its own heads' gates
     expert = 0
@@ -92,7 +99,7 @@ def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True
     # tokens); without it the final norm (it runs inside the tp region, per loss chunk) and the
     # MoH routers
     partial = ((replicated + expert) if sequence_parallel else (d if last else 0)) + routers if tp > 1 else 0
-    return Params(dense=dense, expert=expert, tp_partial=partial)
+    return Params(dense=dense, expert=expert, tp_partial=partial, outside_blocks=outside)
 
 
 def pipeline_parts(cfg) -> list[tuple[tuple[int, ...], bool, bool]]:

@@ -89,7 +89,7 @@ CASES = [
      "set grad_accum >= 2"),
     ("tied embeddings across pipeline stages", _train("parallel.pp=2", "model.n_layers=2", "grad_accum=2",
                                                       "model.tie_embeddings=true"), 2, "model.tie_embeddings"),
-    ("an unknown ZeRO stage", _train("optim.zero=3"), 2, "zero=3 must be 0 (off), 1"),
+    ("an unknown ZeRO stage", _train("optim.zero=4"), 2, "zero=4 must be 0 (off), 1"),
 ]
 
 

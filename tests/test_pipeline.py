@@ -73,10 +73,10 @@ def _train(data_dir, degrees, cfg_kw, steps, batch=4, root=None, save_at=None, r
 
 
 def _whole(opt, p, g):
-    """`p`'s reduced gradient whole on this rank: under ZeRO-2 each rank holds its chunk only,
+    """`p`'s reduced gradient whole on this rank: under ZeRO-2/3 each rank holds its chunk only,
     so the chunks are all-gathered over the replica group (as the parameters are after a step)."""
     z = getattr(opt, "slices", {}).get(p)
-    if z is None or getattr(opt, "stage", 0) != 2:
+    if z is None or getattr(opt, "stage", 0) < 2:
         return g
     import torch.distributed as dist
 
@@ -131,9 +131,9 @@ def test_pipeline_matches_one_process(data_dir, request, name, degrees, kw, mode
     _check(pool.run(_train, data_dir, degrees, dict(kw, model=model), 3), ref)
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [1, 2, 3])
 def test_pipeline_with_zero(data_dir, pool4, zero):
-    """Losses and full gradients (ZeRO-2's chunks gathered) as one process's."""
+    """Losses and full gradients (ZeRO-2/3's chunks gathered) as one process's."""
     ref = _train(data_dir, None, {"model": MODEL4, "grad_accum": 2}, 3)
     _check(pool4.run(_train, data_dir, dict(pp=2, dp=2), dict(grad_accum=2, model=MODEL4, optim={"zero": zero}), 3),
            ref)

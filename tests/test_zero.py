@@ -10,6 +10,7 @@ from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
 from longtrain.launch import checkpoint as ckpt
 from longtrain.launch.trainer import Trainer
+from longtrain.parallel.fsdp import local
 from longtrain.parallel.grads import full_tensor
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.parallel.zero import ZeroSlice
@@ -51,6 +52,15 @@ def _dim(shape, parts):
     return even[0] if even else max(range(len(shape)), key=lambda d: shape[d])
 
 
+def _model_params() -> dict:
+    from longtrain.models.config import ModelConfig
+    from longtrain.models.transformer import LongLM
+    from tests.test_trainer import MODEL
+
+    with torch.device("meta"):
+        return dict(LongLM(ModelConfig(**MODEL)).named_parameters())
+
+
 def test_device_grid_matches_the_groups():
     dims = ParallelDims(pp=2, dp=2, cp_ring=2, tp=2, ep=2)
     rows = lambda g: sorted(map(sorted, g.reshape(-1, g.shape[-1]).tolist()))  # noqa: E731
@@ -79,9 +89,10 @@ def _train(data_dir, degrees, cfg_kw, steps, root=None, save_at=None, resume=Fal
         if t.step == save_at:
             ckpt.save(root, t.step, t.model, t.opt, mesh, {"step": t.step, "loader": t.loader.state_dict()})
     params = {n: full_tensor(p) for n, p in t.model.named_parameters()}
-    state = sum(v.numel() * v.element_size() for st in t.opt.state.values() for v in st.values()
+    state = sum(local(v).numel() * v.element_size() for st in t.opt.state.values() for v in st.values()
                 if torch.is_tensor(v) and v.dim())
-    return losses, params, state
+    held = sum(local(p).numel() * p.element_size() for p in t.model.parameters())
+    return losses, params, state, held
 
 
 def _close(got, want, plain):
@@ -100,6 +111,11 @@ CASES = [
     ("dp4, ZeRO-2, uneven chunks", dict(dp=4), dict(optim={"zero": 2}), UNEVEN),
     ("dp2 x ring2, ZeRO-2, grad_accum 2", dict(dp=2, cp_ring=2), dict(optim={"zero": 2}, grad_accum=2), {}),
     ("dp4 x ep2 MoE, ZeRO-2", dict(dp=4, ep=2), dict(optim={"zero": 2}), MOE),
+    ("dp2 x tp2, ZeRO-3", dict(dp=2, tp=2), dict(optim={"zero": 3}), {}),
+    ("dp4, ZeRO-3, uneven chunks", dict(dp=4), dict(optim={"zero": 3}), UNEVEN),
+    ("dp4 x ep2 MoE, ZeRO-3", dict(dp=4, ep=2), dict(optim={"zero": 3}), MOE),
+    ("dp2 x ring2, ZeRO-3, full checkpointing, grad_accum 2", dict(dp=2, cp_ring=2),
+     dict(optim={"zero": 3}, grad_accum=2), {"checkpoint": "full"}),
 ]
 
 
@@ -116,11 +132,15 @@ def test_zero_quarters_optimizer_state_and_overlap_changes_nothing(data_dir, poo
     plain = pool4.run(_train, data_dir, dict(dp=4), dict(optim={"overlap_grad_reduce": False}), 2)
     overlapped = pool4.run(_train, data_dir, dict(dp=4), {}, 2)
     zero1 = pool4.run(_train, data_dir, dict(dp=4), dict(optim={"zero": 1}), 2)
+    zero3 = pool4.run(_train, data_dir, dict(dp=4), dict(optim={"zero": 3}), 2)
+    blocks = sum(p.numel() * 4 for n, p in _model_params().items() if n.startswith("layers."))
     for a, b in zip(plain, overlapped):
         assert a[0] == b[0]  # the same buckets summed: identical, whether started early or not
-    for a, z in zip(plain, zero1):
+    for a, z, z3 in zip(plain, zero1, zero3):
         assert z[2] == pytest.approx(a[2] / 4, rel=0.02)  # MODEL's dims all divide by 4
-        assert z[0] == pytest.approx(a[0], rel=1e-5)
+        assert z[0] == pytest.approx(a[0], rel=1e-5) and z3[0] == pytest.approx(a[0], rel=1e-5)
+        assert z3[2] == pytest.approx(a[2] / 4, rel=0.02)
+        assert z3[3] == pytest.approx(a[3] - blocks * 3 / 4, rel=0.01)  # the blocks' parameters: a quarter each
 
 
 def test_checkpoints_move_between_zero_and_plain_layouts(data_dir, tmp_path, pool4):
@@ -132,6 +152,11 @@ def test_checkpoints_move_between_zero_and_plain_layouts(data_dir, tmp_path, poo
     assert plain[0][0] == pytest.approx(full[2:], rel=1e-5)
     single = _train(data_dir, None, dict(model=UNEVEN), 2, root, resume=True)
     assert single[0] == pytest.approx(full[2:], rel=1e-5)
+    root3 = str(tmp_path / "zero3")  # ZeRO-3 (FSDP) checkpoints: the same global view
+    full = pool4.run(_train, data_dir, dict(dp=2, tp=2), dict(optim={"zero": 3}), 4, root3, 2)[0][0]
+    for resumed in pool4.run(_train, data_dir, dict(dp=4), dict(optim={"zero": 3}), 2, root3, resume=True):
+        assert resumed[0] == pytest.approx(full[2:], rel=1e-5)
+    assert _train(data_dir, None, {}, 2, root3, resume=True)[0] == pytest.approx(full[2:], rel=1e-5)
     back = str(tmp_path / "plain")  # and from a plain checkpoint into ZeRO
     full = pool4.run(_train, data_dir, dict(tp=2, cp_ring=2), {}, 4, back, 2)[0][0]
     for resumed in pool4.run(_train, data_dir, dict(dp=2, tp=2), dict(optim={"zero": 1}), 2, back, resume=True):

@@ -1,0 +1,59 @@
+"""ZeRO-3 on FSDP2: every decoder block's parameters sharded over their replicas.
+
+`shard_blocks` applies `fully_shard` to each block over the data x sequence-parallel mesh
+(`dp_cp`) and, inside MoE blocks, to the expert stacks over the expert-data-parallel mesh
+(`edp`): FSDP2 all-gathers a block's parameters for its forward and its backward and
+reduce-scatters its gradients (summed: gloo has no averaging reduction). Under it the tensor-
+and expert-parallel layers keep their own plain-tensor shards and collectives: FSDP's chunk of
+a parameter is a `torch.chunk` along dim 0 of this rank's tp (or ep) slice, the same rule as
+`zero.ZeroSlice`, so the checkpoint views it with the same nested placements as ZeRO-1/2.
+The embedding, the final norm and the head stay outside FSDP (ZeRO-2: chunked moments and
+gradients): the chunked loss reads the head's weight outside the head's forward, where FSDP's
+all-gather hooks would not run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .comm import group_size
+from .sharding import shard, sharding_of
+from .zero import ZeroSlice
+
+
+def is_sharded(t) -> bool:
+    """Whether `t` is an FSDP-managed (DTensor) parameter or state tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t` (its local tensor if a DTensor: shares its storage)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def fsdp_slice(p) -> ZeroSlice:
+    """This rank's FSDP chunk of `p` as a `ZeroSlice` (dim 0 over FSDP's 1-D mesh)."""
+    mesh = p.device_mesh
+    return ZeroSlice(tuple(p.shape), 0, mesh.size(), mesh.get_local_rank(), mesh.get_group())
+
+
+def shard_blocks(model: nn.Module, mesh) -> None:
+    """`fully_shard` each block (over dp_cp) and each expert stack (over edp) of `model`;
+    every rank calls it alike (building meshes and sharding are collectives)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    described = {n: sharding_of(p) for n, p in model.named_parameters()}
+    for block in model.layers:
+        if getattr(block, "moe", False) and group_size(mesh.group("edp")) > 1:
+            fully_shard(block.mlp.experts, mesh=mesh.device_mesh("edp")["edp"])
+        if group_size(mesh.group("dp_cp")) > 1:
+            fully_shard(block, mesh=mesh.device_mesh("dp_cp")["dp_cp"])
+    for m in model.modules():
+        if isinstance(m, FSDPModule):  # sums, as the rest of the gradient sync (gloo cannot average)
+            m.set_force_sum_reduction_for_comms(True)
+            m.set_gradient_divide_factor(1.0)
+    for n, p in model.named_parameters():  # FSDP made new parameters: carry their descriptions over
+        shard(p, described[n])
