@@ -77,10 +77,12 @@ def _optim_entries(model, optimizer) -> list[tuple[str, object, object, object]]
     None) for each parameter the optimizer updates."""
     if optimizer is None:
         return []
+    from longtrain.models.transformer import tied_name
+
     if hasattr(optimizer, "named_chunks"):  # ZeRO: state belongs to this rank's chunk
-        return list(optimizer.named_chunks(model))
+        return [(tied_name(n, model), *rest) for n, *rest in optimizer.named_chunks(model)]
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    return [(n, p, p, None) for n, p in model.named_parameters() if id(p) in owned]
+    return [(tied_name(n, model), p, p, None) for n, p in model.named_parameters() if id(p) in owned]
 
 
 def _layout(mesh) -> dict:

@@ -63,8 +63,10 @@ def load_hf_weights(model, path: str) -> None:
 
     reader = Reader(Path(path))
     with torch.no_grad():
+        from longtrain.models.transformer import tied_name
+
         for name, p in model.named_parameters():
-            p.copy_(reader(name, p))
+            p.copy_(reader(tied_name(name, model), p))
     whole = model.part.first and model.part.last and len(model.part.layers) == model.cfg.n_layers
     extra = reader.unused(model.cfg.tie_embeddings) if whole else []  # a pipeline stage reads only its layers
     if extra:

@@ -215,10 +215,6 @@ class TrainConfig:
             split_layers(self.model.n_layers, pp * pl.virtual_stages, pl.split or None)
         except PipelineError as e:
             problems.append(str(e))
-        if self.model.tie_embeddings:
-            problems.append(f"model.tie_embeddings with parallel.pp={pp}: the embedding (first stage) and the head "
-                            "(last stage) would have to share one weight across stages, which is not supported; "
-                            "set model.tie_embeddings = false or parallel.pp = 1")
         return problems
 
     def _sequence_problems(self) -> list[str]:

@@ -83,6 +83,11 @@ class Trainer:
             self.model.parameters(), mesh, zero={p: z for p, z in self.chunked.items() if p not in self.opt.fsdp},
             overlap=cfg.optim.overlap_grad_reduce)
         self.pipe = Pipelined(self.model, cfg, mesh, device, self.sync) if piped else None
+        # a tied embedding split over the first and last pipeline stage: two copies kept equal
+        # by summing their gradients (Megatron's embedding group); the head's is not counted twice
+        self.tied = None
+        if piped and cfg.model.tie_embeddings and (self.model.embed is None) != (self.model.head is None):
+            self.tied = self.model.embed.weight if self.model.embed is not None else self.model.head.weight
         self.step = 0
         self.nan_skips = 0
 
@@ -124,7 +129,10 @@ class Trainer:
             grads = self.sync.finish()  # whole gradients, or this rank's ZeRO-2 chunks
         else:
             grads = {p: p.grad for p in self.model.parameters() if p.grad is not None}
-        norm = global_grad_norm(grads, self.mesh, chunked=self.chunked)
+        if self.tied is not None:
+            all_reduce(grads[self.tied], self.mesh.group("pp_ends"), self.mesh.stats)
+        counted = {p: g for p, g in grads.items() if not (p is self.tied and self.model.embed is None)}
+        norm = global_grad_norm(counted, self.mesh, chunked=self.chunked)
         mean = all_reduce(total.float().to(self.device), self._group())
         if self.pipe is not None:  # only the last stage computed the loss
             mean = all_reduce(mean, self.mesh.group("pp"))

@@ -316,7 +316,9 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
     `init` if it has one ("ones"), since meta tensors carry no values."""
     cfg = model.cfg
     for name, p in list(model.named_parameters()):
-        local = source(name, p) if source is not None else sharding_of(p).local_slice(_full_init(p, name, cfg, seed))
+        seed_name = tied_name(name, model)  # a pipeline's last stage holds its own copy of a tied head
+        local = source(seed_name, p) if source is not None else \
+            sharding_of(p).local_slice(_full_init(p, seed_name, cfg, seed))
         new = nn.Parameter(local.to(device=device, dtype=dtype).contiguous())
         new.__dict__.update(p.__dict__)  # its Sharding
         _set(model, name, new)
@@ -332,6 +334,15 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
     if hasattr(model, "tie"):
         model.tie()  # a shared parameter is materialized once, under its first name
     return model
+
+
+def tied_name(name: str, model: nn.Module) -> str:
+    """The parameter `name` stands for: "embed.weight" for the head of a tied model whose head
+    and embedding sit on different pipeline stages (the head is a copy kept equal to it)."""
+    cfg = getattr(model, "cfg", None)
+    if name == "head.weight" and cfg is not None and cfg.tie_embeddings and getattr(model, "embed", None) is None:
+        return "embed.weight"
+    return name
 
 
 def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -129,6 +129,11 @@ class ParallelDims:
         rest = [i for i in range(len(names)) if i not in idx]
         return grid.permute(rest + idx).reshape(-1, *(grid.shape[i] for i in idx))
 
+    def pp_end_groups(self) -> list[list[int]]:
+        """Per (dp, cp, tp) coordinate, the first and last pipeline rank: the embedding and the
+        head a tied model shares across stages."""
+        return [[g[0], g[-1]] for g in self.axis_groups("pp")] if self.pp > 1 else []
+
     def edp_groups(self) -> list[list[int]]:
         """Expert-data-parallel groups: ranks holding the same experts (same place in their EP
         group), over which expert gradients are summed."""
@@ -223,5 +228,6 @@ def build_mesh(
     groups["dp_cp_tp"] = _new_groups(dims.axis_groups("dp", "cp_ring", "cp_ulysses", "tp"), rank, timeout)
     groups["edp"] = _new_groups(dims.edp_groups(), rank, timeout)
     groups["world"] = dist.group.WORLD if world > 1 else None  # job-wide reports (per-rank peaks)
+    groups["pp_ends"] = _new_groups(dims.pp_end_groups(), rank, timeout)  # tied embedding across stages
     ep_group = _new_groups(dims.ep_groups(), rank, timeout) if dims.ep > 1 else None
     return ParallelMesh(dims=dims, rank=rank, device_type=device_type, groups=groups, ep_group=ep_group)

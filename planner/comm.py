@@ -140,4 +140,7 @@ def step_bytes(cfg: TrainConfig, ring_rank: int | None = None, pp_rank: int | No
             c["all_gather"] += elems * 4 / r * (r - 1)
     partial = n.tp_partial / dp_cp if zero >= 2 else n.tp_partial  # under ZeRO-2/3 only the chunks are summed
     c["all_reduce"] += _ar(partial * 4, p.tp)
+    _, first, last = pipeline_parts(cfg)[pp_rank]
+    if p.pp > 1 and m.tie_embeddings and first != last:  # the tied embedding's two copies: gradients summed
+        c["all_reduce"] += _ar(m.vocab_size // p.tp * m.dim * 4 / (dp_cp if zero >= 2 else 1), 2)
     return {k: float(v) for k, v in sorted(c.items()) if v}

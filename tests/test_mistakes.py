@@ -87,8 +87,6 @@ CASES = [
      "model.n_layers=1 cannot fill 2 pipeline stages"),
     ("a pipeline fed one micro-batch", _train("parallel.pp=2", "model.n_layers=2"), 2,
      "set grad_accum >= 2"),
-    ("tied embeddings across pipeline stages", _train("parallel.pp=2", "model.n_layers=2", "grad_accum=2",
-                                                      "model.tie_embeddings=true"), 2, "model.tie_embeddings"),
     ("an unknown ZeRO stage", _train("optim.zero=4"), 2, "zero=4 must be 0 (off), 1"),
 ]
 

@@ -95,6 +95,8 @@ def _check(results, ref, tol=1e-5):
         assert row["eval_loss"] == pytest.approx(ref[2]["eval_loss"], rel=1e-4)
         assert row["grad_norms"][0] == pytest.approx(ref[2]["grad_norms"][0], rel=1e-5)  # spans every stage
         grads.update(g)
+    if "head.weight" in grads and "head.weight" not in ref[1]:  # tied: the last stage's copy of the embedding
+        assert (torch.as_tensor(grads.pop("head.weight")) - torch.as_tensor(grads["embed.weight"])).abs().max() == 0
     assert set(grads) == set(ref[1])  # the stages together hold every parameter
     for n, want in ref[1].items():
         got = torch.as_tensor(grads[n])
@@ -115,6 +117,10 @@ CASES = [
     ("pp2 x dp2", dict(pp=2, dp=2), dict(grad_accum=2), MODEL4),
     ("pp2 x ep2 MoE", dict(pp=2, dp=2, ep=2), dict(grad_accum=2), MOE),
     ("pp2 x tp2 MoH", dict(pp=2, tp=2), dict(grad_accum=2), MOH),
+    ("pp2 tied embeddings", dict(pp=2), dict(grad_accum=2), dict(n_layers=4, tie_embeddings=True)),
+    ("pp2 interleaved x tp2 tied embeddings, ZeRO-2", dict(pp=2, tp=2),
+     dict(grad_accum=2, optim={"zero": 2}, pipeline={"schedule": "interleaved", "virtual_stages": 2}),
+     dict(n_layers=4, tie_embeddings=True)),
     ("pp2 act-quant + selective checkpointing", dict(pp=2), dict(grad_accum=2),
      dict(n_layers=4, checkpoint="selective", act_quant={"dtype": "int8"})),
 ]
@@ -160,6 +166,14 @@ def test_checkpoints_move_between_pipeline_layouts(data_dir, tmp_path, pool2, po
         assert losses == pytest.approx(full[2:], rel=1e-5)
     for losses, _, _ in pool4.run(_train, data_dir, dict(pp=4), dict(kw, grad_accum=4), 2, 4, back, resume=True):
         assert losses == pytest.approx(full[2:], rel=1e-5)  # pp1 -> pp4: four micro-batches of one
+    tied = dict(grad_accum=2, model=dict(MODEL4, tie_embeddings=True))  # a tied embedding split over stages, and back
+    root = str(tmp_path / "tied")
+    full = pool4.run(_train, data_dir, dict(pp=2, tp=2), tied, 4, 4, root, 2)[0][0]
+    assert _train(data_dir, None, tied, 2, 4, root, resume=True)[0] == pytest.approx(full[2:], rel=1e-5)
+    back = str(tmp_path / "tied-one")
+    full = _train(data_dir, None, tied, 4, 4, back, 2)[0]
+    for losses, _, _ in pool2.run(_train, data_dir, dict(pp=2), tied, 2, 4, back, resume=True):
+        assert losses == pytest.approx(full[2:], rel=1e-5)
 
 
 def test_layers_per_stage():
@@ -175,7 +189,6 @@ def test_layers_per_stage():
      "multiple of pp=2"),
     (dict(parallel={"pp": 4}, grad_accum=4, model={"n_layers": 2}), "cannot fill 4 pipeline stages"),
     (dict(parallel={"pp": 2}, grad_accum=2, pipeline={"split": [2, 1]}), "summing to model.n_layers=2"),
-    (dict(parallel={"pp": 2}, grad_accum=2, model={"tie_embeddings": True}), "tie_embeddings"),
     (dict(pipeline={"schedule": "zbv"}, parallel={"pp": 2}, grad_accum=2), "must be one of"),
 ])
 def test_bad_pipeline_layouts_are_refused(tree, match):

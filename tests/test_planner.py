@@ -255,13 +255,15 @@ STEP_CASES = {  # name: (degrees, config tree)
                                                              pipeline={"schedule": "interleaved", "virtual_stages": 2})),
     "pp2 x ring2, ZeRO-1": (dict(pp=2, cp_ring=2), dict(grad_accum=2, optim={"zero": 1})),
     "dp4, ZeRO-2": (dict(dp=4), dict(optim={"zero": 2})),
+    "pp2 x dp2, tied embeddings, ZeRO-2": (dict(pp=2, dp=2), dict(grad_accum=2, optim={"zero": 2},
+                                                                   model={"tie_embeddings": True})),
 }
 
 
 def _step_cfg(data_dir: str, degrees: dict, tree: dict) -> TrainConfig:
     from longtrain.launch.config import build
 
-    model = dict(BASE, vocab_size=320, n_layers=4)
+    model = dict(BASE, vocab_size=320, n_layers=4, **tree.get("model", {}))
     return build(TrainConfig, {**tree, "model": model, "parallel": degrees,
                                "data": {"path": data_dir, "seq_len": 64, "batch_size": 1}})
 
