@@ -48,10 +48,9 @@ class Pipelined:
                          self.cfg.model.n_layers], self.mesh.group("pp"), "pipeline schedule",
                         ["schedule", "virtual_stages", "micro-batches", "stages", "batch", "seq_local", "layers"],
                         device=self.device, stats=self.mesh.stats)
-        tp_split = self.mesh.size("tp") if self.model.par.sequence_parallel else 1
         # float examples require grad: torch records that in the stage's metadata, and received
         # activations that do not would send no gradient back (the previous stage would wait)
-        x = torch.empty(b, s // tp_split, self.cfg.model.dim, device=self.device, requires_grad=True)
+        x = self._stream(b, s).requires_grad_()
         aux, loss = (torch.empty(1, device=self.device, requires_grad=True) for _ in range(2))
         ids = torch.empty(b, s, dtype=torch.long, device=self.device)
         stages = []
@@ -66,7 +65,13 @@ class Pipelined:
                                      self.mesh.stats))
         self.schedule = make_schedule(self.cfg.pipeline.schedule, stages, self.microbatches,
                                       lambda out, target: out.sum())
-        self.ids_shape, self.x_shape = ids_shape, tuple(x.shape)
+        self.ids_shape = ids_shape
+
+    def _stream(self, b: int, s: int) -> torch.Tensor:
+        """An empty residual stream between stages for micro-batches of ids [b, s_local]:
+        [b, s_local (/tp under TP sequence parallel), dim]."""
+        tp_split = self.mesh.size("tp") if self.model.par.sequence_parallel else 1
+        return torch.empty(b, s // tp_split, self.cfg.model.dim, device=self.device)
 
     @property
     def last(self) -> bool:
@@ -100,14 +105,13 @@ class Pipelined:
         (loss sum, labeled [b], correct [b])."""
         ctx = self.model.batch_context(batch["input_ids"], batch.get("doc_ids"))
         b, s = batch["input_ids"].shape
-        tp_split = self.mesh.size("tp") if self.model.par.sequence_parallel else 1
         group, pp = self.mesh.group("pp"), self.mesh.size("pp")
         x = None
         for k in range(self.num_stages):
             if k not in self.mine:
                 continue
             if k > 0:  # from the rank holding stage k - 1
-                x = torch.empty(b, s // tp_split, self.cfg.model.dim, device=self.device)
+                x = self._stream(b, s)
                 dist.recv(x, group=group, group_src=(k - 1) % pp)
             x = self.modules[self.mine.index(k)].eval_forward(x, batch["input_ids"], ctx)
             if k < self.num_stages - 1:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import CommStats, _record, all_reduce, group_size
+from .fsdp import is_sharded
 from .sharding import sharding_of
 from .zero import ZeroSlice
 
@@ -100,8 +101,6 @@ class GradSync:
     def __init__(self, params: Iterable[nn.Parameter], mesh, *, zero: dict[nn.Parameter, ZeroSlice] | None = None,
                  overlap: bool = False, bucket_bytes: int = BUCKET_BYTES, stats: CommStats | None = None):
         self.mesh, self.stats = mesh, stats if stats is not None else getattr(mesh, "stats", None)
-        from .fsdp import is_sharded
-
         self.params = [p for p in params if p.requires_grad]
         self.fsdp = {p: None for p in self.params if is_sharded(p)}  # FSDP reduces these itself (ZeRO-3)
         zero = zero or {}
@@ -183,11 +182,6 @@ class GradSync:
         _reduce_in_place(partial, self.mesh.group("tp"), self.stats)
         return out
 
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-
 
 def _reduce_in_place(tensors: list[torch.Tensor], group, stats: CommStats | None) -> None:
     """Sum `tensors` over `group` in place, bucketed (one all-reduce per dtype and bucket)."""
@@ -215,8 +209,6 @@ def sync_gradients(params: Iterable[nn.Parameter], mesh, stats: CommStats | None
 def full_tensor(p: nn.Parameter, t: torch.Tensor | None = None) -> torch.Tensor:
     """The full (unsharded) value of `t` (default: `p` itself), gathered over its shard group
     (and first over FSDP's replicas, for a ZeRO-3 DTensor)."""
-    from .fsdp import is_sharded
-
     t = p.detach() if t is None else t
     return sharding_of(p).gather(t.full_tensor() if is_sharded(t) else t)
 

@@ -20,11 +20,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from .comm import CommStats, _all_gather_single, _record, group_rank, group_size
+from .comm import CommStats, all_gather_cat, group_rank, group_size
 from .sharding import sharding_of
 
 
@@ -131,10 +130,7 @@ def gather_params(slices: dict[nn.Parameter, ZeroSlice], bucket_bytes: int, stat
         for bucket in _buckets(items, bucket_bytes):
             group, parts = bucket[0][1].group, bucket[0][1].parts
             mine = torch.cat([z.pack_mine(z.view(p.detach())) for p, z in bucket])
-            rows = torch.empty(parts * mine.numel(), dtype=mine.dtype, device=mine.device)
-            _all_gather_single(rows, mine, group=group)
-            _record(stats, "all_gather", mine.numel() * mine.element_size() * (parts - 1))
-            rows = rows.view(parts, -1)
+            rows = all_gather_cat(mine, group, 0, stats).view(parts, -1)
             with torch.no_grad():
                 for (p, z), part in zip(bucket, rows.split([z.packed for _, z in bucket], dim=1)):
                     z.unpack_all(part, p.data)

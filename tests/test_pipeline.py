@@ -78,13 +78,10 @@ def _whole(opt, p, g):
     z = getattr(opt, "slices", {}).get(p)
     if z is None or getattr(opt, "stage", 0) < 2:
         return g
-    import torch.distributed as dist
+    from longtrain.parallel.comm import all_gather_cat
 
-    mine = z.pack_mine(g)
-    rows = torch.empty(z.parts * mine.numel(), dtype=mine.dtype)
-    dist.all_gather_into_tensor(rows, mine, group=z.group)
     out = torch.empty(z.shape, dtype=g.dtype)
-    z.unpack_all(rows.view(z.parts, -1), out)
+    z.unpack_all(all_gather_cat(z.pack_mine(g), z.group, 0).view(z.parts, -1), out)
     return out
 
 
