@@ -255,3 +255,36 @@ def test_call_not_matching_plan_raises(pool4, kind, match):
         assert msg is not None and match in msg, msg
         assert silent  # no collective was issued: nobody is left waiting in one
     assert pool4.run(torch.distributed.get_world_size) == [4, 4, 4, 4]
+
+
+def test_partial_results_merge_in_any_order():
+    """`_Partial` copies the rows a piece writes first and merges the rest: pieces in any order,
+    overlapping, per batch row or for all rows, some with rows that see no key, give the exact
+    log-sum-exp combination; rows no piece wrote come out as 0 with lse -inf."""
+    from longtrain.parallel.attention.ring import _Partial
+
+    g = torch.Generator().manual_seed(3)
+    b, s, h, d = 2, 40, 3, 4
+    q = torch.empty(b, s, h, d)
+    pieces = [(slice(None), 5, 20), (slice(0, 1), 10, 30), (slice(1, 2), 0, 12), (slice(None), 15, 25),
+              (slice(0, 1), 0, 8), (slice(None), 22, 36)]
+    lse_all = torch.full((len(pieces), b, h, s), float("-inf"), dtype=torch.float64)
+    out_all = torch.zeros(len(pieces), b, s, h, d, dtype=torch.float64)
+    acc = _Partial(q)
+    for i, (bsl, a, e) in enumerate(pieces):
+        nb = len(range(b)[bsl])
+        o = torch.randn(nb, e - a, h, d, generator=g)
+        lse = torch.randn(nb, h, e - a, generator=g) * 3
+        lse[:, 0, :2] = float("-inf")  # rows of this piece that see no key of it
+        o[lse.transpose(1, 2).isinf()] = 0.0
+        acc.add(bsl, slice(a, e), o, lse)
+        out_all[i, bsl, a:e], lse_all[i, bsl, :, a:e] = o.double(), lse.double()
+    out, lse = acc.result()
+    want_lse = torch.logsumexp(lse_all, dim=0)
+    w = torch.exp(lse_all - want_lse).nan_to_num(0.0).permute(0, 1, 3, 2)[..., None]
+    want = (w * out_all).sum(0)
+    assert torch.equal(lse.isinf(), want_lse.isinf())
+    fin = ~want_lse.isinf()
+    assert torch.allclose(lse[fin].double(), want_lse[fin], atol=1e-5)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    assert (out[:, 36:] == 0).all() and lse[:, :, 36:].isinf().all()

@@ -224,9 +224,11 @@ def block_backward(dout, q, k, v, out, lse, kind: Kind, *, scale: float, q_start
 
 
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """In-place exact merge of a partial (out, lse) into fp32 accumulators (same rows)."""
-    new = torch.logaddexp(lse_acc, lse)
-    w_old = torch.exp(lse_acc - new).nan_to_num_(0.0).transpose(1, 2)[..., None]  # [b, s, h, 1]
-    w_new = torch.exp(lse - new).nan_to_num_(0.0).transpose(1, 2)[..., None]
-    out_acc.mul_(w_old).add_(out.float() * w_new)
-    lse_acc.copy_(new)
+    """In-place exact merge of a partial (out, lse) into fp32 accumulators (same rows).
+
+    The new weight exp(lse - logaddexp(lse_acc, lse)) is sigmoid(lse - lse_acc), and the old one
+    is its complement, so the merge is one lerp over the output (a row that sees nothing on
+    either side keeps its accumulator)."""
+    w = torch.sigmoid(lse - lse_acc).nan_to_num_(0.0).transpose(1, 2)[..., None]  # [b, s, h, 1]
+    lse_acc.copy_(torch.logaddexp(lse_acc, lse))
+    out_acc.lerp_(out.float(), w)

@@ -82,33 +82,85 @@ def _add(acc: torch.Tensor | None, bsl: slice, rows: slice, part: torch.Tensor, 
     return acc
 
 
+def _split(a: int, b: int, done: list[tuple[int, int]]) -> tuple[list, list]:
+    """[a, b) cut into (rows no block has written yet, rows already written), given the written
+    intervals `done` (sorted, disjoint)."""
+    fresh, seen, x = [], [], a
+    for lo, hi in done:
+        lo, hi = max(lo, a), min(hi, b)
+        if lo >= hi:
+            continue
+        if x < lo:
+            fresh.append((x, lo))
+        seen.append((lo, hi))
+        x = hi
+    if x < b:
+        fresh.append((x, b))
+    return fresh, seen
+
+
+def _cover(done: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
+    """The union of the intervals `done` and [a, b), sorted and disjoint."""
+    out = []
+    for lo, hi in sorted(done + [(a, b)]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 class _Partial:
     """Running (out, lse) of the local queries. The first block covering all rows is kept as
-    the kernel returned it: plain attention (no ring, one block) costs no extra copy."""
+    the kernel returned it: plain attention (no ring, one block) costs no extra copy. Rows a
+    block writes first are copied, not merged into zeros: a window or a document splits the
+    rows into pieces, and most rows' first piece would otherwise cost a fill and a merge."""
 
     def __init__(self, q: torch.Tensor):
         self.shape, self.device = q.shape, q.device
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
+        self.done: list[list[tuple[int, int]]] = [[] for _ in range(q.shape[0])]  # per batch row: written rows
 
-    def _empty(self) -> None:
+    def _alloc(self) -> None:
         b, s, h, _ = self.shape
-        self.out = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-        self.lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=self.device)
+        self.out = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        self.lse = torch.empty((b, h, s), dtype=torch.float32, device=self.device)
 
     def add(self, bsl: slice, rows: slice, o: torch.Tensor, l_: torch.Tensor) -> None:
+        a, b = rows.start or 0, self.shape[1] if rows.stop is None else rows.stop
+        batch = range(self.shape[0])[bsl]
         if self.out is None:
             if _whole(bsl, rows, o, self.shape):
                 self.out, self.lse = o, l_
+                self.done = [[(0, self.shape[1])] for _ in batch]
                 return
-            self._empty()
+            self._alloc()
         if self.out.dtype != torch.float32:
             self.out = self.out.float()
-        merge_(self.out[bsl, rows], self.lse[bsl, :, rows], o, l_)
+        if any(self.done[r] != self.done[batch[0]] for r in batch):  # batch rows written differently: one by one
+            for i, r in enumerate(batch):
+                self._add(slice(r, r + 1), [r], a, b, o[i:i + 1], l_[i:i + 1])
+            return
+        self._add(bsl, batch, a, b, o, l_)
+
+    def _add(self, bsl: slice, batch: range | list, a: int, b: int, o: torch.Tensor, l_: torch.Tensor) -> None:
+        fresh, seen = _split(a, b, self.done[batch[0]])
+        for x, y in fresh:
+            self.out[bsl, x:y] = o[:, x - a:y - a]
+            self.lse[bsl, :, x:y] = l_[:, :, x - a:y - a]
+        for x, y in seen:
+            merge_(self.out[bsl, x:y], self.lse[bsl, :, x:y], o[:, x - a:y - a], l_[:, :, x - a:y - a])
+        for r in batch:
+            self.done[r] = _cover(self.done[r], a, b)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:  # no key visible to any local query
-            self._empty()
+            self._alloc()
+        for r, done in enumerate(self.done):  # rows no block wrote see no key: out 0, lse -inf
+            for x, y in _split(0, self.shape[1], done)[0]:
+                self.out[r, x:y] = 0
+                self.lse[r, :, x:y] = float("-inf")
         return self.out, self.lse
 
 
