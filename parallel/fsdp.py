@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .comm import group_size
+from .comm import CommStats, group_size, nbytes
 from .sharding import shard, sharding_of
 from .zero import ZeroSlice
 
@@ -46,14 +46,43 @@ def shard_blocks(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     described = {n: sharding_of(p) for n, p in model.named_parameters()}
+    # Every block is its own FSDP root (the model around them is not sharded), and FSDP keeps a
+    # root's parameters gathered from its forward to its backward unless told otherwise: that
+    # would hold every block whole through the step. Each reshards after its forward instead.
     for block in model.layers:
         if getattr(block, "moe", False) and group_size(mesh.group("edp")) > 1:
-            fully_shard(block.mlp.experts, mesh=mesh.device_mesh("edp")["edp"])
+            fully_shard(block.mlp.experts, mesh=mesh.device_mesh("edp")["edp"], reshard_after_forward=True)
         if group_size(mesh.group("dp_cp")) > 1:
-            fully_shard(block, mesh=mesh.device_mesh("dp_cp")["dp_cp"])
+            fully_shard(block, mesh=mesh.device_mesh("dp_cp")["dp_cp"], reshard_after_forward=True)
+    gather, scatter = counted_comms(mesh.stats)
     for m in model.modules():
         if isinstance(m, FSDPModule):  # sums, as the rest of the gradient sync (gloo cannot average)
             m.set_force_sum_reduction_for_comms(True)
             m.set_gradient_divide_factor(1.0)
+            m.set_custom_all_gather(gather)
+            m.set_custom_reduce_scatter(scatter)
     for n, p in model.named_parameters():  # FSDP made new parameters: carry their descriptions over
         shard(p, described[n])
+
+
+def counted_comms(stats: CommStats | None):
+    """FSDP's own all-gather and reduce-scatter, with their bytes recorded under `fsdp` in
+    `stats` (as `comm` counts its collectives: an all-gather sends the input to p-1 ranks, a
+    reduce-scatter (p-1)/p of its input), through FSDP2's custom-collective hooks; the
+    collectives themselves are FSDP's defaults."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+    class CountedAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            if stats is not None:
+                stats.record("fsdp", nbytes(input_tensor) * (group.size() - 1))
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    class CountedReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            if stats is not None:
+                p = group.size()
+                stats.record("fsdp", nbytes(input_tensor) * (p - 1) // p)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    return CountedAllGather(), CountedReduceScatter()

@@ -127,7 +127,7 @@ def step_bytes(cfg: TrainConfig, ring_rank: int | None = None, pp_rank: int | No
     zero = cfg.optim.zero
     groups = ((n.dense, dp_cp), (n.expert, dp_cp // p.ep))
     if zero == 3:  # FSDP: each block gathered for forward and again for backward, gradients
-        # reduce-scattered, every micro-batch (its own collectives: CommStats does not see them)
+        # reduce-scattered, every micro-batch (FSDP's collectives, counted by `fsdp.counted_comms`)
         for elems, r in ((n.block_dense, dp_cp), (n.expert, dp_cp // p.ep)):
             c["fsdp"] += cfg.grad_accum * (2 * elems * 4 / r * (r - 1) + _rs(elems * 4, r))
         groups = ((n.outside_blocks, dp_cp),)  # the rest as under ZeRO-2

@@ -257,6 +257,8 @@ STEP_CASES = {  # name: (degrees, config tree)
     "dp4, ZeRO-2": (dict(dp=4), dict(optim={"zero": 2})),
     "pp2 x dp2, tied embeddings, ZeRO-2": (dict(pp=2, dp=2), dict(grad_accum=2, optim={"zero": 2},
                                                                    model={"tie_embeddings": True})),
+    "dp2 x tp2, ZeRO-3": (dict(dp=2, tp=2), dict(grad_accum=2, optim={"zero": 3})),
+    "pp2 x dp2, ZeRO-3": (dict(pp=2, dp=2), dict(grad_accum=2, optim={"zero": 3})),
 }
 
 
