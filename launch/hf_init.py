@@ -67,8 +67,13 @@ def load_hf_weights(model, path: str) -> None:
 
         for name, p in model.named_parameters():
             p.copy_(reader(tied_name(name, model), p))
-    whole = model.part.first and model.part.last and len(model.part.layers) == model.cfg.n_layers
-    extra = reader.unused(model.cfg.tie_embeddings) if whole else []  # a pipeline stage reads only its layers
+    if not (model.part.first and model.part.last and len(model.part.layers) == model.cfg.n_layers):
+        from longtrain.models.layers import Parallel
+        from longtrain.models.transformer import LongLM
+
+        with torch.device("meta"):  # a pipeline stage: the other stages' layers have a place too
+            reader.place(LongLM(model.cfg, Parallel(mesh=None)))
+    extra = reader.unused(model.cfg.tie_embeddings)
     if extra:
         raise UnsupportedModel(f"{path}: tensors {extra[:5]} have no place in the model its config.json describes")
 

@@ -321,3 +321,32 @@ def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(t
                               "data": {"path": str(tmp_path / "data"), "seq_len": 64}, "parallel": {"tp": 2}})
     with pytest.raises(ValueError, match="set model.vocab_size = 128"):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("name", ["llama-default", "qwen2-tied", "mixtral"])
+def test_a_pipeline_stage_checks_the_whole_folder(hf_models, tmp_path, name):
+    """A pipeline stage reads only its layers, yet a tensor with no place in the whole model is
+    still refused (and the other stages' layers are not taken for unknown tensors)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from longtrain.launch.hf_init import load_hf_weights
+    from longtrain.models.hf import read_config
+    from longtrain.models.transformer import Part, build_model
+
+    hf, path = hf_models[name]
+    cfg = read_config(path)[0]
+    for part in (Part(layers=(0,), first=True, last=False), Part(layers=(1,), first=False, last=True)):
+        stage = build_model(cfg, None, part=part)
+        load_hf_weights(stage, path)
+        whole = dict(hf.named_parameters())
+        mine = dict(stage.named_parameters())
+        if 0 in part.layers:
+            assert torch.equal(mine["layers.0.attn.wq.weight"], whole["model.layers.0.self_attn.q_proj.weight"])
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    tensors = load_file(bad / "model.safetensors")
+    save_file({**tensors, "model.layers.7.mlp.up_proj.weight": torch.zeros(2)}, bad / "model.safetensors")
+    with pytest.raises(UnsupportedModel, match="model.layers.7.mlp.up_proj.weight"):
+        load_hf_weights(build_model(cfg, None, part=Part(layers=(0,), first=True, last=False)), str(bad))

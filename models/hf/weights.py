@@ -161,6 +161,14 @@ class Reader:
         self.used.update(expert_names(name, range(full[0])))  # the other ranks' experts have their place too
         return torch.stack(parts)
 
+    def place(self, whole_model: torch.nn.Module) -> None:
+        """Count the tensors of every parameter of `whole_model` (a meta-device copy of the whole
+        model) as having a place: a pipeline stage reads only its own layers, and the tensors of
+        the other stages' layers are not unknown."""
+        for name, p in whole_model.named_parameters():
+            experts = expert_names(name, range(p.shape[0]))
+            self.used.update(experts if experts is not None else [hf_name(name)])
+
     def unused(self, tied: bool = False) -> list[str]:
         """Tensors of the folder no parameter took (with tied embeddings a saved lm_head.weight
         is the embedding's copy, not an unknown tensor)."""
