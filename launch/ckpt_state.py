@@ -1,0 +1,157 @@
+"""What a checkpoint holds, as `checkpoint` saves and loads it: DTensor views of this rank's
+parameters, persistent buffers and AdamW moments over their global shapes (so DCP reshards them
+between layouts), this rank's own state, the layout and the caller's `extra` entry; and how a
+loaded state is copied back into the model and the optimizer."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from longtrain.parallel.fsdp import fsdp_slice, is_sharded, local
+from longtrain.parallel.sharding import sharding_of
+
+
+def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
+    """`t` (this rank's part of `p`, or of its optimizer state) as a DTensor over the global
+    shape: cut over `p`'s shard axis (`Sharding`), then over its replicas where ZeRO gave this
+    rank a chunk (`zero`), replicated over the rest. DTensor nests shards of one dim left to
+    right, which is how the chunks were cut. FSDP's (ZeRO-3) DTensors are viewed the same way:
+    their local chunk, cut over the replicas along dim 0."""
+    if is_sharded(p) and zero is None:
+        zero = fsdp_slice(p)
+    t = local(t)
+    s = sharding_of(p)
+    axes, placements = [], []
+    if s.sharded:
+        axes.append(s.axis)
+        placements.append(s.dim)
+    if zero is not None:
+        axes.append(s.replicas)
+        placements.append(zero.dim)
+    if mesh is None or not axes:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    stride = torch.empty(s.full_shape, device="meta").stride()
+    return DTensor.from_local(t, mesh.device_mesh(*axes), [Replicate(), *(Shard(d) for d in placements)],
+                              run_check=False, shape=torch.Size(s.full_shape), stride=stride)
+
+
+def _optim_entries(model, optimizer) -> list[tuple[str, object, object, object]]:
+    """(name, model parameter, the parameter the optimizer keys its state by, ZeRO chunk or
+    None) for each parameter the optimizer updates."""
+    if optimizer is None:
+        return []
+    from longtrain.models.transformer import tied_name
+
+    if hasattr(optimizer, "named_chunks"):  # ZeRO: state belongs to this rank's chunk
+        return [(tied_name(n, model), *rest) for n, *rest in optimizer.named_chunks(model)]
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [(tied_name(n, model), p, p, None) for n, p in model.named_parameters() if id(p) in owned]
+
+
+def _layout(mesh) -> dict:
+    """The layout a checkpoint was written on (per-rank state is only valid on the same one)."""
+    import dataclasses
+
+    from longtrain.parallel.mesh import ParallelDims
+
+    return dataclasses.asdict(mesh.dims if mesh is not None else ParallelDims())
+
+
+def _rank(mesh) -> int:
+    return 0 if mesh is None else mesh.rank
+
+
+def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = False) -> dict:
+    """The state to save or to load into: DTensor views of parameters, persistent buffers (router
+    bias, ...: replicated unless tagged like a parameter) and AdamW moments; this rank's own
+    state (running activation-quantization scales) under ``rank_state.rankN``. `stage`: copies
+    in host memory instead of views, for a write that runs while training changes the originals."""
+    tensors = model.state_dict(keep_vars=True)  # parameters and persistent buffers, with their tags
+
+    def own_copy(t: torch.Tensor) -> torch.Tensor:  # this rank's part (FSDP: its local chunk)
+        t = local(t.detach())
+        return t.to("cpu", copy=True) if stage else t
+
+    sd = {"model": {n: _as_dtensor(own_copy(t), t, mesh) for n, t in tensors.items()}}
+    own = model.quant.state_dict() if hasattr(model, "quant") else {}
+    if own:
+        sd["rank_state"] = {f"rank{_rank(mesh)}": {k: own_copy(v) if torch.is_tensor(v) else v for k, v in own.items()}}
+    sd["layout"] = json.dumps(_layout(mesh))
+    optim = {}
+    for name, p, key, zero in _optim_entries(model, optimizer):
+        st = optimizer.state.get(key)
+        if not st:
+            continue
+        optim[name] = {k: (_as_dtensor(own_copy(v), p, mesh, zero) if torch.is_tensor(v) and v.dim()
+                           else own_copy(v) if torch.is_tensor(v) else v) for k, v in st.items()}
+    sd["optim"] = optim
+    sd["extra"] = json.dumps(extra)  # one opaque entry: loader position, step, anything JSON
+    return sd
+
+
+def _saved_rank_state(saved: dict, mesh) -> dict[str, torch.Tensor] | None:
+    """Empty tensors to load this rank's own state into, from the checkpoint's metadata."""
+    prefix = f"rank_state.rank{_rank(mesh)}."
+    mine = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for k, m in saved.items() if k.startswith(prefix)}
+    return mine or None
+
+
+def state_to_load(saved: dict, model, optimizer, mesh) -> dict:
+    """The state to load into, given the checkpoint's metadata `saved`: what `state_for_checkpoint`
+    saves, less what this checkpoint lacks (no layout: written before layouts were recorded) or
+    the caller does not want (no optimizer: weights only)."""
+    if optimizer is not None:
+        _init_optimizer_state(optimizer)
+    sd = state_for_checkpoint(model, optimizer, mesh, extra={})
+    sd.pop("rank_state", None)
+    if "layout" not in saved:
+        del sd["layout"]
+    if optimizer is None:
+        del sd["optim"]
+    elif "layout" in saved:
+        own = _saved_rank_state(saved, mesh)
+        if own is not None:
+            sd["rank_state"] = {f"rank{_rank(mesh)}": own}
+    return sd
+
+
+def restore(sd: dict, model, optimizer, mesh, other_layout) -> dict:
+    """Copy a loaded `state_to_load` into the model and the optimizer; returns its `extra`.
+    Per-rank state is restored only on the layout it was written on (else `other_layout()` is
+    called on rank 0)."""
+    own = sd.get("rank_state", {}).get(f"rank{_rank(mesh)}")
+    if own is not None:
+        if json.loads(sd["layout"]) == _layout(mesh):
+            model.quant.load_state_dict(own)
+        elif _rank(mesh) == 0:
+            other_layout()
+    with torch.no_grad():
+        for n, t in model.state_dict(keep_vars=True).items():
+            src = sd["model"][n]
+            local(t).copy_(src.to_local() if hasattr(src, "to_local") else src)
+        keys = {n: key for n, _, key, _ in _optim_entries(model, optimizer)}
+        for n, st in sd.get("optim", {}).items():
+            target = optimizer.state[keys[n]]
+            for k, v in st.items():
+                v = v.to_local() if hasattr(v, "to_local") else v
+                if torch.is_tensor(target.get(k)) and target[k].dim():
+                    local(target[k]).copy_(v)
+                else:
+                    target[k] = v if torch.is_tensor(v) else torch.tensor(v)
+    return json.loads(sd["extra"])
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create AdamW's moments (zeros) so there is something to load into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
