@@ -41,6 +41,9 @@ CONFIGS = {
                                           "data.seq_len=131072", "model.window=2048", "model.checkpoint=selective"],
     "dp2 x ring2, ZeRO-2, 128K": ["parallel.dp=2", "parallel.cp_ring=2", "optim.zero=2", "data.seq_len=131072",
                                   "model.window=2048", "model.checkpoint=selective"],
+    # ZeRO-3: FSDP's all-gathers and reduce-scatters counted under `fsdp`
+    "dp2 x tp2, ZeRO-3, 4 layers, 128K": ["parallel.dp=2", "parallel.tp=2", "optim.zero=3", "model.n_layers=4",
+                                          "data.seq_len=131072", "model.window=2048", "model.checkpoint=selective"],
 }
 
 
