@@ -79,9 +79,8 @@ class Trainer:
             shard_blocks(self.model, mesh)
         self.opt = make_optimizer(self.model, cfg, mesh)
         self.chunked = self.opt.chunked_grads if isinstance(self.opt, ZeroAdamW) else {}
-        self.sync = None if mesh is None else GradSync(
-            self.model.parameters(), mesh, zero={p: z for p, z in self.chunked.items() if p not in self.opt.fsdp},
-            overlap=cfg.optim.overlap_grad_reduce)
+        self.sync = None if mesh is None else GradSync(self.model.parameters(), mesh, zero=self.chunked,
+                                                       overlap=cfg.optim.overlap_grad_reduce)  # FSDP's own: left alone
         self.pipe = Pipelined(self.model, cfg, mesh, device, self.sync) if piped else None
         # a tied embedding split over the first and last pipeline stage: two copies kept equal
         # by summing their gradients (Megatron's embedding group); the head's is not counted twice

@@ -169,7 +169,8 @@ class ZeroAdamW:
         self.stage, self.bucket_bytes, self.stats = stage, bucket_bytes, getattr(mesh, "stats", None)
         params = [p for g in param_groups for p in g["params"]]
         self.fsdp = {p: fsdp_slice(p) for p in params if is_sharded(p)}
-        self.slices = {**zero_slices([p for p in params if p not in self.fsdp], mesh), **self.fsdp}
+        self.gathered = zero_slices([p for p in params if p not in self.fsdp], mesh)  # all-gathered after a step
+        self.slices = {**self.gathered, **self.fsdp}
         self.chunks: dict[nn.Parameter, nn.Parameter] = {}
         groups = []
         for g in param_groups:
@@ -192,7 +193,7 @@ class ZeroAdamW:
             z = self.slices.get(p)
             c.grad = None if g is None else (z.view(g) if z is not None and self.stage == 1 else g)
         self.opt.step()
-        gather_params({p: z for p, z in self.slices.items() if p not in self.fsdp}, self.bucket_bytes, self.stats)
+        gather_params(self.gathered, self.bucket_bytes, self.stats)
 
     @property
     def chunked_grads(self) -> dict[nn.Parameter, ZeroSlice]:
