@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .shards import DataError, batched, write_manifest, write_shard
+from .shards import FORMAT, MANIFEST, DataError, batched, load_manifest, write_manifest, write_shard
 from .tokenizer import load_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
@@ -87,12 +87,11 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str | None = None, text_
     Nothing existing is lost: a non-empty `out_dir` is refused unless `overwrite`; the dataset
     is written into a temporary folder beside it and renamed into place only when complete, so
     a failure leaves `out_dir` as it was (and no empty folder), and with `overwrite` the old
-    dataset is replaced in one rename."""
+    dataset is replaced in one rename. `overwrite` replaces only a longtrain dataset (a manifest
+    and the shards it lists): any other folder is refused. A symbolic link as `out_dir` stays
+    in place: the dataset is written where it points."""
     tok = load_tokenizer(tokenizer)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataError(f"--out {out} already exists and is not empty; choose another folder, or pass "
-                        "--overwrite to replace it")
+    out = _target(Path(out_dir), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -108,6 +107,35 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str | None = None, text_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _target(out: Path, overwrite: bool) -> Path:
+    """Where the dataset goes: `out`, or the folder it links to; refused if that holds something
+    this call may not replace."""
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    if not overwrite:
+        raise DataError(f"--out {out} already exists and is not empty; choose another folder, or pass "
+                        "--overwrite to replace it")
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a longtrain dataset; --overwrite replaces only a dataset "
+                        "folder: choose another --out")
+    try:
+        manifest = load_manifest(out)
+    except DataError as e:
+        raise DataError(f"--out {out} is not a longtrain dataset ({e}); --overwrite replaces only a dataset "
+                        "folder: choose another --out") from None
+    shards = manifest.get("shards") if manifest.get("format") == FORMAT else None
+    ours = {MANIFEST} | {e.get("file") for e in shards or [] if isinstance(e, dict)}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if shards is None or others:
+        what = f"it also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}" if others \
+            else f"its {MANIFEST} is not a longtrain manifest"
+        raise DataError(f"--out {out} is not only a longtrain dataset ({what}); --overwrite replaces only a dataset "
+                        "folder: move those files away, or choose another --out")
+    return out
 
 
 def _into_place(tmp: Path, out: Path) -> None:

@@ -30,6 +30,8 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
+from longtrain.files import UnsafeFile, plain_file, read_json, regular, sha256_file
+
 FORMAT = "longtrain-shards-v1"
 MANIFEST = "manifest.json"
 STAMPS_FORMAT = "longtrain-verified-v1"
@@ -42,25 +44,6 @@ log = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """Bad input data; the message names the file and what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def plain_file(folder: Path, name) -> Path | None:
-    """`folder / name` if `name` is a plain file name that stays in `folder` (no separators, no
-    `..`, no symbolic link leading out), else None."""
-    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-        return None
-    target = folder / name
-    if target.is_symlink() and target.resolve().parent != folder.resolve():
-        return None
-    return target
 
 
 def _dtype(vocab_size: int):
@@ -125,8 +108,10 @@ class StampCache:
     whole cache to a temporary name and rename it into place, merged with what is on disk just
     before, so a reader never sees a half-written file and a lost race costs one rehash. Where
     no cache can be written, the shards are hashed on every open.
-    A file modified within RACY_NS of its hash gets no stamp, because a second edit inside the
-    same timestamp tick would leave the stamp unchanged (git's "racy clean" problem).
+    A file modified (or restored with an old mtime: `cp -p`, `touch -r`, which set ctime) within
+    RACY_NS of its hash gets no stamp, because a second change inside the same timestamp tick
+    would leave the stamp unchanged (git's "racy clean" problem); the later of mtime and ctime
+    counts, so coarse ctime ticks cannot hide a restore either.
     """
 
     def __init__(self, data_dir: str | os.PathLike, trust: bool = True):
@@ -152,7 +137,7 @@ class StampCache:
 
     def record(self, entry: dict, st: os.stat_result) -> None:
         """`st` is the stat taken before hashing: an edit during the hash leaves a stale stamp."""
-        if time.time_ns() - st.st_mtime_ns >= RACY_NS:
+        if _now() - max(st.st_mtime_ns, st.st_ctime_ns) >= RACY_NS:
             self.new[entry["file"]] = self._stamp(entry, st)
 
     def save(self) -> None:
@@ -174,12 +159,16 @@ class StampCache:
         self.new = {}
 
 
+def _now() -> int:
+    return time.time_ns()
+
+
 def _stat(path: Path, entry: dict) -> os.stat_result:
     """The check every open makes: the shard is there, at the size `prepare` wrote."""
     if not path.exists():
         raise DataError(f"shard {path} listed in the manifest is missing; re-run `longtrain prepare`, "
                         "or restore the file")
-    st = path.stat()
+    st = regular(path, DataError)
     if st.st_size != entry["bytes"]:
         raise DataError(f"shard {path} is {st.st_size} bytes but the manifest says {entry['bytes']} "
                         f"(truncated or replaced): {CHANGED}")
@@ -193,7 +182,7 @@ def verify_shard(path: Path, entry: dict, stamps: StampCache | None) -> None:
         return
     try:
         digest = sha256_file(path)
-    except OSError as e:
+    except (OSError, UnsafeFile) as e:
         raise DataError(f"shard {path} cannot be read ({e}); fix its permissions or restore the file") from e
     if digest != entry["sha256"]:
         raise DataError(f"shard {path} does not match its SHA-256 checksum in the manifest "
@@ -215,22 +204,54 @@ def open_shard(path: Path, entry: dict, vocab_size: int, verify_checksum: bool,
         table = pa.ipc.open_file(mm).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"shard {path} is not a readable Arrow IPC file ({e}); re-run `longtrain prepare`") from e
-    if table.schema.names != ["tokens"] or not pa.types.is_large_list(table.schema.field("tokens").type):
+    kind = table.schema.field("tokens").type if table.schema.names == ["tokens"] else None
+    if kind is None or not pa.types.is_large_list(kind) or kind.value_type not in (pa.uint16(), pa.uint32()):
         raise DataError(f"shard {path} has schema {table.schema}, expected one column 'tokens' of "
                         f"large_list<uint16|uint32>; it was not written by `longtrain prepare`")
-    col = table.column("tokens").combine_chunks() if table.num_rows else None
+    chunks = [c for c in table.column("tokens").chunks if len(c)]
+    if len(chunks) > 1:
+        raise DataError(f"shard {path} holds {len(chunks)} record batches; `longtrain prepare` writes one: re-run it")
+    col = chunks[0] if chunks else None
     if col is None:
         offsets, values = np.zeros(1, np.int64), np.zeros(0, np.uint32)
     else:
-        offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset: col.offset + len(col) + 1]
-        values = col.values.to_numpy(zero_copy_only=True)
+        offsets, values = _offsets_and_values(path, col)
     if len(offsets) - 1 != entry["documents"] or int(offsets[-1] - offsets[0]) != entry["tokens"]:
         raise DataError(f"shard {path} holds {len(offsets) - 1} documents / {int(offsets[-1] - offsets[0])} "
                         f"tokens, the manifest says {entry['documents']} / {entry['tokens']}")
     if values.size and int(values.max()) >= vocab_size:
         raise DataError(f"shard {path} contains token id {int(values.max())} outside the vocabulary "
                         f"(size {vocab_size}); it was prepared with another tokenizer")
-    return Shard(path, offsets - offsets[0], values[offsets[0]:], mm)
+    return Shard(path, offsets - offsets[0], values[offsets[0]:offsets[-1]], mm)
+
+
+def _offsets_and_values(path: Path, col) -> tuple[np.ndarray, np.ndarray]:
+    """The document offsets and token values of a shard's column, read from its buffers
+    directly (memory-mapped, no copy) after checking what Arrow itself does not check on a
+    read: the offsets never decrease (a negative-length document) and stay inside the values
+    buffer (else a read past its end). The first bad row is named."""
+    buffers = col.buffers()
+    if len(buffers) < 4 or buffers[1] is None or buffers[3] is None:
+        raise DataError(f"shard {path}: its tokens column has no offsets or values buffer; re-run `longtrain prepare`")
+    offsets = np.frombuffer(buffers[1], dtype=np.int64)
+    if len(offsets) < col.offset + len(col) + 1:
+        raise DataError(f"shard {path}: its offsets buffer holds {len(offsets)} entries for {len(col)} rows; "
+                        "re-run `longtrain prepare`")
+    offsets = offsets[col.offset: col.offset + len(col) + 1]
+    width = col.type.value_type.bit_width // 8
+    values = np.frombuffer(buffers[3], dtype=np.uint16 if width == 2 else np.uint32)
+    if col.values.offset:  # a sliced child array: the offsets count from its start
+        values = values[col.values.offset:]
+    bad = np.flatnonzero(np.diff(offsets) < 0)
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(f"shard {path}: row {row} ends at offset {int(offsets[row + 1])}, before it starts "
+                        f"({int(offsets[row])}); the offsets must not decrease: re-run `longtrain prepare`")
+    if offsets[0] < 0 or offsets[-1] > len(values):
+        row = int(np.flatnonzero((offsets < 0) | (offsets > len(values)))[0])
+        raise DataError(f"shard {path}: row {max(row - 1, 0)}'s offsets reach {int(offsets[row])}, outside its "
+                        f"{len(values)} token values; re-run `longtrain prepare`")
+    return offsets, values
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
@@ -242,9 +263,11 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path} is a symbolic link leading out of the dataset folder; a dataset is read only "
                         "from the folder it names: copy the manifest into it")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run `longtrain prepare`") from e
+        manifest = read_json(path, error=DataError)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e})") from e
+    except DataError as e:
+        raise DataError(f"{e}; re-run `longtrain prepare`") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path} holds a {type(manifest).__name__}, not a manifest object; re-run `longtrain prepare`")
     return manifest

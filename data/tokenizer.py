@@ -75,12 +75,12 @@ def load_tokenizer(spec: str | None):
 def _eos_token(path: str) -> str | None:
     """The end-of-sequence token a HF tokenizer folder names (tokenizer_config.json, JSON), so
     documents end with the model's own eos id instead of a new one past its vocabulary."""
-    import json
+    from pathlib import Path
 
-    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    from longtrain.files import read_json
+
     try:
-        with open(config) as f:
-            eos = json.load(f).get("eos_token")
+        eos = read_json(Path(path).parent / "tokenizer_config.json").get("eos_token")
     except (OSError, ValueError, AttributeError):
         return None
     return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None

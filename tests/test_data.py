@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,12 +200,17 @@ import longtrain.data.shards as shards_mod  # noqa: E402
 from longtrain.launch.cli import main as cli_main  # noqa: E402
 
 
-def _age(corpus, seconds=3600):
-    """Make the shards look prepared an hour ago: stamps are recorded only for files whose
-    mtime is older than the racy window (a fresh file might still change in the same tick)."""
-    for f in corpus.glob("*.arrow"):
-        t = f.stat().st_mtime_ns - seconds * 10**9
-        os.utime(f, ns=(t, t))
+@pytest.fixture()
+def age(monkeypatch):
+    """Make the shards look prepared an hour ago: stamps are recorded only for files whose mtime
+    and ctime are older than the racy window (a fresh file might still change in the same tick).
+    ctime cannot be set back, so the stamp cache's clock moves an hour ahead instead."""
+    def older(corpus, seconds=3600):
+        for f in corpus.glob("*.arrow"):
+            t = f.stat().st_mtime_ns - seconds * 10**9
+            os.utime(f, ns=(t, t))
+        monkeypatch.setattr(shards_mod, "_now", lambda: time.time_ns() + seconds * 10**9)
+    return older
 
 
 def _flip_byte(path):
@@ -227,25 +233,25 @@ def hashes(monkeypatch):
     return calls
 
 
-def test_a_shard_changed_in_place_is_refused_at_open(corpus):
+def test_a_shard_changed_in_place_is_refused_at_open(corpus, age):
     PackedLoader(corpus, seq_len=32, batch_size=2)  # verified (too fresh to be stamped: see _age)
     shard = sorted(corpus.glob("*.arrow"))[1]
     _flip_byte(shard)  # within the same timestamp tick as the verification, most likely
     with pytest.raises(DataError, match=f"{shard.name} does not match its SHA-256 checksum.*restore the file"):
         PackedLoader(corpus, seq_len=32, batch_size=2)
 
-    _age(corpus)
+    age(corpus)
     fresh = corpus.parent / "fresh"
     prepare([str(corpus.parent / "src")], str(fresh), shard_tokens=800)
-    _age(fresh)
+    age(fresh)
     PackedLoader(fresh, seq_len=32, batch_size=2)  # verified and stamped
     _flip_byte(fresh / shard.name)  # a later edit: new mtime, the stamp no longer vouches
     with pytest.raises(DataError, match=f"{shard.name} does not match its SHA-256 checksum"):
         PackedLoader(fresh, seq_len=32, batch_size=2)
 
 
-def test_a_truncated_shard_is_refused_with_the_fix(corpus):
-    _age(corpus)
+def test_a_truncated_shard_is_refused_with_the_fix(corpus, age):
+    age(corpus)
     PackedLoader(corpus, seq_len=32, batch_size=2)
     shard = sorted(corpus.glob("*.arrow"))[0]
     size = shard.stat().st_size
@@ -255,9 +261,9 @@ def test_a_truncated_shard_is_refused_with_the_fix(corpus):
         PackedLoader(corpus, seq_len=32, batch_size=2)
 
 
-def test_an_unchanged_dataset_is_hashed_once(corpus, hashes):
+def test_an_unchanged_dataset_is_hashed_once(corpus, hashes, age):
     n = len(list(corpus.glob("*.arrow")))
-    _age(corpus)
+    age(corpus)
     PackedLoader(corpus, seq_len=32, batch_size=2)
     assert len(hashes) == n
     PackedLoader(corpus, seq_len=32, batch_size=2, dp_rank=1, dp_size=2)
@@ -266,8 +272,8 @@ def test_an_unchanged_dataset_is_hashed_once(corpus, hashes):
     assert sorted(stamps["shards"]) == sorted(f.name for f in corpus.glob("*.arrow"))
 
 
-def test_a_touched_shard_is_rehashed_once(corpus, hashes):
-    _age(corpus)
+def test_a_touched_shard_is_rehashed_once(corpus, hashes, age):
+    age(corpus)
     PackedLoader(corpus, seq_len=32, batch_size=2)
     hashes.clear()
     shard = sorted(corpus.glob("*.arrow"))[0]
@@ -279,9 +285,9 @@ def test_a_touched_shard_is_rehashed_once(corpus, hashes):
     assert hashes == [shard.name]
 
 
-def test_a_corrupt_stamp_cache_means_rehash_not_error(corpus, hashes):
+def test_a_corrupt_stamp_cache_means_rehash_not_error(corpus, hashes, age):
     n = len(list(corpus.glob("*.arrow")))
-    _age(corpus)
+    age(corpus)
     for junk in (b"{not json", b"\xff\xfe", b'{"format": "longtrain-verified-v1", "shards": [1]}', b"[]"):
         stamp_path(corpus).write_bytes(junk)
         hashes.clear()
@@ -292,10 +298,10 @@ def test_a_corrupt_stamp_cache_means_rehash_not_error(corpus, hashes):
     assert hashes == []
 
 
-def test_concurrent_opens_leave_a_whole_cache(corpus):
+def test_concurrent_opens_leave_a_whole_cache(corpus, age):
     import threading
 
-    _age(corpus)
+    age(corpus)
     errors = []
 
     def open_one():
@@ -315,10 +321,10 @@ def test_concurrent_opens_leave_a_whole_cache(corpus):
     assert not list(stamp_path(corpus).parent.glob("*.tmp"))  # no temporary files left behind
 
 
-def test_a_read_only_dataset_still_verifies(corpus, hashes):
+def test_a_read_only_dataset_still_verifies(corpus, hashes, age):
     """Training writes nothing into the dataset folder: a read-only one verifies and is cached."""
     n = len(list(corpus.glob("*.arrow")))
-    _age(corpus)
+    age(corpus)
     before = sorted(p.name for p in corpus.iterdir())
     os.chmod(corpus, 0o555)
     try:
@@ -335,22 +341,22 @@ def test_a_read_only_dataset_still_verifies(corpus, hashes):
         os.chmod(corpus, 0o755)
 
 
-def test_an_unwritable_cache_falls_back_to_hashing(corpus, hashes, monkeypatch):
+def test_an_unwritable_cache_falls_back_to_hashing(corpus, hashes, monkeypatch, age):
     """Where no cache can be written (a read-only home), every open hashes every shard."""
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(shards_mod.tempfile, "mkstemp", refuse)
     n = len(list(corpus.glob("*.arrow")))
-    _age(corpus)
+    age(corpus)
     PackedLoader(corpus, seq_len=32, batch_size=2)
     PackedLoader(corpus, seq_len=32, batch_size=2)
     assert len(hashes) == 2 * n and not stamp_path(corpus).exists()
 
 
-def test_check_data_command(corpus, capsys, hashes):
+def test_check_data_command(corpus, capsys, hashes, age):
     files = sorted(f.name for f in corpus.glob("*.arrow"))
-    _age(corpus)
+    age(corpus)
     assert cli_main(["check-data", str(corpus)]) == 0
     out = capsys.readouterr().out
     assert all(f in out for f in files) and "all verified (full SHA-256)" in out
