@@ -16,7 +16,7 @@ hashes its share of the files, and rank 0 writes ``COMMITTED.json`` (every file 
 and SHA-256) and renames the directory to
 ``step-NNNNNNNN``. A directory without that marker is never loaded. On resume the newest
 committed checkpoint whose files match their checksums is used; a corrupt or partial one is
-reported and skipped for the previous one. Only the last `keep_last` are kept.
+reported and skipped for the previous one. Only the last `keep_last` that verify are kept.
 Limits of resharding: the model config and the global batch must not change; the optimizer
 moments reshard with the parameters; expert parameters reshard across ep like any other;
 persistent buffers (the MoE router bias) are the same on every rank and load anywhere. State
@@ -36,17 +36,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longtrain.data.shards import plain_file, sha256_file
+from longtrain.files import UnsafeFile, confined, plain_file, read_json, regular, sha256_file
 
 from . import safe_dcp
-from .ckpt_state import restore, state_for_checkpoint, state_to_load
+from .ckpt_state import check_sizes, restore, state_for_checkpoint, state_to_load
 from .safe_dcp import read_metadata
 
 MARKER = "COMMITTED.json"
 
 
 def _committed(root: Path) -> list[Path]:
-    return sorted((d for d in root.glob("step-*") if d.is_dir() and (d / MARKER).exists()), reverse=True)
+    """The step folders of `root` that carry a marker, newest first (folders linked in from
+    elsewhere included: `verify` refuses them)."""
+    return sorted((d for d in root.glob("step-*") if not d.name.endswith(".tmp") and d.is_dir()
+                   and (d / MARKER).exists()), reverse=True)
 
 
 class CheckpointError(ValueError):
@@ -107,9 +110,10 @@ def save(root: str | os.PathLike, step: int, model, optimizer, mesh, extra: dict
 
 
 def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, identity: dict | None = None,
-          group=None) -> Path:
+          group=None, verified: dict | None = None) -> Path:
     """Write, verify and commit the state `sd` (`state_for_checkpoint`) as step `step` on every
-    rank, with every collective on `group` (None: the default group). See `save`."""
+    rank, with every collective on `group` (None: the default group). `verified`: the
+    checkpoints this process found intact (`_retain`), kept across calls. See `save`."""
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
@@ -124,6 +128,7 @@ def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, iden
             tmp.mkdir(parents=True, exist_ok=True)
 
     files: dict = {}
+    verified = {} if verified is None else verified
 
     def shards():
         dcp.save(sd, checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
@@ -140,6 +145,7 @@ def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, iden
                                                   "run": identity}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            verified[final.name] = _marker_stamp(final)  # hashed just now, by every rank
 
     for phase in (prepare, shards, checksums, commit):
         error = _agree(_attempt(phase), group)
@@ -152,10 +158,47 @@ def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, iden
             dist.all_gather_object(shares, files, group=group)
             files.update({k: v for share in shares for k, v in share.items()})
     if rank0:
-        for old in _committed(root)[keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
+        _retain(root, final, keep_last, verified)
     _barrier(group)
     return final
+
+
+def _marker_stamp(path: Path) -> tuple | None:
+    try:
+        st = (path / MARKER).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _intact(path: Path, verified: dict) -> bool:
+    """Whether the checkpoint in `path` verifies, hashing it at most once per process (`verified`
+    remembers each one by its marker's identity, so a replaced checkpoint is hashed again)."""
+    stamp = _marker_stamp(path)
+    if stamp is not None and verified.get(path.name) == stamp:
+        return True
+    ok = verify(path) is None
+    if ok:
+        verified[path.name] = stamp
+    return ok
+
+
+def _retain(root: Path, newest: Path, keep_last: int, verified: dict) -> None:
+    """Keep `newest` (just written) and the newest `keep_last` - 1 other checkpoints that verify;
+    delete the older intact ones. Corrupt checkpoints do not count as kept: one older than a kept
+    checkpoint is deleted (no resume reaches it past a newer intact one), one newer than every
+    kept checkpoint is left for the user (a later save of its step replaces it). A step folder
+    linked in from elsewhere is neither counted nor touched."""
+    kept = [newest]
+    for path in _committed(root):
+        if path == newest or _outside(root, path):
+            continue
+        intact = _intact(path, verified)
+        if intact and len(kept) < keep_last:
+            kept.append(path)
+        elif intact or path.name < min(k.name for k in kept):
+            shutil.rmtree(path, ignore_errors=True)
+            verified.pop(path.name, None)
 
 
 class Saver:
@@ -170,6 +213,7 @@ class Saver:
         self.asynchronous, self.group = asynchronous, group
         self.seconds: float | None = None  # how long the last finished save took, start to commit
         self._thread: threading.Thread | None = None
+        self._verified: dict = {}  # checkpoints found intact, for retention (`_retain`)
         self._outcome: tuple[Path | None, BaseException | None] = (None, None)
 
     @property
@@ -187,7 +231,7 @@ class Saver:
 
         def work():
             try:
-                self._outcome = (write(sd, root, step, keep_last, identity, self.group), None)
+                self._outcome = (write(sd, root, step, keep_last, identity, self.group, self._verified), None)
             except BaseException as e:  # noqa: BLE001 - handed to wait(), on the training thread
                 self._outcome = (None, e)
             self.seconds = time.perf_counter() - t0
@@ -210,32 +254,57 @@ class Saver:
         return path
 
 
+def _files(path: Path) -> dict:
+    """The marker's {file name: {"bytes", "sha256"}}; UnsafeFile (a ValueError) if the marker is
+    not a regular file of the folder, is oversized, or is not what `write` writes."""
+    marker = read_json(confined(path, MARKER, "marker"))
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(i, dict) and isinstance(i.get("bytes"), int) and not isinstance(i.get("bytes"), bool)
+            and isinstance(i.get("sha256"), str) for i in files.values()):
+        raise UnsafeFile(f"{path / MARKER} is malformed: 'files' must map each file name to its 'bytes' and "
+                         "'sha256'")
+    return files
+
+
 def verify(path: Path, quick: bool = False) -> str | None:
-    """None if every file matches the marker, else what is wrong (`quick`: sizes only)."""
+    """None if every file matches the marker, else what is wrong (`quick`: sizes only). Only
+    regular files inside the folder are read."""
     try:
-        marker = json.loads((path / MARKER).read_text())
-        files = marker["files"].items()
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+        files = _files(path)
+    except (OSError, ValueError) as e:
         return f"unreadable {MARKER} ({e})"
-    for name, info in files:
+    for name, info in files.items():
         f = plain_file(path, name)
         if f is None:
             return f"{MARKER} names {name!r}, which is not a plain file of the checkpoint's folder"
         if not f.exists():
             return f"{name} is missing"
-        if f.stat().st_size != info["bytes"]:
-            return f"{name} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)"
-        if not quick and sha256_file(f) != info["sha256"]:
-            return f"{name} does not match its checksum"
+        try:
+            size = regular(f).st_size
+            if size != info["bytes"]:
+                return f"{name} is {size} bytes, expected {info['bytes']} (truncated)"
+            if not quick and sha256_file(f) != info["sha256"]:
+                return f"{name} does not match its checksum"
+        except (OSError, UnsafeFile) as e:
+            return str(e)
     return None
 
 
 def saved_identity(path: Path) -> dict | None:
     """The model config and data identity recorded with a committed checkpoint (None: older)."""
     try:
-        return json.loads((path / MARKER).read_text()).get("run")
+        run = read_json(confined(path, MARKER, "marker")).get("run")
     except (OSError, ValueError, AttributeError):
         return None
+    return run if isinstance(run, dict) else None
+
+
+def _outside(root: Path, path: Path) -> str | None:
+    """What is wrong with step folder `path` of `root` if it is a link leading out of `root`."""
+    if path.is_symlink() and path.resolve().parent != root.resolve():
+        return "a symbolic link leading out of the checkpoint folder; refused"
+    return None
 
 
 def _none_usable(root: Path, problems: list[str]) -> str:
@@ -249,7 +318,7 @@ def newest_usable(root: str | os.PathLike, quick: bool = False, log=None) -> Pat
     root = Path(root)
     problems = []
     for path in _committed(root) if root.exists() else []:
-        problem = verify(path, quick)
+        problem = _outside(root, path) or verify(path, quick)
         if problem is None:
             return path
         problems.append(f"{path.name}: {problem}")
@@ -297,7 +366,12 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
     the layout the checkpoint was written on also restores each rank's own state (running
     activation-quantization scales); on another layout those start afresh, as at step 0.
     Nothing in the checkpoint can run code (`safe_dcp`): a tampered one is refused."""
-    sd = state_to_load(read_metadata(path).state_dict_metadata, model, optimizer, mesh)
+    saved = read_metadata(path).state_dict_metadata
+    sd = state_to_load(saved, model, optimizer, mesh)
+    try:
+        check_sizes(sd, saved, path)
+    except ValueError as e:
+        raise safe_dcp.UnsafeCheckpoint(str(e)) from None
     safe_dcp.load(sd, path, no_dist=not dist.is_initialized())  # no code runs from a checkpoint
     return restore(sd, model, optimizer, mesh, lambda: log(f"{path} was written on another layout: running "
                                                             "activation-quantization scales start afresh"))

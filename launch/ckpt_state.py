@@ -93,12 +93,30 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = Fals
     return sd
 
 
-def _saved_rank_state(saved: dict, mesh) -> dict[str, torch.Tensor] | None:
-    """Empty tensors to load this rank's own state into, from the checkpoint's metadata."""
+def _saved_rank_state(saved: dict, model, mesh) -> dict[str, torch.Tensor] | None:
+    """Tensors to load this rank's own state into: this model's own (their shapes are checked
+    against the checkpoint's with the rest, `check_sizes`), where the checkpoint has them."""
     prefix = f"rank_state.rank{_rank(mesh)}."
-    mine = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for k, m in saved.items() if k.startswith(prefix)}
+    own = model.quant.state_dict() if hasattr(model, "quant") else {}
+    mine = {k: torch.empty_like(v) for k, v in own.items() if torch.is_tensor(v) and prefix + k in saved}
     return mine or None
+
+
+def check_sizes(sd: dict, saved: dict, where) -> None:
+    """Every tensor to load, against what the checkpoint's metadata `saved` declares for it:
+    the same global shape, or ValueError naming the tensor, before DCP allocates anything."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    flat, _ = flatten_state_dict(sd)
+    for fqn, value in flat.items():
+        entry = saved.get(fqn)
+        if entry is None or not torch.is_tensor(value):
+            continue  # missing: DCP names it; not a tensor: read as bytes
+        if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(value.shape):
+            declared = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else "bytes"
+            raise ValueError(f"checkpoint {where}: {fqn} is {declared} there, {tuple(value.shape)} in this model; it "
+                             "belongs to another model config: refused before reading it")
 
 
 def state_to_load(saved: dict, model, optimizer, mesh) -> dict:
@@ -114,7 +132,7 @@ def state_to_load(saved: dict, model, optimizer, mesh) -> dict:
     if optimizer is None:
         del sd["optim"]
     elif "layout" in saved:
-        own = _saved_rank_state(saved, mesh)
+        own = _saved_rank_state(saved, model, mesh)
         if own is not None:
             sd["rank_state"] = {f"rank{_rank(mesh)}": own}
     return sd

@@ -44,11 +44,12 @@ def data_identity(data) -> dict:
     """The dataset a run reads: its manifest's hash and tokenizer (shards), or the task."""
     if data.source == "passkey":
         return {"source": "passkey", "digits": data.passkey_digits}
-    manifest = Path(data.path) / "manifest.json"
+    from longtrain.files import JSON_LIMIT, confined, read_bytes
+
     try:
-        raw = manifest.read_bytes()
+        raw = read_bytes(confined(Path(data.path), "manifest.json", "manifest"), JSON_LIMIT)
         tokenizer = json.loads(raw).get("tokenizer")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return {"source": "shards", "manifest_sha256": None, "tokenizer": None}  # the loader reports it
     return {"source": "shards", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "tokenizer": tokenizer}
 
