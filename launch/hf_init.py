@@ -28,7 +28,7 @@ def hf_path(init_from: str | None) -> str | None:
 def with_hf_model(tree: dict) -> dict:
     """`tree` with its `[model]` filled from the HF model `checkpoint.init_from` names (if it
     names one); ConfigError on a disagreeing architecture field."""
-    from longtrain.models.hf import read_config
+    from longtrain.models.hf import check_weights, read_config
 
     from .config import ConfigError
 
@@ -37,6 +37,7 @@ def with_hf_model(tree: dict) -> dict:
         return tree
     try:
         hf_cfg, _ = read_config(path)
+        check_weights(path, hf_cfg)  # declared sizes against the files', before any rank allocates
     except (OSError, ValueError) as e:
         raise ConfigError(f"checkpoint.init_from={PREFIX}{path}: {e}") from e
     mine = dict(tree.get("model", {}))

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from .config import UnsupportedModel, from_hf_config, to_hf_config
+from longtrain.files import JSON_LIMIT, confined, read_json
+
 from .weights import Reader, hf_tensors, write
 
-__all__ = ["from_pretrained", "save_pretrained", "read_config", "UnsupportedModel"]
+__all__ = ["from_pretrained", "save_pretrained", "read_config", "check_weights", "UnsupportedModel"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,13 +35,23 @@ def read_config(path: str | os.PathLike, **overrides):
     """(ModelConfig, the HF config dict) of the model in `path`."""
     folder = Path(path)
     file = folder / "config.json"
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder")
-    try:
-        hf = json.loads(file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from e
+    hf = read_json(confined(folder, "config.json", "model config", ValueError), JSON_LIMIT, ValueError)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} holds a {type(hf).__name__}, not a model config object")
     return from_hf_config(hf, file, **overrides), hf
+
+
+def check_weights(path: str | os.PathLike, cfg) -> Reader:
+    """A reader of the weights in `path`, their declared shapes checked against `cfg` (the
+    config read from the same folder) before anything is allocated."""
+    reader = Reader(Path(path))
+    try:
+        reader.check_shapes(cfg)
+    except ValueError as e:
+        raise UnsupportedModel(f"{path}: {e}; the weights do not match its config.json") from None
+    return reader
 
 
 def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", dtype=torch.float32,
@@ -50,7 +62,7 @@ def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", 
     from ..transformer import build_model
 
     cfg, hf = read_config(path, **overrides)
-    reader = Reader(Path(path))
+    reader = check_weights(path, cfg)
     model = build_model(cfg, mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel, source=reader)
     extra = reader.unused(cfg.tie_embeddings)
     if extra:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from longtrain.data.shards import plain_file
+from longtrain.files import JSON_LIMIT, confined, plain_file, read_json, regular
 from longtrain.parallel.sharding import sharding_of
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -64,22 +64,23 @@ def hf_tensors(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
-    """{tensor name: weights file} of a HF model folder (safetensors, else pytorch_model.bin)."""
+    """{tensor name: weights file} of a HF model folder (safetensors, else pytorch_model.bin);
+    only regular files of the folder itself are read."""
     for index, single in ((INDEX, SINGLE), (BIN_INDEX, BIN)):
         if (folder / index).exists():
-            return _indexed(folder, folder / index)
+            return _indexed(folder, confined(folder, index, "weights index", ValueError))
         if (folder / single).exists():
-            return {name: folder / single for name in _open(folder / single).keys()}
+            path = confined(folder, single, "weights file", ValueError)
+            return {name: path for name in _open(path).keys()}
     raise FileNotFoundError(f"no {SINGLE}, {INDEX} or {BIN} in {folder}: not a Hugging Face model folder")
 
 
 def _indexed(folder: Path, index: Path) -> dict[str, Path]:
-    try:
-        entries = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is not a weights index ({e})") from e
+    entries = read_json(index, JSON_LIMIT, ValueError)
+    if not isinstance(entries, dict) or not isinstance(entries.get("weight_map"), dict):
+        raise ValueError(f"{index} is not a weights index (no 'weight_map' object)")
     out = {}
-    for name, file in entries.items():
+    for name, file in entries["weight_map"].items():
         path = plain_file(folder, file)
         if path is None:
             raise ValueError(f"{index} maps {name} to {file!r}, which is not a file of {folder}; refused")
@@ -116,6 +117,7 @@ class _Slice:
 
 
 def _open(path: Path):
+    regular(path, ValueError)  # never a FIFO or a device
     if path.suffix == ".bin":
         return _Pickled(path)
     from safetensors import safe_open
@@ -160,6 +162,38 @@ class Reader:
             raise ValueError(f"tensor {names[0]} has shape {tuple(parts[0].shape)}, the config implies {full[1:]}")
         self.used.update(expert_names(name, range(full[0])))  # the other ranks' experts have their place too
         return torch.stack(parts)
+
+    def shape(self, theirs: str) -> tuple[int, ...]:
+        """The shape the folder declares for tensor `theirs` (its header only: nothing is read)."""
+        if theirs not in self.files:
+            raise ValueError(f"the model has no tensor {theirs}")
+        return tuple(self.open[self.files[theirs]].get_slice(theirs).get_shape())
+
+    def check_shapes(self, cfg) -> None:
+        """Every tensor the model config `cfg` implies, against the shape the files declare, before
+        anything is allocated: a config.json that declares sizes its weights do not have (a huge
+        vocab_size, more layers or experts) is refused naming the tensor. The whole model is laid
+        out on the meta device, once its layer and expert counts match the files."""
+        from longtrain.models.layers import Parallel
+        from longtrain.models.transformer import LongLM
+
+        layers = {int(m.group(1)) for n in self.files if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+        if len(layers) != cfg.n_layers or layers != set(range(len(layers))):
+            raise ValueError(f"the config declares {cfg.n_layers} layers, the weights hold {len(layers)} "
+                             f"(numbered {min(layers, default=None)}..{max(layers, default=None)})")
+        if cfg.moe is not None:
+            experts = {n for n in self.files if n.startswith("model.layers.0.block_sparse_moe.experts.")}
+            if len(experts) != 3 * cfg.moe.num_experts:
+                raise ValueError(f"the config declares {cfg.moe.num_experts} experts per layer, layer 0's weights "
+                                 f"hold {len(experts) // 3}")
+        with torch.device("meta"):
+            whole = LongLM(cfg, Parallel(mesh=None))
+        for name, p in whole.named_parameters():
+            names = expert_names(name, range(p.shape[0]))
+            for theirs, want in ([(t, tuple(p.shape[1:])) for t in names] if names is not None
+                                 else [(hf_name(name), tuple(p.shape))]):
+                if self.shape(theirs) != want:
+                    raise ValueError(f"tensor {theirs} has shape {self.shape(theirs)}, the config implies {want}")
 
     def place(self, whole_model: torch.nn.Module) -> None:
         """Count the tensors of every parameter of `whole_model` (a meta-device copy of the whole
