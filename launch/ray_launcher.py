@@ -96,8 +96,9 @@ class RankActor:
 
 
 def start_ray(address: str | None, world: int) -> bool:
-    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local instance, its
-    token private to this user (`ray_auth`). Returns whether every node is this machine."""
+    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local instance of our
+    own (never one found on the machine), its token private to this user (`ray_auth`). Returns
+    whether every node is this machine."""
     from .ray_auth import private_token, warn_if_unauthenticated
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -108,7 +109,10 @@ def start_ray(address: str | None, world: int) -> bool:
         warn_if_unauthenticated(address)
         return False
     private_token()
-    ray.init(num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    # "local": always a new private instance. With no address Ray would join the newest cluster
+    # whose address file sits in its temporary folder, which any local user can write.
+    ray.init(address="local", num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True)
     return True
 
 

@@ -137,4 +137,38 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
         restore()
         if beats:
             shutil.rmtree(beats, ignore_errors=True)
+        # drop every reference to the queue, so its semaphores are released (and unregistered)
+        # before the tracker that watches them stops
+        procs.clear()
+        del p, results
+        _stop_resource_tracker()
     return [out[r] for r in range(world)]
+
+
+def _stop_resource_tracker(wait_s: float = 5.0) -> None:
+    """Stop and wait for the resource tracker the spawn context started beside the ranks (for
+    the queue's semaphore): otherwise it outlives this function, and this process, by the moment
+    it takes to see its pipe close. Only when no other child of this process still shares it;
+    the tracker ends once every holder of its pipe has closed it, so the wait is bounded. A later
+    spawn starts a new one. (CPython's tracker keeps its pipe and pid in private fields.)"""
+    import multiprocessing
+    import time
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if multiprocessing.active_children() or not all(hasattr(tracker, a) for a in ("_lock", "_fd", "_pid")):
+        return
+    with tracker._lock:
+        fd, pid = tracker._fd, tracker._pid
+        if fd is None or pid is None:
+            return
+        tracker._fd = tracker._pid = None
+        os.close(fd)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # already waited for
+            return
+        time.sleep(0.01)
