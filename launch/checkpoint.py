@@ -367,8 +367,8 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
     activation-quantization scales); on another layout those start afresh, as at step 0.
     Nothing in the checkpoint can run code (`safe_dcp`): a tampered one is refused."""
     saved = read_metadata(path).state_dict_metadata
-    sd = state_to_load(saved, model, optimizer, mesh)
     try:
+        sd = state_to_load(saved, model, optimizer, mesh, path)
         check_sizes(sd, saved, path)
     except ValueError as e:
         raise safe_dcp.UnsafeCheckpoint(str(e)) from None

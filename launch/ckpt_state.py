@@ -93,12 +93,28 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = Fals
     return sd
 
 
-def _saved_rank_state(saved: dict, model, mesh) -> dict[str, torch.Tensor] | None:
-    """Tensors to load this rank's own state into: this model's own (their shapes are checked
-    against the checkpoint's with the rest, `check_sizes`), where the checkpoint has them."""
+RANK_STATE_LIMIT = 1 << 20  # elements of one running scale ([groups]): far above any real model's
+
+
+def _saved_rank_state(saved: dict, mesh, where) -> dict[str, torch.Tensor] | None:
+    """Empty tensors to load this rank's own state (running activation-quantization scales,
+    created lazily, so the model has none yet to compare with) into, from the checkpoint's
+    metadata: each a small vector under a "layer.kind.slot" key, else refused."""
+    import re
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     prefix = f"rank_state.rank{_rank(mesh)}."
-    own = model.quant.state_dict() if hasattr(model, "quant") else {}
-    mine = {k: torch.empty_like(v) for k, v in own.items() if torch.is_tensor(v) and prefix + k in saved}
+    mine = {}
+    for k, m in saved.items():
+        if not k.startswith(prefix):
+            continue
+        key = k[len(prefix):]
+        if not re.fullmatch(r"\d+\.\w+\.\d+", key) or not isinstance(m, TensorStorageMetadata) \
+                or len(m.size) > 1 or m.size.numel() > RANK_STATE_LIMIT:
+            raise ValueError(f"checkpoint {where}: {k} is not a running scale (a vector of at most "
+                             f"{RANK_STATE_LIMIT} elements under 'layer.kind.slot'); refused before reading it")
+        mine[key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     return mine or None
 
 
@@ -119,7 +135,7 @@ def check_sizes(sd: dict, saved: dict, where) -> None:
                              "belongs to another model config: refused before reading it")
 
 
-def state_to_load(saved: dict, model, optimizer, mesh) -> dict:
+def state_to_load(saved: dict, model, optimizer, mesh, where="") -> dict:
     """The state to load into, given the checkpoint's metadata `saved`: what `state_for_checkpoint`
     saves, less what this checkpoint lacks (no layout: written before layouts were recorded) or
     the caller does not want (no optimizer: weights only)."""
@@ -132,7 +148,7 @@ def state_to_load(saved: dict, model, optimizer, mesh) -> dict:
     if optimizer is None:
         del sd["optim"]
     elif "layout" in saved:
-        own = _saved_rank_state(saved, model, mesh)
+        own = _saved_rank_state(saved, mesh, where)
         if own is not None:
             sd["rank_state"] = {f"rank{_rank(mesh)}": own}
     return sd

@@ -137,12 +137,27 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
         restore()
         if beats:
             shutil.rmtree(beats, ignore_errors=True)
-        # drop every reference to the queue, so its semaphores are released (and unregistered)
-        # before the tracker that watches them stops
         procs.clear()
-        del p, results
-        _stop_resource_tracker()
+        if _release_semaphores(results):  # before the tracker that watches them stops
+            _stop_resource_tracker()
     return [out[r] for r in range(world)]
+
+
+def _release_semaphores(q) -> bool:
+    """Unlink and unregister the semaphores of queue `q` now, as their finalizers would when `q` is
+    freed (an exception in flight may still hold it, in a frame of `q.get`). False if this
+    Python's multiprocessing does not keep them where CPython does (the tracker is left alone)."""
+    from multiprocessing import util
+
+    try:
+        names = {lock._semlock.name for lock in (q._rlock, q._wlock, q._sem) if lock is not None}
+        finalizers = [f for f in list(util._finalizer_registry.values())
+                      if getattr(f, "_args", None) and f._args[0] in names]
+    except AttributeError:
+        return False
+    for f in finalizers:
+        f()  # runs once: sem_unlink, then unregister with the tracker
+    return True
 
 
 def _stop_resource_tracker(wait_s: float = 5.0) -> None:
