@@ -152,7 +152,7 @@ def _release_semaphores(q) -> bool:
     try:
         names = {lock._semlock.name for lock in (q._rlock, q._wlock, q._sem) if lock is not None}
         finalizers = [f for f in list(util._finalizer_registry.values())
-                      if getattr(f, "_args", None) and f._args[0] in names]
+                      if (args := getattr(f, "_args", None)) and isinstance(args[0], str) and args[0] in names]
     except AttributeError:
         return False
     for f in finalizers:
