@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.masks:
         from .masks import main_masked
 
-        return main_masked(args, "longtrain bench attention " + " ".join(argv or sys.argv[1:]))
+        return main_masked(args, "longtrain bench attention " + " ".join(argv or sys.argv[1:]), measure, LAYOUTS)
     args.layouts = args.layouts or [n for n in LAYOUTS if not n.startswith("longtrain")]
     print(HEADER, flush=True)
     results = run(args.layouts, args.seq, args.heads, args.head_dim, args.iters, args.dtype, args.rounds)

@@ -29,15 +29,15 @@ DEFAULTS = ["steps=13", "checkpoint.every=3", "checkpoint.keep_last=2", "eval_ev
 
 
 def _run(config: str, sets: list[str], out_dir: str, env: dict | None = None) -> list[dict]:
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.metrics import read_rows
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.train.metrics import read_rows
+    from longtrain.config.train import expand_stages
 
     sets = sets + [f"out_dir={out_dir}"]
     root = expand_stages(load_tree(config, sets))[-1].checkpoint_root
     for old in (out_dir, root):  # a fresh run: a resume would skip the steps measured
         shutil.rmtree(old, ignore_errors=True)
-    cmd = [sys.executable, "-m", "longtrain.launch.cli", "train", config, "--launcher", "local",
+    cmd = [sys.executable, "-m", "longtrain.cli.main", "train", config, "--launcher", "local",
            *sum((["--set", s] for s in sets), [])]
     subprocess.run(cmd, check=True, env=env)
     rows = read_rows(Path(out_dir) / "metrics.jsonl")
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="a name for this measurement's docs section (several can be kept)")
     ap.add_argument("--write-docs", metavar="PATH")
     args = ap.parse_args(argv)
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.config.train import expand_stages
     from longtrain.planner.shapes import param_counts
 
     sets = DEFAULTS + args.overrides

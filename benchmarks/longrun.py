@@ -27,11 +27,11 @@ from pathlib import Path
 
 
 def _cmd(sub: str, config: str, sets: list[str]) -> list[str]:
-    return [sys.executable, "-m", "longtrain.launch.cli", sub, config, *sum((["--set", s] for s in sets), [])]
+    return [sys.executable, "-m", "longtrain.cli.main", sub, config, *sum((["--set", s] for s in sets), [])]
 
 
 def _rows(out_dir: str) -> list[dict]:
-    from longtrain.launch.metrics import read_rows
+    from longtrain.train.metrics import read_rows
 
     return read_rows(Path(out_dir) / "metrics.jsonl")
 
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="name of the docs section (default: the config's file name)")
     ap.add_argument("--write-docs", metavar="PATH")
     args = ap.parse_args(argv)
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.config.train import expand_stages
     from longtrain.planner.machine import matmul_rate
 
     sets = args.overrides + ([f"steps={args.steps}"] if args.steps else [])

@@ -61,15 +61,14 @@ def _row(name: str, mask: str, seq: int, ranks: int, m: dict, pairs: int, heads:
     return line, rate
 
 
-def main_masked(args, command: str) -> int:
+def main_masked(args, command: str, measure, LAYOUTS: dict) -> int:
     """Masked rows against the fused causal kernel (one process, --ref-seq), all in one run.
 
     The reference runs before every masked case and once after the last, and each ratio divides
     by the median of those runs: a single reference measurement on a shared machine moves by
-    +-15% and would otherwise decide every ratio at once."""
+    +-15% and would otherwise decide every ratio at once. `measure` and `LAYOUTS` are the
+    attention benchmark's (benchmarks/attention.py, which calls this)."""
     import os
-
-    from .attention import LAYOUTS, measure
 
     layouts = args.layouts or ["longtrain (1 process)", "zigzag ring"]
     reference = ("sdpa (1 process)", args.ref_seq, ("causal", 0, 0))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def _stage_rows(cfg) -> tuple[float, dict | None, int]:
     """(seconds from the first step's start to the last row, last eval row, steps) of one run."""
-    from longtrain.launch.metrics import read_rows
+    from longtrain.train.metrics import read_rows
 
     rows = read_rows(Path(cfg.out_dir) / "metrics.jsonl")
     if not rows:
@@ -35,9 +35,9 @@ def per_digit(cfg, checkpoint: str, n: int) -> tuple[list[float], list[tuple[str
 
     import torch
 
-    from longtrain.launch import checkpoint as ckpt
-    from longtrain.launch.run import held_out_loader
-    from longtrain.launch.trainer import Trainer
+    from longtrain.checkpoint import store as ckpt
+    from longtrain.train.run import held_out_loader
+    from longtrain.train.trainer import Trainer
 
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cp_ring=1, cp_ulysses=1, tp=1, dp=1))
     held_out = held_out_loader(one, None)
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-docs", metavar="PATH")
     args = ap.parse_args(argv)
 
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.eval_cli import main as eval_main
-    from longtrain.launch.train_cli import main as train_main
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.cli.eval import main as eval_main
+    from longtrain.cli.train import main as train_main
+    from longtrain.config.train import expand_stages
 
     runs = expand_stages(load_tree(args.config, args.overrides))
     t0 = time.perf_counter()

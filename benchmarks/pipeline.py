@@ -41,8 +41,8 @@ def step_seconds(rows: list[dict], tokens_per_step: int) -> float:
 
 
 def _job(config, sets, out, threads, name):
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.config.train import expand_stages
 
     cfg = expand_stages(load_tree(config, sets))[-1]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-docs", metavar="PATH")
     args = ap.parse_args(argv)
     base = DEFAULTS + args.overrides
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.config.train import expand_stages
 
     cfg = expand_stages(load_tree(args.config, base))[-1]
     result = {}

@@ -48,14 +48,14 @@ CONFIGS = {
 
 
 def _run(config: str | None, sets: list[str], out: str, steps: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "longtrain.launch.cli", "train", *([config] if config else []), "--launcher",
+    cmd = [sys.executable, "-m", "longtrain.cli.main", "train", *([config] if config else []), "--launcher",
            "local", *sum((["--set", s] for s in sets + [f"out_dir={out}", f"steps={steps}"]), [])]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _plan(config: str | None, sets: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "longtrain.launch.cli", "plan", *([config] if config else []), "--json",
+    cmd = [sys.executable, "-m", "longtrain.cli.main", "plan", *([config] if config else []), "--json",
            *sum((["--set", s] for s in sets), [])]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 

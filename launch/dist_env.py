@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from longtrain.parallel.mesh import backend_for
 
-from .device import local_device
+from longtrain.config.device import local_device
 
 
 def _env_int(*names: str, default: int | None = None) -> int:

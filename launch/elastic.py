@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 
 
 def smaller_layouts(cfg: TrainConfig, min_world: int, below: int | None = None) -> list[TrainConfig]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable
 
-from .checkpoint import SaveFailed
-from .trainer import NonFiniteLoss
+from longtrain.checkpoint.store import SaveFailed
+from longtrain.train.trainer import NonFiniteLoss
 
 # errors in the user's input or run: restarting from the last checkpoint would only repeat them
 # (a checkpoint folder that cannot be written, under on_save_error = "stop", included)

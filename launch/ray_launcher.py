@@ -25,11 +25,11 @@ import ray
 from longtrain.data.shards import DataError
 
 from .failures import RankFailure, capture
-from .host_memory import THP_ENV
+from longtrain.train.host_memory import THP_ENV
 from .elastic import describe, smaller_layouts
-from .stopping import GROW, StopRequest, Stopped, Watchdog, on_signals, stall_message
-from .trainer import NonFiniteLoss
-from .train_config import TrainConfig
+from longtrain.train.stopping import GROW, StopRequest, Stopped, Watchdog, on_signals, stall_message
+from longtrain.train.trainer import NonFiniteLoss
+from longtrain.config.train import TrainConfig
 
 # Failures that a restart from the last checkpoint would only repeat: bad data, a bad config
 # or layout, a non-finite loss under nan_policy="raise", a missing init_from checkpoint.
@@ -79,7 +79,7 @@ class RankActor:
         import torch
 
         from .dist_env import init_distributed
-        from .run import train_rank
+        from longtrain.train.run import train_rank
 
         # cfg.device is already "cpu" or "cuda" (decided once for the job); an actor given a GPU
         # sees only that one, so its local index is 0 whatever its global rank (device.py)

@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .failures import RankFailure, capture
-from .stopping import Stopped, Watchdog, on_signals, stall_message
+from longtrain.train.stopping import Stopped, Watchdog, on_signals, stall_message
 
 HEARTBEAT_ENV = "LONGTRAIN_HEARTBEAT_DIR"  # where ranks that report progress write it (`stopping`)
 

@@ -172,7 +172,7 @@ class ActQuant:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The running scales ("layer.kind.slot" -> [groups]): this rank's estimates of the
-        activations it holds, so they are saved per rank (see launch/checkpoint.py)."""
+        activations it holds, so they are saved per rank (see checkpoint/store.py)."""
         return {f"{layer}.{kind}.{slot}": t for (layer, kind), q in sorted(self.sites.items())
                 for slot, t in sorted(q.running.items())}
 

@@ -6,7 +6,7 @@
 reduce-scatters its gradients (summed: gloo has no averaging reduction). Under it the tensor-
 and expert-parallel layers keep their own plain-tensor shards and collectives: FSDP's chunk of
 a parameter is a `torch.chunk` along dim 0 of this rank's tp (or ep) slice, the same rule as
-`zero.ZeroSlice`, so the checkpoint views it with the same nested placements as ZeRO-1/2.
+`sharding.ZeroSlice`, so the checkpoint views it with the same nested placements as ZeRO-1/2.
 The embedding, the final norm and the head stay outside FSDP (ZeRO-2: chunked moments and
 gradients): the chunked loss reads the head's weight outside the head's forward, where FSDP's
 all-gather hooks would not run.
@@ -14,30 +14,10 @@ all-gather hooks would not run.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .comm import CommStats, group_size, nbytes
 from .sharding import shard, sharding_of
-from .zero import ZeroSlice
-
-
-def is_sharded(t) -> bool:
-    """Whether `t` is an FSDP-managed (DTensor) parameter or state tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `t` (its local tensor if a DTensor: shares its storage)."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def fsdp_slice(p) -> ZeroSlice:
-    """This rank's FSDP chunk of `p` as a `ZeroSlice` (dim 0 over FSDP's 1-D mesh)."""
-    mesh = p.device_mesh
-    return ZeroSlice(tuple(p.shape), 0, mesh.size(), mesh.get_local_rank(), mesh.get_group())
 
 
 def shard_blocks(model: nn.Module, mesh) -> None:

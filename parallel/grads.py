@@ -9,7 +9,7 @@ gradient hook as soon as the last micro-batch's backward has produced all of its
 communication runs while the backward pass computes the earlier layers; buckets start in one
 fixed order on every rank (a bucket waits for the ones before it), so no two ranks ever issue
 them differently. Under ZeRO-2 (`zero`) a bucket is reduce-scattered: each rank receives only
-the sum of its own chunks (`zero.ZeroSlice`).
+the sum of its own chunks (`sharding.ZeroSlice`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import CommStats, _record, all_reduce, group_size
-from .fsdp import is_sharded
-from .sharding import sharding_of
-from .zero import ZeroSlice
+from .sharding import ZeroSlice, is_sharded, sharding_of
 
 BUCKET_BYTES = 32 * 2**20
 

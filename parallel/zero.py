@@ -16,98 +16,12 @@ the optimizer updates is a view of the parameter, and no second copy exists.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed import ProcessGroup
 
-from .comm import CommStats, all_gather_cat, group_rank, group_size
-from .sharding import sharding_of
-
-
-@dataclass(frozen=True, eq=False)
-class ZeroSlice:
-    """This rank's chunk of a (local, possibly tp-sharded) parameter of `shape`, cut along
-    `dim` into `parts` chunks over `group` (torch.chunk sizes: ceil, the last ones smaller or
-    empty). Packed forms pad every chunk to the same length, for collectives."""
-
-    shape: tuple[int, ...]
-    dim: int
-    parts: int
-    rank: int
-    group: ProcessGroup | None
-
-    @classmethod
-    def of(cls, shape: tuple[int, ...], group: ProcessGroup | None) -> "ZeroSlice":
-        parts = group_size(group)
-        even = [d for d, n in enumerate(shape) if n >= parts and n % parts == 0]
-        dim = even[0] if even else max(range(len(shape)), key=lambda d: shape[d])  # fewest padding rows
-        return cls(tuple(shape), dim, parts, group_rank(group), group)
-
-    @property
-    def step(self) -> int:
-        return -(-self.shape[self.dim] // self.parts)
-
-    @property
-    def inner(self) -> int:
-        return math.prod(self.shape) // max(1, self.shape[self.dim])
-
-    @property
-    def packed(self) -> int:
-        """Elements of one padded chunk."""
-        return self.step * self.inner
-
-    def range(self, rank: int | None = None) -> tuple[int, int]:
-        n, r = self.shape[self.dim], self.rank if rank is None else rank
-        lo = min(n, r * self.step)
-        return lo, min(n, lo + self.step)
-
-    def view(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's chunk of `t` (a view)."""
-        lo, hi = self.range()
-        return t.narrow(self.dim, lo, hi - lo)
-
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t.movedim(self.dim, 0).reshape(self.shape[self.dim], self.inner)
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """Every chunk of the whole tensor `t`, padded: [parts, packed]."""
-        out = t.new_empty(self.parts, self.packed)
-        self.pack_into(t, out)
-        return out
-
-    def pack_into(self, t: torch.Tensor, out: torch.Tensor) -> None:
-        """`pack` into `out` [parts, packed], which may be a column block of a wider buffer."""
-        blocks = out.view(self.parts, self.step, self.inner)
-        rows = self._rows(t)
-        for r in range(self.parts):
-            lo, hi = self.range(r)
-            blocks[r, :hi - lo] = rows[lo:hi]
-            blocks[r, hi - lo:] = 0
-
-    def pack_mine(self, chunk: torch.Tensor) -> torch.Tensor:
-        """This rank's chunk, padded: [packed]."""
-        out = chunk.new_zeros(self.step, self.inner)
-        lo, hi = self.range()
-        out[:hi - lo] = chunk.movedim(self.dim, 0).reshape(hi - lo, self.inner)
-        return out.view(-1)
-
-    def unpack_mine(self, flat: torch.Tensor) -> torch.Tensor:
-        """Inverse of `pack_mine`: [packed] -> this rank's chunk (a new tensor)."""
-        lo, hi = self.range()
-        moved = list(self.shape)
-        moved.insert(0, moved.pop(self.dim))
-        moved[0] = hi - lo
-        return flat[:(hi - lo) * self.inner].reshape(moved).movedim(0, self.dim).contiguous()
-
-    def unpack_all(self, rows: torch.Tensor, out: torch.Tensor) -> None:
-        """Inverse of `pack`: [parts, packed] -> the whole tensor, written into `out`."""
-        n = self.shape[self.dim]
-        moved = list(self.shape)
-        moved.insert(0, moved.pop(self.dim))
-        out.copy_(rows.reshape(self.parts * self.step, self.inner)[:n].reshape(moved).movedim(0, self.dim))
+from .comm import CommStats, all_gather_cat, group_size
+from .sharding import ZeroSlice, fsdp_slice, is_sharded, sharding_of
 
 
 def zero_slices(params: list[nn.Parameter], mesh) -> dict[nn.Parameter, ZeroSlice]:
@@ -162,8 +76,6 @@ class ZeroAdamW:
     `chunks` maps each model parameter to its chunk parameter and `ZeroSlice`."""
 
     def __init__(self, param_groups: list[dict], mesh, stage: int, bucket_bytes: int, **adamw):
-        from .fsdp import fsdp_slice, is_sharded
-
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage} must be 1, 2 or 3")
         self.stage, self.bucket_bytes, self.stats = stage, bucket_bytes, getattr(mesh, "stats", None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 from longtrain.parallel.attention.blocks import hop_plan
 from longtrain.parallel.attention.ringplan import message_rows
 

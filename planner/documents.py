@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 
 SAMPLES = 512  # windows averaged (evenly spread over the first epoch's sample order)
 

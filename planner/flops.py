@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 
 from .documents import kept_pairs, pairs_per_sequence
 from .shapes import param_counts

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 
 from longtrain.parallel.attention.ringplan import BAND_ROWS, message_rows
 

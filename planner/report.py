@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 
 from .comm import step_bytes
 from .memory import MIB, MemoryPlan

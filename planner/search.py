@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 from longtrain.parallel.mesh import ParallelDims
 
 from .comm import step_bytes

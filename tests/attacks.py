@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from longtrain.launch import checkpoint as ckpt
+from longtrain.checkpoint import store as ckpt
 
 
 def recommit(step: Path) -> None:

@@ -6,8 +6,8 @@ import pytest
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
-from longtrain.launch import checkpoint as ckpt
-from longtrain.launch.trainer import Trainer
+from longtrain.checkpoint import store as ckpt
+from longtrain.train.trainer import Trainer
 from tests.dist import mesh_for
 from tests.test_trainer import _cfg
 

@@ -1,6 +1,6 @@
 """The command line: bad configs fail before any rank starts, with the key named."""
 
-from longtrain.launch.cli import main
+from longtrain.cli.main import main
 
 
 def test_train_rejects_bad_config(tmp_path, capsys):
@@ -56,7 +56,7 @@ def test_env_launcher_checks_world_size_before_any_collective(tmp_path, capsys, 
 
 
 def test_torchrun_runs_the_stages(tmp_path):
-    """`torchrun -m longtrain.launch.train_cli CONFIG --launcher env`: 2 ranks, a stage, then the
+    """`torchrun -m longtrain.cli.train CONFIG --launcher env`: 2 ranks, a stage, then the
     main run starting from the stage's weights; metrics, plot and checkpoints written."""
     import json
     import subprocess
@@ -67,7 +67,7 @@ def test_torchrun_runs_the_stages(tmp_path):
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'out_dir = "{tmp_path / "o"}"\n' + PASSKEY)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(free_port()), "-m", "longtrain.launch.train_cli", str(cfg),
+                           "--master-port", str(free_port()), "-m", "longtrain.cli.train", str(cfg),
                            "--launcher", "env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"initialized the weights from {tmp_path / 'o' / 'short' / 'checkpoints' / 'step-00000002'}" in proc.stdout
@@ -76,7 +76,7 @@ def test_torchrun_runs_the_stages(tmp_path):
         assert [r["step"] for r in rows] == [1, 2] and "eval_key_acc" in rows[1]
         assert (run / "loss.png").exists() and (run / "checkpoints" / "step-00000002" / "COMMITTED.json").exists()
     # and `longtrain eval` reads the main run's newest checkpoint back on 2 local ranks
-    proc = subprocess.run([sys.executable, "-m", "longtrain.launch.cli", "eval", str(cfg), "--batches", "2"],
+    proc = subprocess.run([sys.executable, "-m", "longtrain.cli.main", "eval", str(cfg), "--batches", "2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])

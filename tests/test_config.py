@@ -2,7 +2,7 @@
 
 import pytest
 
-from longtrain.launch.config import ConfigError, build, load
+from longtrain.config.loading import ConfigError, build, load
 from longtrain.models.config import ModelConfig
 from longtrain.models.moe import MoEConfig
 
@@ -27,8 +27,8 @@ def test_unknown_and_invalid_keys(tmp_path):
 
 
 def test_stages_expand_into_runs_that_chain_weights(tmp_path):
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.config.train import expand_stages
 
     path = tmp_path / "t.toml"
     path.write_text('steps = 9\nout_dir = "o"\n[data]\nseq_len = 1024\n[parallel]\ncp_ring = 2\n'
@@ -53,8 +53,8 @@ def test_stages_expand_into_runs_that_chain_weights(tmp_path):
 def test_shipped_configs_load_and_fit_their_layouts(name):
     from pathlib import Path
 
-    from longtrain.launch.config import load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import load_tree
+    from longtrain.config.train import expand_stages
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
     for cfg in expand_stages(load_tree(str(path))):  # building a config checks the model against its layout
@@ -71,7 +71,7 @@ def test_shipped_configs_load_and_fit_their_layouts(name):
 def test_sequence_length_checked_against_the_layout(parallel, seq, need):
     """A length the layout cannot split is refused when the config is built (before any process
     starts), with the nearest lengths that work."""
-    from longtrain.launch.train_config import TrainConfig
+    from longtrain.config.train import TrainConfig
 
     tree = {"parallel": parallel, "data": {"seq_len": seq}}
     with pytest.raises(ValueError, match=rf"data.seq_len={seq} must be {need.replace('(', '[(]').replace(')', '[)]')}"):
@@ -90,7 +90,7 @@ def test_one_device_rule(monkeypatch):
     LOCAL_RANK / SLURM_LOCALID, which must exist and be in range."""
     import torch
 
-    from longtrain.launch.device import job_device_type, local_device
+    from longtrain.config.device import job_device_type, local_device
 
     assert job_device_type("auto", gpus=0) == "cpu" and job_device_type("auto", gpus=8) == "cuda"
     assert job_device_type("cpu", gpus=8) == "cpu"
@@ -112,7 +112,7 @@ def test_one_device_rule(monkeypatch):
 
 
 def test_host_mmap_threshold_is_bounded():
-    from longtrain.launch.train_config import TrainConfig
+    from longtrain.config.train import TrainConfig
 
     assert load(TrainConfig, None, ["host_mmap_mib=4"]).host_mmap_mib == 4
     with pytest.raises(ConfigError, match=r"host_mmap_mib=64(\.0)? must be in \[0, 32\]"):

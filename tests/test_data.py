@@ -197,7 +197,7 @@ def test_a_long_document_does_not_fill_consecutive_steps(tmp_path):
 
 # ---------------------------------------------------------------- checksum verification on open
 import longtrain.data.shards as shards_mod  # noqa: E402
-from longtrain.launch.cli import main as cli_main  # noqa: E402
+from longtrain.cli.main import main as cli_main  # noqa: E402
 
 
 @pytest.fixture()

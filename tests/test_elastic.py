@@ -3,9 +3,9 @@ real multi-node Ray cluster in test_ray_cluster.py)."""
 
 from __future__ import annotations
 
-from longtrain.launch.config import build
+from longtrain.config.loading import build
 from longtrain.launch.elastic import describe, smaller_layouts
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.train import TrainConfig
 
 
 def _cfg(parallel: dict, **top) -> TrainConfig:

@@ -257,12 +257,12 @@ def test_train_from_hf_extend_and_export(tmp_path):
     """init_from = "hf:PATH" with YaRN on ring 2 (two local ranks), then `longtrain export`:
     the exported model, in transformers, gives the loss longtrain computes from the checkpoint."""
     from longtrain.data.prepare import prepare
-    from longtrain.launch import checkpoint as ckpt
-    from longtrain.launch.cli import main as cli
-    from longtrain.launch.config import ConfigError
+    from longtrain.checkpoint import store as ckpt
+    from longtrain.cli.main import main as cli
+    from longtrain.config.loading import ConfigError
     from longtrain.launch.spawn import spawn_local
-    from longtrain.launch.train_config import expand_stages
-    from longtrain.launch.run import train_rank
+    from longtrain.config.train import expand_stages
+    from longtrain.train.run import train_rank
     from longtrain.models.hf import read_config
     from longtrain.models.transformer import build_model
 
@@ -302,9 +302,9 @@ def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(t
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from longtrain.data.prepare import prepare
-    from longtrain.launch.run import padded_vocab, preflight
-    from longtrain.launch.config import build
-    from longtrain.launch.train_config import TrainConfig
+    from longtrain.train.run import padded_vocab, preflight
+    from longtrain.config.loading import build
+    from longtrain.config.train import TrainConfig
 
     words = ["</s>", "[UNK]"] + [f"w{i}" for i in range(98)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
@@ -331,7 +331,7 @@ def test_a_pipeline_stage_checks_the_whole_folder(hf_models, tmp_path, name):
 
     from safetensors.torch import load_file, save_file
 
-    from longtrain.launch.hf_init import load_hf_weights
+    from longtrain.models.hf import load_weights
     from longtrain.models.hf import read_config
     from longtrain.models.transformer import Part, build_model
 
@@ -339,7 +339,7 @@ def test_a_pipeline_stage_checks_the_whole_folder(hf_models, tmp_path, name):
     cfg = read_config(path)[0]
     for part in (Part(layers=(0,), first=True, last=False), Part(layers=(1,), first=False, last=True)):
         stage = build_model(cfg, None, part=part)
-        load_hf_weights(stage, path)
+        load_weights(stage, path)
         whole = dict(hf.named_parameters())
         mine = dict(stage.named_parameters())
         if 0 in part.layers:
@@ -349,4 +349,4 @@ def test_a_pipeline_stage_checks_the_whole_folder(hf_models, tmp_path, name):
     tensors = load_file(bad / "model.safetensors")
     save_file({**tensors, "model.layers.7.mlp.up_proj.weight": torch.zeros(2)}, bad / "model.safetensors")
     with pytest.raises(UnsupportedModel, match="model.layers.7.mlp.up_proj.weight"):
-        load_hf_weights(build_model(cfg, None, part=Part(layers=(0,), first=True, last=False)), str(bad))
+        load_weights(build_model(cfg, None, part=Part(layers=(0,), first=True, last=False)), str(bad))

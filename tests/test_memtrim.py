@@ -34,7 +34,7 @@ def test_hook_fires_after_the_gradient_and_keeps_it():
 
 _FRAGMENT = """
 import sys, torch
-from longtrain.launch.host_memory import map_large_blocks
+from longtrain.train.host_memory import map_large_blocks
 
 def rss_mib():
     with open("/proc/self/statm") as f:

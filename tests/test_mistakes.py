@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from longtrain.launch.cli import main
+from longtrain.cli.main import main
 
 TINY = ["model.vocab_size=320", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.ffn_hidden=64",
         "data.seq_len=64", "data.batch_size=1", "optim.warmup_steps=1", "checkpoint.every=1",

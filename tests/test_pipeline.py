@@ -8,8 +8,8 @@ import torch
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
-from longtrain.launch import checkpoint as ckpt
-from longtrain.launch.trainer import Trainer
+from longtrain.checkpoint import store as ckpt
+from longtrain.train.trainer import Trainer
 from longtrain.parallel.grads import full_tensor
 from longtrain.parallel.pipeline import split_layers
 from tests.dist import mesh_for
@@ -31,7 +31,7 @@ def _train(data_dir, degrees, cfg_kw, steps, batch=4, root=None, save_at=None, r
     """(losses, {name: full gradient of the first step} for the parameters this rank holds,
     eval row). `batch`: sequences per step over the whole job, split over dp and grad_accum.
     With `root`: save at step `save_at`, or first resume from its newest checkpoint."""
-    from longtrain.launch.run import evaluate, held_out_loader
+    from longtrain.train.run import evaluate, held_out_loader
 
     mesh = mesh_for(**degrees) if degrees else None
     dp = 1 if mesh is None else mesh.size("dp")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from longtrain.launch.train_config import DataConfig, TrainConfig
+from longtrain.config.train import DataConfig, TrainConfig
 from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import IGNORE, build_model
 from longtrain.parallel.attention import shard_sequence
@@ -184,7 +184,7 @@ def test_attention_flops_count_the_documents_of_the_data(tmp_path):
 
 
 def test_plan_cli_json_and_layouts(capsys):
-    from longtrain.planner.cli import main
+    from longtrain.cli.plan import main
 
     sets = ["--set", "model.n_layers=2", "--set", "model.dim=128", "--set", "data.seq_len=4096",
             "--baseline-mib", "300", "--rate-gflops", "50"]
@@ -200,7 +200,7 @@ def test_plan_cli_json_and_layouts(capsys):
 
 
 def test_plan_rejects_a_bad_config(capsys):
-    from longtrain.planner.cli import main
+    from longtrain.cli.plan import main
 
     assert main(["--set", "data.seq_len=1004", "--set", "parallel.cp_ring=4", "--baseline-mib", "1"]) == 2
     assert "divisible by 8" in capsys.readouterr().err
@@ -236,7 +236,7 @@ every = 3
 
 def test_longrun_summary_tells_a_recomputed_step_from_a_kept_row():
     from longtrain.benchmarks.longrun import summarize
-    from longtrain.launch.train_config import TrainConfig
+    from longtrain.config.train import TrainConfig
 
     cfg = TrainConfig()
     rows = [{"step": s, "loss": 3.0 - s / 10, "tokens_per_s": 100.0, "peak_mem_mib": 10.0, "time": s} for s in (1, 2, 3)]
@@ -263,7 +263,7 @@ STEP_CASES = {  # name: (degrees, config tree)
 
 
 def _step_cfg(data_dir: str, degrees: dict, tree: dict) -> TrainConfig:
-    from longtrain.launch.config import build
+    from longtrain.config.loading import build
 
     model = dict(BASE, vocab_size=320, n_layers=4, **tree.get("model", {}))
     return build(TrainConfig, {**tree, "model": model, "parallel": degrees,
@@ -274,7 +274,7 @@ def trainer_step(data_dir: str, degrees: dict, tree: dict):
     """A second training step (the first builds the pipeline): (CommStats bytes per kind, local
     parameters, ring rank, pipeline rank)."""
     from longtrain.data.loader import PackedLoader
-    from longtrain.launch.trainer import Trainer
+    from longtrain.train.trainer import Trainer
 
     cfg = _step_cfg(data_dir, degrees, tree)
     mesh = mesh_for(**degrees)

@@ -14,8 +14,8 @@ import pytest
 import ray  # a dependency of the package: missing Ray must fail here, not skip the launcher tests
 
 from longtrain.data.prepare import prepare
-from longtrain.launch.config import build
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.loading import build
+from longtrain.config.train import TrainConfig
 from tests.test_trainer import MODEL
 
 

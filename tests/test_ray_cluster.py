@@ -68,8 +68,8 @@ def test_pipeline_stages_on_different_nodes(cluster, tmp_path):
         nodes.update({r: ray.get(a.node.remote()) for r, a in enumerate(actors)})
 
     def cfg(parallel, out):
-        from longtrain.launch.config import build
-        from longtrain.launch.train_config import TrainConfig
+        from longtrain.config.loading import build
+        from longtrain.config.train import TrainConfig
 
         return build(TrainConfig, {"model": {**MODEL, "n_layers": 4}, "parallel": parallel, "steps": 4, "grad_accum": 2,
                                    "out_dir": str(tmp_path / out), "log_every": 0, "checkpoint": {"every": 0},

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from longtrain.data.prepare import prepare
-from longtrain.launch.config import build
-from longtrain.launch.run import train_rank
-from longtrain.launch.train_config import TrainConfig
+from longtrain.config.loading import build
+from longtrain.train.run import train_rank
+from longtrain.config.train import TrainConfig
 from tests.test_trainer import MODEL
 
 
@@ -43,7 +43,7 @@ def _job(data_dir, out_dir, steps, parallel, stop_at=None, rows=False, **over):
 def _state(data_dir, out_dir, steps, parallel, **over):
     """The router biases and running activation-quantization scales a finished run leaves in
     its last checkpoint, as this rank loads them."""
-    from longtrain.launch import run
+    from longtrain.train import run
 
     cfg = _cfg(data_dir, out_dir, steps, parallel, **over)
     _, mesh, trainer, root = run._setup(cfg)
@@ -119,8 +119,8 @@ def test_stop_and_resume_tp2_ring2(data_dir, tmp_path, pool4):
 
 
 def test_nan_stop_policy_saves_the_last_good_state(data_dir, tmp_path, monkeypatch):
-    from longtrain.launch import trainer as trainer_mod
-    from longtrain.launch.checkpoint import latest_valid
+    from longtrain.train import trainer as trainer_mod
+    from longtrain.checkpoint.store import latest_valid
 
     real = trainer_mod.Trainer.train_step
 
@@ -145,7 +145,8 @@ def test_nan_stop_policy_saves_the_last_good_state(data_dir, tmp_path, monkeypat
 
 def _peaks(fake: bool):
     """Every rank's reported peaks; with `fake`, rank r's own peak is 100 + r MiB."""
-    from longtrain.launch import metrics, run
+    from longtrain.train import metrics
+    from longtrain.train import run
     from tests.dist import mesh_for
 
     mesh = mesh_for(tp=2, cp_ring=2)
@@ -198,7 +199,7 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint_and_trains_on(data_dir
     """A disk that fills up after step 2 (one rank's or every rank's writes fail): the saves of
     steps 4 and 6 fail on every rank alike (no rank waits in a barrier), the run says so and
     finishes, and step 2 stays the newest valid checkpoint, with no partial folder left."""
-    from longtrain.launch import checkpoint as ckpt
+    from longtrain.checkpoint import store as ckpt
 
     par = {"tp": 2, "cp_ring": 2}
     out = str(tmp_path / "run")
@@ -239,7 +240,7 @@ def test_a_checkpoint_folder_that_becomes_read_only_keeps_its_checkpoint_and_tra
     """The checkpoints folder turns read-only after step 2 was committed: the saves of steps 4
     and 6 fail with one line each, training finishes, and step 2 is still there, unchanged and
     valid."""
-    from longtrain.launch import checkpoint as ckpt
+    from longtrain.checkpoint import store as ckpt
     from tests.test_mistakes import tree_hash
 
     out = tmp_path / "run"

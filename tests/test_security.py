@@ -3,7 +3,6 @@ read outside its folder; a single-machine job listens on loopback only; Ray's to
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -17,8 +16,8 @@ import torch
 
 from longtrain.data.prepare import prepare
 from longtrain.data.shards import DataError, open_dataset, read_manifest
-from longtrain.launch import checkpoint as ckpt
-from longtrain.launch.safe_dcp import UnsafeCheckpoint
+from longtrain.checkpoint import store as ckpt
+from longtrain.checkpoint.safe_dcp import UnsafeCheckpoint
 from tests.attacks import recommit
 from tests.test_run import _job
 
@@ -227,13 +226,11 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
-from longtrain.launch import run as run_mod  # noqa: E402
-from longtrain.launch.safe_dcp import read_metadata  # noqa: E402
+from longtrain.checkpoint.safe_dcp import read_metadata  # noqa: E402
 from tests import attacks  # noqa: E402
 
 
@@ -303,7 +300,7 @@ def _from_pretrained(folder):
 
 
 def _init_from_hf(folder):
-    from longtrain.launch.hf_init import with_hf_model
+    from longtrain.config.hf import with_hf_model
 
     return with_hf_model({"checkpoint": {"init_from": f"hf:{folder}"}})
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from longtrain.launch import checkpoint as ckpt
-from longtrain.launch.cli import main
+from longtrain.checkpoint import store as ckpt
+from longtrain.cli.main import main
 from longtrain.launch.spawn import free_port
 
 TINY = ["model.vocab_size=320", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.ffn_hidden=64",
@@ -34,7 +34,7 @@ def data(tmp_path_factory) -> Path:
 
 def _argv(data: Path, out: Path, launcher: str, *extra: str) -> list[str]:
     sets = TINY + [f"data.path={data}", f"out_dir={out}", *extra]
-    return [sys.executable, "-m", "longtrain.launch.cli", "train", "--launcher", launcher,
+    return [sys.executable, "-m", "longtrain.cli.main", "train", "--launcher", launcher,
             *[a for s in sets for a in ("--set", s)]]
 
 
@@ -165,7 +165,7 @@ def test_a_stopped_local_rank_is_detected_and_named(data, tmp_path):
     """A local rank that stops making progress (SIGSTOP) ends the run within the hang timeout
     with one line naming it, and no process of the job is left."""
     out = tmp_path / "run"
-    p = subprocess.Popen(_argv(data, out, "local", "hang_timeout_s=3"), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(_argv(data, out, "local", "hang_timeout_s=5"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     _wait_for_steps([p], out, 3)
     family = _family([p.pid])
@@ -181,7 +181,7 @@ def test_a_stopped_local_rank_is_detected_and_named(data, tmp_path):
 def test_the_watchdog_names_the_rank_that_went_silent_not_the_ones_waiting_for_it():
     """When one rank stops, the others wait for it in a collective after the same step: the one
     that no longer answers is named, even if a waiting rank's last step ended earlier."""
-    from longtrain.launch.stopping import Watchdog
+    from longtrain.train.stopping import Watchdog
 
     import time
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from longtrain.data.prepare import prepare
-from longtrain.launch.trainer import NonFiniteLoss, Trainer, lr_at
-from longtrain.launch.train_config import TrainConfig
-from longtrain.launch.config import build
+from longtrain.train.trainer import NonFiniteLoss, Trainer, lr_at
+from longtrain.config.train import TrainConfig
+from longtrain.config.loading import build
 from longtrain.data.loader import PackedLoader
 from tests.dist import mesh_for
 

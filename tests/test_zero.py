@@ -8,12 +8,12 @@ import torch
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
-from longtrain.launch import checkpoint as ckpt
-from longtrain.launch.trainer import Trainer
-from longtrain.parallel.fsdp import local
+from longtrain.checkpoint import store as ckpt
+from longtrain.train.trainer import Trainer
+from longtrain.parallel.sharding import local
 from longtrain.parallel.grads import full_tensor
 from longtrain.parallel.mesh import ParallelDims
-from longtrain.parallel.zero import ZeroSlice
+from longtrain.parallel.sharding import ZeroSlice
 from tests.dist import mesh_for
 from tests.test_trainer import _cfg
 

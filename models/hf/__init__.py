@@ -26,7 +26,7 @@ from longtrain.files import JSON_LIMIT, confined, read_json
 
 from .weights import Reader, hf_tensors, write
 
-__all__ = ["from_pretrained", "save_pretrained", "read_config", "check_weights", "UnsupportedModel"]
+__all__ = ["from_pretrained", "load_weights", "save_pretrained", "read_config", "check_weights", "UnsupportedModel"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,13 +64,38 @@ def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", 
     cfg, hf = read_config(path, **overrides)
     reader = check_weights(path, cfg)
     model = build_model(cfg, mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel, source=reader)
-    extra = reader.unused(cfg.tie_embeddings)
-    if extra:
-        raise UnsupportedModel(f"{path}: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "
-                               "the architecture its config.json describes")
+    _no_unused(reader, model, path)
     model.hf_source = {"kind": hf["model_type"], "max_position_embeddings": hf.get("max_position_embeddings"),
                        "dtype": hf.get("dtype") or hf.get("torch_dtype") or "float32"}
     return model
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Copy this rank's slices of the HF model's weights in `path` into `model`, already built
+    (any layout, a pipeline rank's part included) for the config `read_config` gives."""
+    from ..transformer import tied_name
+
+    reader = Reader(Path(path))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(reader(tied_name(name, model), p))
+    _no_unused(reader, model, path)
+
+
+def _no_unused(reader: Reader, model, path) -> None:
+    """Every tensor of the folder has a place in the model (a pipeline rank's part: in the whole
+    model, laid out on the meta device), else UnsupportedModel naming them."""
+    part = getattr(model, "part", None)
+    if part is not None and not (part.first and part.last and len(part.layers) == model.cfg.n_layers):
+        from ..layers import Parallel
+        from ..transformer import LongLM
+
+        with torch.device("meta"):
+            reader.place(LongLM(model.cfg, Parallel(mesh=None)))
+    extra = reader.unused(model.cfg.tie_embeddings)
+    if extra:
+        raise UnsupportedModel(f"{path}: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "
+                               "the architecture its config.json describes")
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:

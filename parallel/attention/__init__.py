@@ -1,8 +1,8 @@
 """Exact sequence-parallel attention: ring, Ulysses and the 2-D hybrid, one file per algorithm."""
 
 from .hybrid import sequence_parallel_attention
-from .plan import AttentionPlan, plan_attention, sp_groups
-from .layout import local_positions, sequence_positions, shard_sequence, unshard_sequence
+from .layout import local_positions, sequence_positions, shard_sequence, sp_groups, unshard_sequence
+from .plan import AttentionPlan, plan_attention
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .plan import AttentionPlan, plan_attention, sp_groups
+from .layout import sp_groups
+from .plan import AttentionPlan, plan_attention
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 

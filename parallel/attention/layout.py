@@ -12,8 +12,9 @@ sliding-window models; it must be passed identically to sharding and attention.
 from __future__ import annotations
 
 import torch
+from torch.distributed import ProcessGroup
 
-from ..comm import gather_along, group_rank, group_size
+from ..comm import CommStats, gather_along, group_rank, group_size
 from .blocks import LAYOUTS, ring_segments
 
 
@@ -44,9 +45,30 @@ def local_positions(seq_len: int, ring: int, ring_rank: int, ulysses: int, ulyss
     return ring_pos.chunk(ulysses)[ulysses_rank]
 
 
-def _sp(mesh):
-    from .plan import sp_groups  # late import: plan imports this module
+def sp_groups(mesh) -> tuple[ProcessGroup | None, ProcessGroup | None, CommStats | None]:
+    """(ulysses group, ring group, stats) of a `ParallelMesh`, a torch `DeviceMesh` with axes
+    named ``cp_ulysses`` / ``cp_ring``, or None (single process)."""
+    uly, ring, _, stats = sp_all_groups(mesh)
+    return uly, ring, stats
 
+
+def sp_all_groups(mesh):
+    """As `sp_groups`, plus the group of all sequence-parallel ranks (ring x Ulysses)."""
+    if mesh is None:
+        return None, None, None, None
+    if hasattr(mesh, "groups") and hasattr(mesh, "dims"):  # ParallelMesh
+        return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.group("cp"), mesh.stats
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if not {"cp_ulysses", "cp_ring"} & set(names):
+        raise ValueError(f"mesh has no sequence-parallel axis (cp_ring / cp_ulysses); its axes are {names}")
+    size = {n: mesh.size(names.index(n)) for n in ("cp_ulysses", "cp_ring") if n in names}
+    pick = lambda n: mesh.get_group(n) if size.get(n, 1) > 1 else None  # noqa: E731
+    live = [n for n in ("cp_ring", "cp_ulysses") if size.get(n, 1) > 1]
+    both = mesh[tuple(live)]._flatten().get_group() if len(live) == 2 else (pick(live[0]) if live else None)
+    return pick("cp_ulysses"), pick("cp_ring"), both, None
+
+
+def _sp(mesh):
     return sp_groups(mesh)
 
 

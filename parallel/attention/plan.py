@@ -23,7 +23,7 @@ from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, all_gather_cat, check_agreement, group_size
 from .blocks import LAYOUTS
-from .layout import check_sequence_length
+from .layout import check_sequence_length, sp_all_groups
 from .ring import ring_plan
 from .ringplan import RingPlan
 from .ulysses import check_ulysses_heads
@@ -31,29 +31,6 @@ from .ulysses import check_ulysses_heads
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NAMES = ["batch", "seq_local", "heads", "kv_heads", "head_dim", "causal", "window", "windows",
           "doc_ids", "dtype", "layout"]
-
-
-def sp_groups(mesh) -> tuple[ProcessGroup | None, ProcessGroup | None, CommStats | None]:
-    """(ulysses group, ring group, stats) of a `ParallelMesh`, a torch `DeviceMesh` with axes
-    named ``cp_ulysses`` / ``cp_ring``, or None (single process)."""
-    uly, ring, _, stats = _sp_all(mesh)
-    return uly, ring, stats
-
-
-def _sp_all(mesh):
-    """As `sp_groups`, plus the group of all sequence-parallel ranks (ring x Ulysses)."""
-    if mesh is None:
-        return None, None, None, None
-    if hasattr(mesh, "groups") and hasattr(mesh, "dims"):  # ParallelMesh
-        return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.group("cp"), mesh.stats
-    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-    if not {"cp_ulysses", "cp_ring"} & set(names):
-        raise ValueError(f"mesh has no sequence-parallel axis (cp_ring / cp_ulysses); its axes are {names}")
-    size = {n: mesh.size(names.index(n)) for n in ("cp_ulysses", "cp_ring") if n in names}
-    pick = lambda n: mesh.get_group(n) if size.get(n, 1) > 1 else None  # noqa: E731
-    live = [n for n in ("cp_ring", "cp_ulysses") if size.get(n, 1) > 1]
-    both = mesh[tuple(live)]._flatten().get_group() if len(live) == 2 else (pick(live[0]) if live else None)
-    return pick("cp_ulysses"), pick("cp_ring"), both, None
 
 
 @dataclass(eq=False)
@@ -140,7 +117,7 @@ def plan_attention(mesh, q_shape, kv_heads: int, *, causal: bool = True, window:
     Collectives: one metadata all-gather over the sequence-parallel ranks, and with documents
     one gather per sequence-parallel axis. Then calls issue none of their own.
     """
-    uly, ring, cp, stats = _sp_all(mesh)
+    uly, ring, cp, stats = sp_all_groups(mesh)
     allowed = frozenset([window, *windows])
     meta = _validate(tuple(q_shape), kv_heads, causal, window, allowed, doc_ids, dtype,
                      group_size(uly), group_size(ring), layout)

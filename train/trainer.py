@@ -24,8 +24,8 @@ from longtrain.parallel.grads import BUCKET_BYTES, GradSync, global_grad_norm
 from longtrain.parallel.fsdp import shard_blocks
 from longtrain.parallel.zero import ZeroAdamW
 
-from .pipelined import Pipelined, stage_part
-from .train_config import TrainConfig
+from longtrain.train.pipelined import Pipelined, stage_part
+from longtrain.config.train import TrainConfig
 
 
 class NonFiniteLoss(RuntimeError):

@@ -15,8 +15,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 
-from .memory import MIB
+from longtrain.planner.memory import MIB
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9,
           "tb": 1e12}
@@ -54,8 +55,8 @@ def _args(argv):
 
 def _machine(cfg, args, ranks_here: int) -> tuple[float, float, float | None, str]:
     """(baseline bytes, FLOP/s per rank, memory limit per rank, where the numbers come from)."""
-    from .flops import DATASHEET
-    from .machine import matmul_rate, measure_baseline_mib
+    from longtrain.planner.flops import DATASHEET
+    from longtrain.planner.machine import matmul_rate
 
     if args.gpu or cfg.device == "cuda":
         gpu = args.gpu or "h100"
@@ -78,8 +79,8 @@ def _machine(cfg, args, ranks_here: int) -> tuple[float, float, float | None, st
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    from longtrain.launch.config import ConfigError, load_tree
-    from longtrain.launch.train_config import expand_stages
+    from longtrain.config.loading import ConfigError, load_tree
+    from longtrain.config.train import expand_stages
 
     try:
         cfg = expand_stages(load_tree(args.config, args.overrides))[-1]
@@ -88,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"longtrain plan: {e}", file=sys.stderr)
         return 2
-    from .report import layout_table, plan_object, plan_text
+    from longtrain.planner.report import layout_table, plan_object, plan_text
 
     ranks_here = args.world or cfg.parallel.world_size
     base, rate, limit, source = _machine(cfg, args, ranks_here)
     link = args.link_gbps * 1e9
     if args.world is not None:
-        from .search import search
+        from longtrain.planner.search import search
 
         fits, rejected = search(cfg, args.world, limit, base, rate, link)
         if args.json:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(layout_table(fits, rejected, limit, source))
         return 0 if fits else 1
-    from .search import evaluate
+    from longtrain.planner.search import evaluate
 
     cand = evaluate(cfg, base, rate, link)
     obj = plan_object(cfg, cand, rate, source, limit)
@@ -116,6 +117,16 @@ def _with(cfg, cand):
     import dataclasses
 
     return dataclasses.replace(cfg, parallel=cand.parallel, optim=dataclasses.replace(cfg.optim, zero=cand.zero))
+
+
+def measure_baseline_mib(cfg, ranks_per_machine: int) -> float:
+    """Peak resident set (MiB) of one rank of this job with a tiny model (CPU only)."""
+    from longtrain.launch.spawn import spawn_local
+    from longtrain.train.baseline import baseline_rank, tiny
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, ranks_per_machine))
+    with tempfile.TemporaryDirectory(prefix="longtrain-plan-") as out:
+        return spawn_local(baseline_rank, 1, tiny(cfg, out), cfg.parallel.pp > 1, threads=threads)[0]
 
 
 if __name__ == "__main__":

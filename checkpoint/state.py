@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from longtrain.parallel.fsdp import fsdp_slice, is_sharded, local
+from longtrain.parallel.sharding import fsdp_slice, is_sharded, local
 from longtrain.parallel.sharding import sharding_of
 
 

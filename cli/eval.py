@@ -8,12 +8,12 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load_tree
-from .train_config import TrainConfig, expand_stages
+from longtrain.config.loading import ConfigError, load_tree
+from longtrain.config.train import TrainConfig, expand_stages
 
 
 def _rank_eval(cfg: TrainConfig, batches: int, checkpoint: str | None) -> dict:
-    from .run import eval_rank
+    from longtrain.train.run import eval_rank
 
     return eval_rank(cfg, batches, checkpoint)
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"longtrain eval: {e}", file=sys.stderr)
         return 2
-    from .spawn import spawn_local
+    from longtrain.launch.spawn import spawn_local
 
     try:
         row = spawn_local(_rank_eval, cfg.parallel.world_size, cfg, args.batches or cfg.eval_batches,

@@ -15,14 +15,15 @@ import torch
 
 from longtrain.parallel.mesh import build_mesh
 
-from . import checkpoint as ckpt
-from . import identity
-from .device import job_device_type, local_device
-from .hf_init import hf_path, load_hf_weights
-from .host_memory import map_large_blocks
-from .stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
-from .train_config import TrainConfig
-from .trainer import NonFiniteLoss, Trainer
+from longtrain.checkpoint import store as ckpt
+from longtrain.checkpoint import identity
+from longtrain.config.device import job_device_type, local_device
+from longtrain.config.hf import hf_path
+from longtrain.models.hf import load_weights
+from longtrain.train.host_memory import map_large_blocks
+from longtrain.train.stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
+from longtrain.config.train import TrainConfig
+from longtrain.train.trainer import NonFiniteLoss, Trainer
 
 
 HELD_OUT_SEED = 10_000  # offset of the held-out stream's seed from the training data's
@@ -131,7 +132,7 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
         trainer.loader.load_state_dict(extra["loader"])
         log(f"resumed from {found} at step {trainer.step}")
     elif hf_path(cfg.checkpoint.init_from):
-        load_hf_weights(trainer.model, hf_path(cfg.checkpoint.init_from))
+        load_weights(trainer.model, hf_path(cfg.checkpoint.init_from))
         log(f"initialized the weights from the Hugging Face model {hf_path(cfg.checkpoint.init_from)}")
     elif cfg.checkpoint.init_from:
         path = ckpt.find(cfg.checkpoint.init_from, log=log)
@@ -199,7 +200,7 @@ def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
     of its own."""
     from longtrain.parallel.comm import all_gather_cat
 
-    from .metrics import peak_memory_mib
+    from longtrain.train.metrics import peak_memory_mib
 
     mine = torch.tensor([[peak_memory_mib(device), stop.signum if stop else 0, save_estimate_s,
                           float(stop.grow) if stop else 0.0]], dtype=torch.float64, device=device)
@@ -221,7 +222,7 @@ def _sent(mesh) -> dict[str, int]:
 
 def _optim_bytes(trainer: Trainer) -> int:
     """Bytes of this rank's optimizer state (AdamW moments: its ZeRO chunks under ZeRO)."""
-    from longtrain.parallel.fsdp import local
+    from longtrain.parallel.sharding import local
 
     return sum(local(t).numel() * t.element_size() for st in trainer.opt.state.values() for t in st.values()
                if torch.is_tensor(t))
@@ -229,7 +230,7 @@ def _optim_bytes(trainer: Trainer) -> int:
 
 def _state_bytes(trainer: Trainer) -> int:
     """Bytes of this rank's checkpointed state: parameters and optimizer tensors."""
-    from longtrain.parallel.fsdp import local
+    from longtrain.parallel.sharding import local
 
     return sum(local(p).numel() * p.element_size() for p in trainer.model.parameters()) + _optim_bytes(trainer)
 
@@ -242,7 +243,7 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
     rank stops after the same step, with a checkpoint if one fits in `checkpoint.stop_grace_s`,
     and `stop.agreed` says which signal it was; when any rank was asked to grow (`stop.grow`,
     by an elastic launcher), every rank stops after the next checkpoint, with `stop.agreed` GROW."""
-    from .metrics import MetricsLog
+    from longtrain.train.metrics import MetricsLog
 
     device, mesh, trainer, root = _setup(cfg)
     rank0 = mesh is None or mesh.rank == 0

@@ -24,7 +24,7 @@ import sys
 
 
 def _check(argv: list[str]) -> int:
-    from .selfcheck import main
+    from longtrain.cli.check import main
 
     return main(argv)
 
@@ -54,25 +54,25 @@ def _check_data(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .train_cli import main
+    from longtrain.cli.train import main
 
     return main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    from .eval_cli import main
+    from longtrain.cli.eval import main
 
     return main(argv)
 
 
 def _plan(argv: list[str]) -> int:
-    from longtrain.planner.cli import main
+    from longtrain.cli.plan import main
 
     return main(argv)
 
 
 def _export(argv: list[str]) -> int:
-    from .hf_init import export_main
+    from longtrain.cli.export import main as export_main
 
     return export_main(argv)
 
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=sorted(COMMANDS))
     ap.add_argument("args", nargs=argparse.REMAINDER)
     ns = ap.parse_args(argv[:1])
-    from .host_memory import request_huge_pages
+    from longtrain.train.host_memory import request_huge_pages
 
     request_huge_pages()  # before torch is imported here or in any rank started from here
-    from .stopping import Stopped
+    from longtrain.train.stopping import Stopped
 
     try:
         return COMMANDS[ns.command](argv[1:])

@@ -16,20 +16,20 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_tree
-from .failures import RankFailure, capture
-from .stopping import StopRequest, Stopped, install, stopped_line
-from .train_config import TrainConfig, expand_stages
+from longtrain.config.loading import ConfigError, load_tree
+from longtrain.launch.failures import RankFailure, capture
+from longtrain.train.stopping import StopRequest, Stopped, install, stopped_line
+from longtrain.config.train import TrainConfig, expand_stages
 
 
 def _rank_main(cfg: TrainConfig) -> int:
     """One local rank: SIGINT / SIGTERM (passed on by the launcher) stop it at a step boundary."""
-    from .spawn import HEARTBEAT_ENV
+    from longtrain.launch.spawn import HEARTBEAT_ENV
 
     beats = os.environ.get(HEARTBEAT_ENV)
     stop = StopRequest(heartbeat=os.path.join(beats, f"rank-{os.environ['RANK']}") if beats else None)
     install(stop)
-    from .run import train_rank
+    from longtrain.train.run import train_rank
 
     rows = train_rank(cfg, stop=stop)
     return len(rows)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = expand_stages(load_tree(args.config, args.overrides))
-        from .run import preflight
+        from longtrain.train.run import preflight
 
         for cfg in runs:
             preflight(cfg)
@@ -70,18 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         world = cfg.parallel.world_size
         stage = f" [run {i + 1} of {len(runs)}: {cfg.out_dir}]" if len(runs) > 1 else ""
         print(f"launching {world} rank(s) ({args.launcher}){stage}: {cfg.parallel}", flush=True)
-        from .metrics import ProgressFollower
+        from longtrain.train.metrics import ProgressFollower
 
         try:
             with ProgressFollower(cfg.out_dir, cfg.steps):
                 if args.launcher == "ray":
-                    from .ray_launcher import launch
+                    from longtrain.launch.ray_launcher import launch
 
                     launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug,
                            placement_wait_s=args.placement_wait,
                            min_world=(cfg.launch.min_world or 1) if args.elastic else None)
                 else:
-                    from .spawn import spawn_local
+                    from longtrain.launch.spawn import spawn_local
 
                     cfg = cfg.resolved()
                     spawn_local(_rank_main, world, cfg, device_type=cfg.device, debug=args.debug,
@@ -105,7 +105,7 @@ def _env_rank(runs: list[TrainConfig], debug: bool = False) -> int:
     collective) exists."""
     import torch
 
-    from .dist_env import env_world_size, init_distributed
+    from longtrain.launch.dist_env import env_world_size, init_distributed
 
     have = env_world_size()
     for cfg in runs:
@@ -122,7 +122,7 @@ def _env_rank(runs: list[TrainConfig], debug: bool = False) -> int:
     install(stop)
     rank, _ = init_distributed(runs[0].device)
     try:
-        from .run import train_rank
+        from longtrain.train.run import train_rank
 
         for cfg in runs:
             out = capture(rank, train_rank, cfg, log=print if rank == 0 else (lambda *_: None), debug=debug,

@@ -9,8 +9,9 @@ from longtrain.models.config import ModelConfig
 from longtrain.parallel.attention.layout import sequence_divisor
 from longtrain.parallel.mesh import ParallelDims
 
-from .device import DEVICES, job_device_type
-from .host_memory import MAX_THRESHOLD_MIB
+from longtrain.config.device import DEVICES, job_device_type
+
+MAX_THRESHOLD_MIB = 32  # glibc refuses larger fixed mmap thresholds on 64-bit (train/host_memory.py)
 
 
 @dataclass(kw_only=True)
@@ -163,7 +164,7 @@ class TrainConfig:
     sequence_parallel: bool = True  # TP sequence parallel
     tensorboard: bool = True  # events in <out_dir>/tensorboard
     # CPU ranks: host blocks of at least this many MiB are mapped and unmapped whole, so the
-    # resident set is the live tensors, at some speed (launch/host_memory.py); 0: glibc adaptive
+    # resident set is the live tensors, at some speed (train/host_memory.py); 0: glibc adaptive
     host_mmap_mib: float = 0.0
     # A rank that completes no step for this long (at least 3x the slowest step seen; before its
     # first step, 3x this) is stalled (SIGSTOP, a collective that never completes): the launcher
@@ -258,8 +259,8 @@ def expand_stages(tree: dict) -> list[TrainConfig]:
     before anything starts."""
     import copy
 
-    from .config import ConfigError, build, set_path
-    from .hf_init import with_hf_model
+    from longtrain.config.loading import ConfigError, build, set_path
+    from longtrain.config.hf import with_hf_model
 
     tree = with_hf_model(tree)  # init_from = "hf:PATH": the architecture from PATH/config.json
     main = build(TrainConfig, tree)

@@ -29,7 +29,6 @@ from longtrain.models.memtrim import glibc
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MAX_THRESHOLD_MIB = 32  # glibc refuses larger fixed thresholds on 64-bit
 
 
 def request_huge_pages(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     args = ap.parse_args(argv)
-    from .spawn import spawn_local
+    from longtrain.launch.spawn import spawn_local
 
     per_rank = spawn_local(_rank_main, args.ranks, args.ranks, args.seq)
     print(f"{'layout':<12} {'mask':<12} {'max |err| out':>14} {'dq':>10} {'dk':>10} {'dv':>10}")

@@ -38,9 +38,9 @@ import torch.distributed as dist
 
 from longtrain.files import UnsafeFile, confined, plain_file, read_json, regular, sha256_file
 
-from . import safe_dcp
-from .ckpt_state import check_sizes, restore, state_for_checkpoint, state_to_load
-from .safe_dcp import read_metadata
+from longtrain.checkpoint import safe_dcp
+from longtrain.checkpoint.state import check_sizes, restore, state_for_checkpoint, state_to_load
+from longtrain.checkpoint.safe_dcp import read_metadata
 
 MARKER = "COMMITTED.json"
 

@@ -114,7 +114,7 @@ def first_save_estimate(state_bytes: int) -> float:
 
 def stopped_line(exc: Stopped, checkpoint_root: str | os.PathLike) -> str:
     """The one line a stopped run ends with: where it stopped and how to go on."""
-    from . import checkpoint as ckpt
+    from longtrain.checkpoint import store as ckpt
 
     newest = ckpt.newest_usable(Path(checkpoint_root), quick=True)
     how = "at once" if exc.at_once else "at a step boundary"
