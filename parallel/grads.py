@@ -143,7 +143,7 @@ class GradSync:
         b = self.bucket_of[p]
         if b.work is not None:
             raise RuntimeError("a gradient arrived for a bucket already being reduced (a parameter used in two "
-                               "backward passes of one micro-batch?); turn off parallel.overlap_grad_reduce")
+                               "backward passes of one micro-batch?); turn off optim.overlap_grad_reduce")
         b.ready.add(p)
         self._launch(lambda bucket: len(bucket.ready) == len(bucket.params))
 

@@ -21,11 +21,30 @@ from tests.test_trainer import MODEL
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from longtrain.launch.ray_launcher import start_ray
+    """The embedded Ray every test here runs on, started beside a planted cluster: an address in
+    its temporary folder's ray_current_cluster file (which any local user can write) that it
+    must not join (tests/test_security.py, issue 26 item 2)."""
+    import os
+    import shutil
 
-    start_ray(None, 4)
-    yield
-    ray.shutdown()
+    from longtrain.launch.ray_launcher import start_ray
+    from tests.test_security import nobody_connected, plant_ray_cluster
+
+    tmp, planted, address = plant_ray_cluster()
+    old = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    os.environ.pop("RAY_ADDRESS", None)
+    try:
+        start_ray(None, 4)
+        assert ray.get_runtime_context().gcs_address != address
+        nobody_connected(planted, address)
+        yield
+    finally:
+        ray.shutdown()
+        planted.close()
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cfg(data, out, steps, parallel=None):

@@ -343,13 +343,10 @@ def _function_state(env):
     return act
 
 
-def _planted_ray_cluster(env):
-    """Another local user's planted address in Ray's (world-writable) temporary folder, pointing
-    at a listener that counts who connects; the embedded launcher must start its own Ray."""
-    import ray
-
-    from longtrain.launch.ray_launcher import start_ray
-
+def plant_ray_cluster() -> tuple[pathlib.Path, socket.socket, str]:
+    """Another local user's planted cluster: an address in a Ray temporary folder's
+    ray_current_cluster file (world-writable in /tmp/ray), pointing at a listener that counts who
+    connects. Returns (the folder to use as RAY_TMPDIR, the listener, the address)."""
     tmp = pathlib.Path(tempfile_short())
     (tmp / "ray").mkdir()
     planted = socket.socket()
@@ -358,21 +355,44 @@ def _planted_ray_cluster(env):
     planted.setblocking(False)
     address = f"127.0.0.1:{planted.getsockname()[1]}"
     (tmp / "ray" / "ray_current_cluster").write_text(address)
+    return tmp, planted, address
+
+
+def nobody_connected(planted: socket.socket, address: str) -> None:
+    try:
+        planted.accept()
+        raise AssertionError(f"something connected to the planted address {address}")
+    except BlockingIOError:
+        pass
+
+
+def _planted_ray_cluster(env):
+    """The embedded launcher must start its own Ray, never the cluster an address file names.
+    Ray's own resolution of the address `ray.init` is given is checked here (Ray itself is not
+    started: that takes 5-15 s); tests/test_ray.py starts the embedded Ray for real beside a
+    planted address."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from longtrain.launch.ray_launcher import start_ray
+
+    tmp, planted, address = plant_ray_cluster()
     env.monkeypatch.setenv("RAY_TMPDIR", str(tmp))
     env.monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    asked = []
+    env.monkeypatch.setattr(ray, "init", lambda address=None, **kw: asked.append(address))
+    env.monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
     def act():
         try:
+            planted_port = address.rsplit(":", 1)[1]
+            found = canonicalize_bootstrap_address(None)  # Ray maps 127.0.0.1 to this node's address
+            assert found and found.endswith(f":{planted_port}"), f"Ray would read the planted file ({found})"
             start_ray(None, 1)
-            joined = ray.get_runtime_context().gcs_address
-            assert joined != address, f"joined the planted cluster {address}"
-            try:
-                planted.accept()
-                raise AssertionError(f"something connected to the planted address {address}")
-            except BlockingIOError:
-                pass
+            joined = canonicalize_bootstrap_address(asked[0])
+            assert joined is None, f"ray.init(address={asked[0]!r}) joins {joined}, not a private instance"
+            nobody_connected(planted, address)
         finally:
-            ray.shutdown()
             planted.close()
             shutil.rmtree(tmp, ignore_errors=True)
     return act
