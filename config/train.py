@@ -282,3 +282,17 @@ def expand_stages(tree: dict) -> list[TrainConfig]:
     main.stages = []
     return runs + [main]
 
+
+def padded_vocab(tokens: int, tp: int = 1, multiple: int = 64) -> int:
+    """A vocabulary size for `tokens` token ids: rounded up to a multiple of `multiple` x tp (the
+    vocab-parallel embedding and head need tp equal shards; 64 keeps their matmuls aligned)."""
+    step = multiple * tp
+    return -(-tokens // step) * step
+
+
+def check_vocabulary(tokens: int, cfg, what: str) -> None:
+    """ValueError (saying what to set) if `what` (data, a tokenizer) has more token ids than the
+    model's vocabulary holds; the one rule the pre-launch check and every rank apply."""
+    if tokens > cfg.model.vocab_size:
+        raise ValueError(f"{what} has {tokens} token ids but model.vocab_size is {cfg.model.vocab_size}; set "
+                         f"model.vocab_size = {padded_vocab(tokens, cfg.parallel.tp)} (padded to a multiple of 64 x tp)")

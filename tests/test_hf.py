@@ -302,7 +302,8 @@ def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(t
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from longtrain.data.prepare import prepare
-    from longtrain.train.run import padded_vocab, preflight
+    from longtrain.config.train import padded_vocab
+    from longtrain.train.run import preflight
     from longtrain.config.loading import build
     from longtrain.config.train import TrainConfig
 

@@ -22,7 +22,7 @@ from longtrain.config.hf import hf_path
 from longtrain.models.hf import load_weights
 from longtrain.train.host_memory import map_large_blocks
 from longtrain.train.stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
-from longtrain.config.train import TrainConfig
+from longtrain.config.train import TrainConfig, check_vocabulary
 from longtrain.train.trainer import NonFiniteLoss, Trainer
 
 
@@ -62,7 +62,7 @@ def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> d
     model.eval()
     total = torch.zeros(5, dtype=torch.float64)  # loss sum, labeled, correct, sequences, whole keys
     for _ in range(batches):
-        b = trainer._local(loader.next_batch())
+        b = trainer.local_batch(loader.next_batch())
         loss, labeled, correct = trainer.eval_counts(b)
         per_seq = torch.stack([labeled, correct]).double().cpu()
         if mesh is not None:  # whole sequences: add up the sequence-parallel slices
@@ -108,17 +108,7 @@ def _check_data(cfg: TrainConfig) -> None:
     for path in dict.fromkeys(paths):
         loader = PackedLoader(path, d.seq_len, d.batch_size, seed=d.seed, dp_size=cfg.parallel.dp,
                               accum=cfg.grad_accum if path == d.path else 1)
-        if loader.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"the data in {path} has {loader.vocab_size} token ids but model.vocab_size is "
-                             f"{cfg.model.vocab_size}; set model.vocab_size = "
-                             f"{padded_vocab(loader.vocab_size, cfg.parallel.tp)} (padded to a multiple of 64 x tp)")
-
-
-def padded_vocab(tokens: int, tp: int = 1, multiple: int = 64) -> int:
-    """A vocabulary size for `tokens` token ids: rounded up to a multiple of `multiple` x tp (the
-    vocab-parallel embedding and head need tp equal shards; 64 keeps their matmuls aligned)."""
-    step = multiple * tp
-    return -(-tokens // step) * step
+        check_vocabulary(loader.vocab_size, cfg, f"the data in {path}")
 
 
 def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None:

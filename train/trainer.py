@@ -25,7 +25,7 @@ from longtrain.parallel.fsdp import shard_blocks
 from longtrain.parallel.zero import ZeroAdamW
 
 from longtrain.train.pipelined import Pipelined, stage_part
-from longtrain.config.train import TrainConfig
+from longtrain.config.train import TrainConfig, check_vocabulary
 
 
 class NonFiniteLoss(RuntimeError):
@@ -68,9 +68,7 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, mesh, loader, device: str = "cpu"):
         self.cfg, self.mesh, self.loader, self.device = cfg, mesh, loader, device
-        if loader.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"the data's tokenizer has {loader.vocab_size} ids but model.vocab_size is "
-                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of tp)")
+        check_vocabulary(loader.vocab_size, cfg, "the data's tokenizer")
         piped = mesh is not None and mesh.size("pp") > 1
         self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device, sequence_parallel=cfg.sequence_parallel,
                                  part=stage_part(cfg, mesh) if piped else None)
@@ -90,7 +88,7 @@ class Trainer:
         self.step = 0
         self.nan_skips = 0
 
-    def _local(self, batch: dict) -> dict:
+    def local_batch(self, batch: dict) -> dict:
         """This rank's slice of a batch of full sequences (sequence-parallel layout)."""
         out = {}
         for k, v in batch.items():
@@ -104,7 +102,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         cfg = self.cfg
-        micro = [self._local(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
+        micro = [self.local_batch(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
         local_tokens = sum(int((m["labels"] != IGNORE).sum()) for m in micro)
         count = all_reduce(torch.tensor(float(local_tokens), device=self.device), self._group())
         total = torch.zeros((), dtype=torch.float64)
