@@ -9,8 +9,8 @@ import json
 
 import torch
 
-from longtrain.parallel.sharding import fsdp_slice, is_sharded, local
-from longtrain.parallel.sharding import sharding_of
+from longtrain.checkpoint.safe_dcp import UnsafeCheckpoint
+from longtrain.parallel.sharding import fsdp_slice, is_sharded, local, sharding_of
 
 
 def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
@@ -112,7 +112,7 @@ def _saved_rank_state(saved: dict, mesh, where) -> dict[str, torch.Tensor] | Non
         key = k[len(prefix):]
         if not re.fullmatch(r"\d+\.\w+\.\d+", key) or not isinstance(m, TensorStorageMetadata) \
                 or len(m.size) > 1 or m.size.numel() > RANK_STATE_LIMIT:
-            raise ValueError(f"checkpoint {where}: {k} is not a running scale (a vector of at most "
+            raise UnsafeCheckpoint(f"checkpoint {where}: {k} is not a running scale (a vector of at most "
                              f"{RANK_STATE_LIMIT} elements under 'layer.kind.slot'); refused before reading it")
         mine[key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     return mine or None
@@ -120,7 +120,7 @@ def _saved_rank_state(saved: dict, mesh, where) -> dict[str, torch.Tensor] | Non
 
 def check_sizes(sd: dict, saved: dict, where) -> None:
     """Every tensor to load, against what the checkpoint's metadata `saved` declares for it:
-    the same global shape, or ValueError naming the tensor, before DCP allocates anything."""
+    the same global shape, or UnsafeCheckpoint naming the tensor, before DCP allocates anything."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -131,14 +131,14 @@ def check_sizes(sd: dict, saved: dict, where) -> None:
             continue  # missing: DCP names it; not a tensor: read as bytes
         if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(value.shape):
             declared = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else "bytes"
-            raise ValueError(f"checkpoint {where}: {fqn} is {declared} there, {tuple(value.shape)} in this model; it "
+            raise UnsafeCheckpoint(f"checkpoint {where}: {fqn} is {declared} there, {tuple(value.shape)} in this model; it "
                              "belongs to another model config: refused before reading it")
 
 
 def state_to_load(saved: dict, model, optimizer, mesh, where="") -> dict:
     """The state to load into, given the checkpoint's metadata `saved`: what `state_for_checkpoint`
     saves, less what this checkpoint lacks (no layout: written before layouts were recorded) or
-    the caller does not want (no optimizer: weights only)."""
+    the caller does not want (no optimizer: weights only); every declared size checked first."""
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     sd = state_for_checkpoint(model, optimizer, mesh, extra={})
@@ -151,6 +151,7 @@ def state_to_load(saved: dict, model, optimizer, mesh, where="") -> dict:
         own = _saved_rank_state(saved, mesh, where)
         if own is not None:
             sd["rank_state"] = {f"rank{_rank(mesh)}": own}
+    check_sizes(sd, saved, where)
     return sd
 
 

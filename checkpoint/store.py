@@ -39,7 +39,7 @@ import torch.distributed as dist
 from longtrain.files import UnsafeFile, confined, plain_file, read_json, regular, sha256_file
 
 from longtrain.checkpoint import safe_dcp
-from longtrain.checkpoint.state import check_sizes, restore, state_for_checkpoint, state_to_load
+from longtrain.checkpoint.state import restore, state_for_checkpoint, state_to_load
 from longtrain.checkpoint.safe_dcp import read_metadata
 
 MARKER = "COMMITTED.json"
@@ -366,12 +366,7 @@ def load(path: Path, model, optimizer, mesh, log=print) -> dict:
     the layout the checkpoint was written on also restores each rank's own state (running
     activation-quantization scales); on another layout those start afresh, as at step 0.
     Nothing in the checkpoint can run code (`safe_dcp`): a tampered one is refused."""
-    saved = read_metadata(path).state_dict_metadata
-    try:
-        sd = state_to_load(saved, model, optimizer, mesh, path)
-        check_sizes(sd, saved, path)
-    except ValueError as e:
-        raise safe_dcp.UnsafeCheckpoint(str(e)) from None
+    sd = state_to_load(read_metadata(path).state_dict_metadata, model, optimizer, mesh, path)
     safe_dcp.load(sd, path, no_dist=not dist.is_initialized())  # no code runs from a checkpoint
     return restore(sd, model, optimizer, mesh, lambda: log(f"{path} was written on another layout: running "
                                                             "activation-quantization scales start afresh"))

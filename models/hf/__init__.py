@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import UnsupportedModel, from_hf_config, to_hf_config
-from longtrain.files import JSON_LIMIT, confined, read_json
+from longtrain.files import confined, read_json
 
 from .weights import Reader, hf_tensors, write
 
@@ -37,7 +37,7 @@ def read_config(path: str | os.PathLike, **overrides):
     file = folder / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder")
-    hf = read_json(confined(folder, "config.json", "model config", ValueError), JSON_LIMIT, ValueError)
+    hf = read_json(confined(folder, "config.json", "model config", ValueError), error=ValueError)
     if not isinstance(hf, dict):
         raise ValueError(f"{file} holds a {type(hf).__name__}, not a model config object")
     return from_hf_config(hf, file, **overrides), hf
@@ -75,7 +75,7 @@ def load_weights(model, path: str | os.PathLike) -> None:
     (any layout, a pipeline rank's part included) for the config `read_config` gives."""
     from ..transformer import tied_name
 
-    reader = Reader(Path(path))
+    reader = check_weights(path, model.cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(reader(tied_name(name, model), p))
@@ -83,15 +83,8 @@ def load_weights(model, path: str | os.PathLike) -> None:
 
 
 def _no_unused(reader: Reader, model, path) -> None:
-    """Every tensor of the folder has a place in the model (a pipeline rank's part: in the whole
-    model, laid out on the meta device), else UnsupportedModel naming them."""
-    part = getattr(model, "part", None)
-    if part is not None and not (part.first and part.last and len(part.layers) == model.cfg.n_layers):
-        from ..layers import Parallel
-        from ..transformer import LongLM
-
-        with torch.device("meta"):
-            reader.place(LongLM(model.cfg, Parallel(mesh=None)))
+    """Every tensor of the folder has a place in the whole model (`check_weights` placed them),
+    else UnsupportedModel naming them."""
     extra = reader.unused(model.cfg.tie_embeddings)
     if extra:
         raise UnsupportedModel(f"{path}: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "

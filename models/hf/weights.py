@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from longtrain.files import JSON_LIMIT, confined, plain_file, read_json, regular
+from longtrain.files import confined, plain_file, read_json, regular
 from longtrain.parallel.sharding import sharding_of
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -76,7 +76,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def _indexed(folder: Path, index: Path) -> dict[str, Path]:
-    entries = read_json(index, JSON_LIMIT, ValueError)
+    entries = read_json(index, error=ValueError)
     if not isinstance(entries, dict) or not isinstance(entries.get("weight_map"), dict):
         raise ValueError(f"{index} is not a weights index (no 'weight_map' object)")
     out = {}
@@ -178,7 +178,7 @@ class Reader:
         from longtrain.models.transformer import LongLM
 
         layers = {int(m.group(1)) for n in self.files if (m := re.match(r"model\.layers\.(\d+)\.", n))}
-        if len(layers) != cfg.n_layers or layers != set(range(len(layers))):
+        if cfg.n_layers > len(layers) or not all(i in layers for i in range(cfg.n_layers)):  # layers past them: unused
             raise ValueError(f"the config declares {cfg.n_layers} layers, the weights hold {len(layers)} "
                              f"(numbered {min(layers, default=None)}..{max(layers, default=None)})")
         if cfg.moe is not None:
@@ -194,6 +194,7 @@ class Reader:
                                  else [(hf_name(name), tuple(p.shape))]):
                 if self.shape(theirs) != want:
                     raise ValueError(f"tensor {theirs} has shape {self.shape(theirs)}, the config implies {want}")
+        self.place(whole)  # every tensor the whole model has a place for (a pipeline rank reads only its own)
 
     def place(self, whole_model: torch.nn.Module) -> None:
         """Count the tensors of every parameter of `whole_model` (a meta-device copy of the whole
