@@ -12,13 +12,15 @@ names the rank, its node and the cause, the launcher waits (at most `placement_w
 placement group to hold every bundle again (Ray moves a lost node's bundles to surviving or new
 nodes), backs off, and starts all ranks again; they resume from the newest valid checkpoint,
 so no sample is lost or repeated relative to the committed history. After `max_restarts`
-restarts the launch fails, naming the last cause.
+restarts the launch fails, naming the last cause. The placement groups, the wait for them and
+the elastic choice of layout (shrink, grow back) are in `ray_placement`.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 
 import ray
 
@@ -27,6 +29,8 @@ from longtrain.data.shards import DataError
 from .failures import RankFailure, capture
 from longtrain.train.host_memory import THP_ENV
 from .elastic import describe, smaller_layouts
+from .ray_placement import (PLACEMENT_WAIT_S, Placement, alive_nodes, first_layout, layout_after_failure,
+                            layout_to_grow)
 from longtrain.train.stopping import GROW, StopRequest, Stopped, Watchdog, on_signals, stall_message
 from longtrain.train.trainer import NonFiniteLoss
 from longtrain.config.train import TrainConfig
@@ -116,26 +120,6 @@ def start_ray(address: str | None, world: int) -> bool:
     return True
 
 
-def _node_capacity(kind: str) -> list[int]:
-    """CPUs (or GPUs) of each node that is alive."""
-    return [int(n["Resources"].get(kind, 0)) for n in ray.nodes() if n.get("Alive")]
-
-
-def _could_hold(world: int, local: int, kind: str) -> bool:
-    return sum(h // local for h in _node_capacity(kind)) >= world // local
-
-
-def _check_fits(world: int, local: int, kind: str) -> None:
-    """Fail at once (not after a placement timeout) when the cluster's nodes cannot hold the
-    world // local bundles of `local` CPUs or GPUs each."""
-    have = _node_capacity(kind)
-    if not _could_hold(world, local, kind):
-        raise RuntimeError(f"the layout needs {world // local} group(s) of {local} {kind}(s) on one node each "
-                           f"(tp x cp_ulysses ranks share a node), but the Ray cluster's nodes have {have} "
-                           f"{kind}s; add nodes or {kind}s, or shrink the layout")
-
-
-PLACEMENT_WAIT_S = 300.0  # how long to wait for the cluster to hold the layout (again, after a node loss)
 START_S = 300.0  # how long placed actors may take to start (a process, imports) and answer
 # what can fail inside an attempt for reasons of the cluster, not of the job: a restart may succeed
 RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError,
@@ -183,13 +167,9 @@ def _reason(e: BaseException, actors: list, nodes: list[str]) -> str:
     return f"{who}{where}: {kind}: {what[:300]}"
 
 
-def _alive_nodes() -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-
-
 def _dead_nodes(nodes: list[str]) -> dict[str, list[int]]:
     """The nodes of this attempt's ranks (`nodes[rank]`) that are no longer alive: {node id: [ranks]}."""
-    alive, out = _alive_nodes(), {}
+    alive, out = alive_nodes(), {}
     for r, n in enumerate(nodes):
         if n not in alive:
             out.setdefault(n, []).append(r)
@@ -219,109 +199,6 @@ def _diagnose(e: BaseException, refs: list, actors: list, nodes: list[str], sett
                 pass
 
 
-def _placed(pg) -> bool:
-    """Does the placement group hold every bundle on a node that is alive? (`pg.ready()` alone
-    answers yes for a while after a node holding bundles died, until Ray notices.)"""
-    from ray.util import placement_group_table
-
-    table, alive = placement_group_table(pg), _alive_nodes()
-    return table.get("state") == "CREATED" and all(n in alive for n in table.get("bundles_to_node_id", {}).values())
-
-
-def _wait_placeable(pg, bundle: dict, bundles: int, wait_s: float, after: str = "") -> None:
-    """Wait (at most `wait_s`) until the placement group holds every bundle on live nodes: at the
-    start, and after a node loss while Ray places the lost bundles on surviving or new nodes."""
-    deadline = time.time() + wait_s
-    while True:
-        try:
-            ray.get(pg.ready(), timeout=max(0.1, min(1.0, deadline - time.time())))
-            if _placed(pg):
-                return
-        except ray.exceptions.GetTimeoutError:
-            pass
-        if time.time() >= deadline:
-            why = f"after {after}, " if after else ""
-            raise RuntimeError(f"{why}the Ray cluster could not place {bundles} bundle(s) of {bundle} (one per tp x "
-                               f"cp_ulysses group) within {wait_s:.0f} s (available: {ray.available_resources()}); "
-                               "add nodes, or shrink the layout (then resume: checkpoints reshard)") from None
-        time.sleep(0.5)
-
-
-class _Placement:
-    """The placement group of the layout under way, and, while an elastic run is shrunk, a
-    second one for the bundles it lacks: when Ray can place that one, the cluster holds the
-    full layout again. Bundles are `local` CPUs (and GPUs) each: one tp x cp_ulysses group."""
-
-    def __init__(self, local: int, gpus: int, wait_s: float):
-        self.local, self.wait_s = local, wait_s
-        self.kind = "GPU" if gpus else "CPU"
-        self.bundle = {"CPU": local, "GPU": local} if gpus else {"CPU": local}
-        self.pg = self.spare = None
-        self.grow_to: tuple[int, int] | None = None  # (full world, ranks missing) while shrunk
-        self.spare_since = 0.0
-
-    def _group(self, bundles: int):
-        from ray.util.placement_group import placement_group
-
-        return placement_group([self.bundle] * bundles, strategy="PACK")
-
-    def acquire(self, layouts: list[TrainConfig], after: str = "") -> TrainConfig:
-        """Place the first of `layouts` (most ranks first) that the cluster holds: the first
-        gets the whole wait; a smaller one is tried only if the live nodes could hold it."""
-        self.release()
-        for i, cfg in enumerate(layouts):
-            bundles = cfg.parallel.world_size // self.local
-            if i and not _could_hold(cfg.parallel.world_size, self.local, self.kind):
-                continue
-            self.pg = self._group(bundles)
-            try:
-                _wait_placeable(self.pg, self.bundle, bundles, self.wait_s if i == 0 else min(self.wait_s, 30.0), after)
-                return cfg
-            except RuntimeError:
-                self.release()
-                if i == len(layouts) - 1:
-                    raise
-        raise RuntimeError(f"{'after ' + after + ', ' if after else ''}the Ray cluster's nodes "
-                           f"({_node_capacity(self.kind)} {self.kind}s) cannot hold any layout down to "
-                           f"{describe(layouts[-1])}; add nodes, or lower launch.min_world")
-
-    def watch_for(self, full_world: int, world: int) -> None:
-        """While `world` ranks run of a layout of `full_world`: watch for room for the rest."""
-        self.grow_to = (full_world, full_world - world) if full_world > world else None
-
-    def can_grow(self, retry_s: float = 5.0) -> bool:
-        """Does the cluster hold the full layout again? Once the live nodes are large enough and
-        Ray reports the resources free, the bundles a shrunk layout lacks are asked of Ray;
-        placed, they say yes. (A group Ray could not place when asked is retried by Ray only
-        every minute or so: one still pending after `retry_s` is asked for anew.)"""
-        from ray.util.placement_group import remove_placement_group
-
-        if self.grow_to is None:
-            return False
-        full_world, missing = self.grow_to
-        if self.spare is not None and time.time() - self.spare_since > retry_s and not _placed(self.spare):
-            remove_placement_group(self.spare)
-            self.spare = None
-        if self.spare is None:
-            free = ray.available_resources().get(self.kind, 0)
-            if free < missing or not _could_hold(full_world, self.local, self.kind):
-                return False
-            self.spare, self.spare_since = self._group(missing // self.local), time.time()
-        return _placed(self.spare)  # reserved (not `ready()`: that waits for a worker process on the new node)
-
-    def release(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        for pg in (self.pg, self.spare):
-            if pg is not None:
-                try:
-                    remove_placement_group(pg)
-                except Exception:  # noqa: BLE001 - its node is gone
-                    pass
-        self.pg = self.spare = None
-        self.grow_to = None
-
-
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
            stop_at: int | None = None, on_start=None, placement_wait_s: float = PLACEMENT_WAIT_S,
            watch_every_s: float = 2.0, min_world: int | None = None) -> list[dict]:
@@ -335,130 +212,155 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
     for the layout, the run goes on with the largest smaller one the cluster holds
     (`elastic.smaller_layouts`), and grows back to the configured layout at the first
     checkpoint after the cluster can hold it again."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     min_world = cfg.launch.min_world if min_world is None else min_world
     embedded = start_ray(address, cfg.parallel.world_size)
     full = cfg.resolved(gpus=int(ray.cluster_resources().get("GPU", 0)))  # "auto": GPUs if the cluster has them
-    local = full.parallel.tp * full.parallel.cp_ulysses  # ranks that must share a node
     gpus = 1 if full.device == "cuda" else 0
-    place = _Placement(local, gpus, placement_wait_s)
+    place = Placement(full.parallel.tp * full.parallel.cp_ulysses, gpus, placement_wait_s)  # those ranks share a node
     layouts = [full] + (smaller_layouts(full, min_world) if min_world else [])
-    if not min_world:
-        _check_fits(full.parallel.world_size, local, place.kind)
-    cfg = place.acquire(layouts)
-    if cfg is not full:
-        print(f"elastic: the cluster cannot hold the configured {describe(full)}; starting with {describe(cfg)}",
-              flush=True)
-        place.watch_for(full.parallel.world_size, cfg.parallel.world_size)
-    current: list = []  # the actors of the attempt under way
-
-    def stop_now(_signum):  # a second signal to the launcher
-        _kill(current)
-        raise Stopped(stopped[0], at_once=True)
-
-    stopped, restore = on_signals(lambda signum: [a.request_stop.remote(signum) for a in current], stop_now)
-    placed, attempt, restarts = None, -1, 0
+    cfg = first_layout(place, full, layouts, min_world)
+    job = _Job(full, layouts, place, embedded=embedded, gpus=gpus, max_restarts=max_restarts, stop_at=stop_at,
+               debug=debug, on_start=on_start, watch_every_s=watch_every_s)
+    job.stopped, restore = on_signals(job.request_stop, job.stop_now)
     try:
-        while True:
-            attempt += 1
-            if stopped:
-                raise Stopped(stopped[0])
-            world = cfg.parallel.world_size
-            threads = max(1, (os.cpu_count() or 1) // world)
-            actors, nodes, refs, growing = [], [], [], False
-            try:
-                actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
-                                            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=place.pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
-                    for r in range(world)]
-                current[:] = actors
-                try:
-                    nodes = ray.get([a.node.remote() for a in actors], timeout=START_S)
-                except ray.exceptions.GetTimeoutError:
-                    raise RuntimeError(f"the ranks did not start within {START_S:.0f} s of being placed") from None
-                if nodes != placed:  # where the ranks run: at the start, and when a restart moved them
-                    names = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
-                    print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(nodes)),
-                          flush=True)
-                    placed = nodes
-                master = ray.get(actors[0].address.remote(embedded), timeout=START_S)
-                refs = [a.run.remote(cfg, master, stop_at, debug) for a in actors]
-                if stopped:  # a signal while the actors started
-                    for a in actors:
-                        a.request_stop.remote(stopped[0])
-                if on_start is not None:
-                    on_start(actors, attempt)
-                pending = list(refs)
-                watchdog, watched = Watchdog(world, cfg.hang_timeout_s), time.time()
-                while pending:  # the first failure stops everyone; nobody waits in a collective
-                    done, pending = ray.wait(pending, num_returns=1, timeout=1.0)  # signals run between waits
-                    if time.time() - watched >= watch_every_s and not stopped:
-                        if cfg.hang_timeout_s > 0:
-                            _watch(actors, watchdog, nodes)
-                        if not growing and place.can_grow():
-                            growing = True
-                            print(f"elastic: the cluster holds the configured {describe(full)} again; growing back "
-                                  "after the next checkpoint", flush=True)
-                            for a in actors:
-                                a.request_grow.remote()
-                        watched = time.time()
-                    if not done:
-                        continue
-                    failure = ray.get(done[0])
-                    if isinstance(failure, RankFailure):  # a user error: said once, not retried
-                        raise failure
-                rows = ray.get(refs[0])
-                if stopped:
-                    raise Stopped(stopped[0])
-                if not (growing and ray.get(actors[0].grew.remote())):
-                    return rows
-                _kill(actors)
-                current[:] = []
-                cfg = place.acquire(layouts)  # normally the full layout; smaller if the room went again
-                print(f"elastic: continuing on {describe(cfg)} from the newest checkpoint", flush=True)
-                place.watch_for(full.parallel.world_size, cfg.parallel.world_size)
-            except (*RAY_FAILURES, _Stalled) as e:
-                if stopped:  # a rank the signal ended: stopping, not a failure to restart
-                    raise Stopped(stopped[0]) from None
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
-                    raise cause from None
-                reason = str(e) if isinstance(e, _Stalled) else _diagnose(e, refs, actors, nodes)
-                if restarts == max_restarts:
-                    raise RuntimeError(f"gave up after {max_restarts} restart(s); the last failure: {reason}") from None
-                restarts += 1
-                print(f"{reason}; restarting all ranks from the newest valid checkpoint "
-                      f"(restart {restarts} of {max_restarts})", flush=True)
-                _kill(actors)
-                current[:] = []
-                time.sleep(min(2.0 ** (restarts - 1), 30.0))  # back-off: a failing node or network gets time to settle
-                cfg = _after_failure(place, cfg, full, layouts, reason)
-            finally:
-                _kill(actors)
+        return job.run(cfg)
     finally:
         restore()
         place.release()
 
 
-def _after_failure(place: _Placement, cfg: TrainConfig, full: TrainConfig, layouts: list[TrainConfig],
-                   reason: str) -> TrainConfig:
-    """The layout to restart on: the same once its placement group holds every bundle again
-    (Ray moves a lost node's bundles); elastic, when that wait ends, the largest smaller layout
-    the cluster holds (and a watch for the room to grow back)."""
-    try:
-        _wait_placeable(place.pg, place.bundle, cfg.parallel.world_size // place.local, place.wait_s, after=reason)
-        return cfg
-    except RuntimeError:
-        smaller = [c for c in layouts if c.parallel.world_size < cfg.parallel.world_size]
-        if not smaller:
-            raise
-    shrunk = place.acquire(smaller, after=reason)
-    print(f"elastic: the cluster cannot hold {describe(cfg)} within {place.wait_s:.0f} s; continuing on "
-          f"{describe(shrunk)} from the newest checkpoint, and growing back to {describe(full)} when it can",
-          flush=True)
-    place.watch_for(full.parallel.world_size, shrunk.parallel.world_size)
-    return shrunk
+@dataclass
+class _Ranks:
+    """The actors of one attempt, filled in as they start: a failure at any point is diagnosed
+    from, and stops, whatever had started by then."""
+
+    actors: list = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # nodes[rank]: where each rank runs
+    refs: list = field(default_factory=list)  # each rank's `run`
+    growing: bool = False  # asked to stop after the next checkpoint, to grow back
+
+
+class _Job:
+    """The attempts of one launch: the configured layout (`full`) and the smaller ones an
+    elastic run may fall back to, their placement, the restarts so far, and the actors under way
+    (`current`, which the signal handlers reach)."""
+
+    def __init__(self, full: TrainConfig, layouts: list[TrainConfig], place: Placement, *, embedded: bool,
+                 gpus: int, max_restarts: int, stop_at: int | None, debug: bool, on_start, watch_every_s: float):
+        self.full, self.layouts, self.place, self.embedded, self.gpus = full, layouts, place, embedded, gpus
+        self.max_restarts, self.stop_at, self.debug = max_restarts, stop_at, debug
+        self.on_start, self.watch_every_s = on_start, watch_every_s
+        self.current: list = []  # the actors of the attempt under way
+        self.stopped: list[int] = []  # the signals the launcher received (`on_signals`)
+        self.placed: list[str] | None = None  # the nodes of the last placement printed
+        self.restarts = 0
+
+    def request_stop(self, signum: int) -> None:  # a first signal to the launcher
+        for a in self.current:
+            a.request_stop.remote(signum)
+
+    def stop_now(self, _signum: int) -> None:  # a second signal to the launcher
+        _kill(self.current)
+        raise Stopped(self.stopped[0], at_once=True)
+
+    def run(self, cfg: TrainConfig) -> list[dict]:
+        """Attempts until one finishes: a failure of the cluster restarts (`_restart`), a run
+        that stopped to grow starts again on the full layout (`layout_to_grow`)."""
+        attempt = -1
+        while True:
+            attempt += 1
+            if self.stopped:
+                raise Stopped(self.stopped[0])
+            ranks = _Ranks()
+            try:
+                self._start(cfg, ranks, attempt)
+                self._wait(cfg, ranks)
+                rows = ray.get(ranks.refs[0])
+                if self.stopped:
+                    raise Stopped(self.stopped[0])
+                if not (ranks.growing and ray.get(ranks.actors[0].grew.remote())):
+                    return rows
+                _kill(ranks.actors)
+                self.current[:] = []
+                cfg = layout_to_grow(self.place, self.full, self.layouts)
+            except (*RAY_FAILURES, _Stalled) as e:
+                cfg = self._restart(e, cfg, ranks)
+            finally:
+                _kill(ranks.actors)
+
+    def _start(self, cfg: TrainConfig, ranks: _Ranks, attempt: int) -> None:
+        """One actor per rank in its bundle; says where they run (at the start, and when a restart
+        moved them), then starts every rank's training."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        world, local = cfg.parallel.world_size, self.place.local
+        threads = max(1, (os.cpu_count() or 1) // world)
+        ranks.actors = [RankActor.options(num_cpus=1, num_gpus=self.gpus, runtime_env=RANK_ENV,
+                                          scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self.place.pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
+            for r in range(world)]
+        self.current[:] = ranks.actors
+        try:
+            ranks.nodes = ray.get([a.node.remote() for a in ranks.actors], timeout=START_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"the ranks did not start within {START_S:.0f} s of being placed") from None
+        if ranks.nodes != self.placed:
+            names = {n: i for i, n in enumerate(dict.fromkeys(ranks.nodes))}
+            print("placement: " + ", ".join(f"rank {r} -> node {names[n]} ({n[:8]})" for r, n in enumerate(ranks.nodes)),
+                  flush=True)
+            self.placed = ranks.nodes
+        master = ray.get(ranks.actors[0].address.remote(self.embedded), timeout=START_S)
+        ranks.refs = [a.run.remote(cfg, master, self.stop_at, self.debug) for a in ranks.actors]
+        if self.stopped:  # a signal while the actors started
+            for a in ranks.actors:
+                a.request_stop.remote(self.stopped[0])
+        if self.on_start is not None:
+            self.on_start(ranks.actors, attempt)
+
+    def _wait(self, cfg: TrainConfig, ranks: _Ranks) -> None:
+        """Until every rank's run returned: the first failure stops everyone (nobody waits in a
+        collective); every `watch_every_s` the ranks' progress is checked (`_watch`) and, while
+        shrunk, the room to grow back."""
+        pending = list(ranks.refs)
+        watchdog, watched = Watchdog(cfg.parallel.world_size, cfg.hang_timeout_s), time.time()
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)  # signals run between waits
+            if time.time() - watched >= self.watch_every_s and not self.stopped:
+                if cfg.hang_timeout_s > 0:
+                    _watch(ranks.actors, watchdog, ranks.nodes)
+                if not ranks.growing and self.place.can_grow():
+                    ranks.growing = True
+                    print(f"elastic: the cluster holds the configured {describe(self.full)} again; growing back "
+                          "after the next checkpoint", flush=True)
+                    for a in ranks.actors:
+                        a.request_grow.remote()
+                watched = time.time()
+            if not done:
+                continue
+            failure = ray.get(done[0])
+            if isinstance(failure, RankFailure):  # a user error: said once, not retried
+                raise failure
+
+    def _restart(self, e: BaseException, cfg: TrainConfig, ranks: _Ranks) -> TrainConfig:
+        """After a failure inside an attempt: stop all ranks, say why, back off, and return the
+        layout to start again on; raise instead when stopping, when a restart would fail the same
+        way, or after `max_restarts`."""
+        if self.stopped:  # a rank the signal ended: stopping, not a failure to restart
+            raise Stopped(self.stopped[0]) from None
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, DETERMINISTIC):  # a restart would fail the same way
+            raise cause from None
+        reason = str(e) if isinstance(e, _Stalled) else _diagnose(e, ranks.refs, ranks.actors, ranks.nodes)
+        if self.restarts == self.max_restarts:
+            raise RuntimeError(f"gave up after {self.max_restarts} restart(s); the last failure: {reason}") from None
+        self.restarts += 1
+        print(f"{reason}; restarting all ranks from the newest valid checkpoint "
+              f"(restart {self.restarts} of {self.max_restarts})", flush=True)
+        _kill(ranks.actors)
+        self.current[:] = []
+        time.sleep(min(2.0 ** (self.restarts - 1), 30.0))  # back-off: a failing node or network gets time to settle
+        return layout_after_failure(self.place, cfg, self.full, self.layouts, reason)
+
 
 
 def _kill(actors: list) -> None:
