@@ -7,7 +7,7 @@ from the heap, and fragmentation lets the resident set grow far past the live te
 measured at tp2 x ulysses2, 128K tokens, no checkpointing, live tensors peak at 604 MiB per
 rank (plus a 365 MiB process) while the resident set reached 1,514-1,584 MiB. `longtrain
 plan` predicts live tensors, and a user sizes a job by it. Two remedies, side by side on
-that step (5 steps each, this machine):
+that step (docs/benchmarks.md, "Host allocator"):
 
 - torch's transparent-huge-page path (THP_MEM_ALLOC_ENABLE=1, read once when torch is
   imported: blocks of >= 2 MiB aligned to 2 MiB and advised as huge pages) is set by the
@@ -15,7 +15,7 @@ that step (5 steps each, this machine):
   tok/s against 5,828-6,122 without it: within this machine's noise);
 - a fixed mmap threshold (`host_mmap_mib`, off by default) maps every block at least that
   big on its own and unmaps it when freed, so the resident set is the live tensors plus a
-  small heap: 993-1,026 MiB, at about 10% of the step time (fresh mappings fault in).
+  small heap: 993-1,026 MiB, at 4,816-5,417 tok/s against 5,107-6,018 (fresh mappings fault in).
 
 `models.memtrim` also returns free heap pages between layers.
 """
