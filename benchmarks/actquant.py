@@ -14,6 +14,7 @@ import torch
 
 from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import build_model
+from longtrain.parallel.mesh import ParallelMesh
 
 
 def _count_saved(model, ids, labels) -> tuple[float, float]:
@@ -49,7 +50,7 @@ def memory_and_error(seq: int, dim: int, layers: int, dtype: str) -> list[dict]:
     rows, ref = [], None
     for label, quant in VARIANTS.items():
         cfg = ModelConfig(**base, act_quant=quant)
-        model = build_model(cfg, None, seed=0, dtype=getattr(torch, dtype))
+        model = build_model(cfg, ParallelMesh.single(), seed=0, dtype=getattr(torch, dtype))
         loss, plain = _count_saved(model, ids, labels)
         covered_q = model.quant.meter.stored
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
@@ -88,7 +89,7 @@ def train(quant: dict | None, steps: int, seq: int, batch: int, dim: int, layers
           init_seed: int = 0) -> tuple[list[float], float]:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=256, dim=dim, n_layers=layers, n_heads=4, n_kv_heads=2, act_quant=quant)
-    model = build_model(cfg, None, seed=init_seed)
+    model = build_model(cfg, ParallelMesh.single(), seed=init_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     losses = []

@@ -79,16 +79,14 @@ def _attention_fn(name: str, degrees: dict, layout: str | None, mask: tuple = ("
 
     if mask[0] != "causal" or name.startswith("longtrain"):
         from .masks import mask_args
-        from longtrain.parallel import ParallelDims, build_mesh
+        from longtrain.parallel import ParallelDims, ParallelMesh, build_mesh
 
-        mesh = build_mesh(ParallelDims(**degrees), device_type="cpu") if degrees else None
+        mesh = build_mesh(ParallelDims(**degrees), device_type="cpu") if degrees else ParallelMesh.single()
         window, doc = mask_args(mask[0], seq, mask[1], mask[2])
         doc = None if doc is None else shard_sequence(doc, mesh, layout=layout)
         plan = plan_attention(mesh, shape, shape[2], window=window, doc_ids=doc, layout=layout)  # once per batch
-        stats = mesh.stats if mesh is not None else None
         return ((lambda q, k, v: sequence_parallel_attention(q, k, v, mesh, window=window, layout=layout,
-                                                             plan=plan)),
-                (stats.total_bytes if stats else (lambda: 0)), (stats.reset if stats else (lambda: None)))
+                                                             plan=plan)), mesh.stats.total_bytes, mesh.stats.reset)
     if not degrees:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return (lambda q, k, v: sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

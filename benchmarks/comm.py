@@ -45,7 +45,9 @@ def count_host_copies():
 
 def _measure(layers: int, seq: int) -> dict:
     from longtrain.models.config import ModelConfig
-    from longtrain.models.transformer import IGNORE, build_model, global_loss
+    from longtrain.data.batch import IGNORE
+    from longtrain.models.loss import global_loss
+    from longtrain.models.transformer import build_model
     from longtrain.parallel import ParallelDims, build_mesh
     from longtrain.parallel.attention import shard_sequence
 

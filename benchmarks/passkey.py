@@ -38,11 +38,12 @@ def per_digit(cfg, checkpoint: str, n: int) -> tuple[list[float], list[tuple[str
     from longtrain.checkpoint import store as ckpt
     from longtrain.train.run import held_out_loader
     from longtrain.train.trainer import Trainer
+    from longtrain.parallel.mesh import ParallelMesh
 
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cp_ring=1, cp_ulysses=1, tp=1, dp=1))
-    held_out = held_out_loader(one, None)
-    trainer = Trainer(one, None, held_out)
-    ckpt.load(Path(checkpoint), trainer.model, None, None)
+    held_out = held_out_loader(one, ParallelMesh.single())
+    trainer = Trainer(one, ParallelMesh.single(), held_out)
+    ckpt.load(Path(checkpoint), trainer.model, None, trainer.mesh)
     model = trainer.model.eval()
     d = held_out.digits
     hits, buckets = torch.zeros(d), [[0, 0.0, 0.0] for _ in range(4)]

@@ -63,20 +63,11 @@ def run_identity(cfg) -> dict:
     return _as_saved({"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data)})
 
 
-def _model_defaults() -> dict:
-    from longtrain.models.config import ModelConfig
-
-    return _flat(_as_saved(dataclasses.asdict(ModelConfig())))
-
-
 def differences(saved: dict, mine: dict, resume: bool) -> list[str]:
     """Human-readable differences that forbid loading `saved` into a run described by `mine`."""
     out = []
     old, new = _flat(saved.get("model", {})), _flat(mine["model"])
-    defaults = _model_defaults()
     for key in sorted(set(old) | set(new)):
-        if key not in old and key in defaults and new.get(key) == defaults[key]:
-            continue  # a setting added since the checkpoint was written, left at its default
         free = key in EXECUTION or key.split(".")[0] in EXECUTION
         relevant = not free if resume else key in SHAPES
         if relevant and old.get(key) != new.get(key):
@@ -94,7 +85,8 @@ def differences(saved: dict, mine: dict, resume: bool) -> list[str]:
 
 def check(saved: dict | None, cfg, where: str, resume: bool = True) -> None:
     """Raise IdentityError if the checkpoint at `where` (its saved identity) does not belong to
-    this config. Checkpoints written before identities were recorded pass."""
+    this config. A checkpoint saved without one (`checkpoint.save` called with no identity, as
+    a library user may) has nothing to compare and passes."""
     if not saved:
         return
     problems = differences(saved, run_identity(cfg), resume)

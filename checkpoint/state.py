@@ -10,19 +10,18 @@ import json
 import torch
 
 from longtrain.checkpoint.safe_dcp import UnsafeCheckpoint
-from longtrain.parallel.sharding import fsdp_slice, is_sharded, local, sharding_of
+from longtrain.parallel.sharding import is_sharded, local, sharding_of, tied_name
 
 
-def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
+def _as_dtensor(t: torch.Tensor, p, mesh, chunked: bool = False):
     """`t` (this rank's part of `p`, or of its optimizer state) as a DTensor over the global
-    shape: cut over `p`'s shard axis (`Sharding`), then over its replicas where ZeRO gave this
-    rank a chunk (`zero`), replicated over the rest. DTensor nests shards of one dim left to
-    right, which is how the chunks were cut. FSDP's (ZeRO-3) DTensors are viewed the same way:
-    their local chunk, cut over the replicas along dim 0."""
-    if is_sharded(p) and zero is None:
-        zero = fsdp_slice(p)
-    t = local(t)
+    shape: cut over `p`'s shard axis, then, where `t` is only this rank's chunk over the
+    replicas (`chunked`: ZeRO's optimizer state; FSDP's parameters always), over those, both as
+    `p`'s `Sharding` records; replicated over the rest. DTensor nests shards of one dim left to
+    right, which is how the chunks were cut."""
     s = sharding_of(p)
+    zero = s.chunk if chunked or is_sharded(p) else None
+    t = local(t)
     axes, placements = [], []
     if s.sharded:
         axes.append(s.axis)
@@ -30,7 +29,7 @@ def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
     if zero is not None:
         axes.append(s.replicas)
         placements.append(zero.dim)
-    if mesh is None or not axes:
+    if not axes:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -39,30 +38,22 @@ def _as_dtensor(t: torch.Tensor, p, mesh, zero=None):
                               run_check=False, shape=torch.Size(s.full_shape), stride=stride)
 
 
-def _optim_entries(model, optimizer) -> list[tuple[str, object, object, object]]:
-    """(name, model parameter, the parameter the optimizer keys its state by, ZeRO chunk or
-    None) for each parameter the optimizer updates."""
+def _optim_entries(model, optimizer) -> list[tuple[str, object, object, bool]]:
+    """(name, model parameter, the parameter the optimizer keys its state by, whether that state
+    is only the chunk the parameter's `Sharding` records) for each parameter the optimizer updates."""
     if optimizer is None:
         return []
-    from longtrain.models.transformer import tied_name
-
     if hasattr(optimizer, "named_chunks"):  # ZeRO: state belongs to this rank's chunk
-        return [(tied_name(n, model), *rest) for n, *rest in optimizer.named_chunks(model)]
+        return [(tied_name(n, p), p, c, True) for n, p, c in optimizer.named_chunks(model)]
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    return [(tied_name(n, model), p, p, None) for n, p in model.named_parameters() if id(p) in owned]
+    return [(tied_name(n, p), p, p, False) for n, p in model.named_parameters() if id(p) in owned]
 
 
 def _layout(mesh) -> dict:
     """The layout a checkpoint was written on (per-rank state is only valid on the same one)."""
     import dataclasses
 
-    from longtrain.parallel.mesh import ParallelDims
-
-    return dataclasses.asdict(mesh.dims if mesh is not None else ParallelDims())
-
-
-def _rank(mesh) -> int:
-    return 0 if mesh is None else mesh.rank
+    return dataclasses.asdict(mesh.dims)
 
 
 def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = False) -> dict:
@@ -79,14 +70,14 @@ def state_for_checkpoint(model, optimizer, mesh, extra: dict, stage: bool = Fals
     sd = {"model": {n: _as_dtensor(own_copy(t), t, mesh) for n, t in tensors.items()}}
     own = model.quant.state_dict() if hasattr(model, "quant") else {}
     if own:
-        sd["rank_state"] = {f"rank{_rank(mesh)}": {k: own_copy(v) if torch.is_tensor(v) else v for k, v in own.items()}}
+        sd["rank_state"] = {f"rank{mesh.rank}": {k: own_copy(v) if torch.is_tensor(v) else v for k, v in own.items()}}
     sd["layout"] = json.dumps(_layout(mesh))
     optim = {}
-    for name, p, key, zero in _optim_entries(model, optimizer):
+    for name, p, key, chunked in _optim_entries(model, optimizer):
         st = optimizer.state.get(key)
         if not st:
             continue
-        optim[name] = {k: (_as_dtensor(own_copy(v), p, mesh, zero) if torch.is_tensor(v) and v.dim()
+        optim[name] = {k: (_as_dtensor(own_copy(v), p, mesh, chunked) if torch.is_tensor(v) and v.dim()
                            else own_copy(v) if torch.is_tensor(v) else v) for k, v in st.items()}
     sd["optim"] = optim
     sd["extra"] = json.dumps(extra)  # one opaque entry: loader position, step, anything JSON
@@ -104,7 +95,7 @@ def _saved_rank_state(saved: dict, mesh, where) -> dict[str, torch.Tensor] | Non
 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    prefix = f"rank_state.rank{_rank(mesh)}."
+    prefix = f"rank_state.rank{mesh.rank}."
     mine = {}
     for k, m in saved.items():
         if not k.startswith(prefix):
@@ -137,20 +128,18 @@ def check_sizes(sd: dict, saved: dict, where) -> None:
 
 def state_to_load(saved: dict, model, optimizer, mesh, where="") -> dict:
     """The state to load into, given the checkpoint's metadata `saved`: what `state_for_checkpoint`
-    saves, less what this checkpoint lacks (no layout: written before layouts were recorded) or
-    the caller does not want (no optimizer: weights only); every declared size checked first."""
+    saves, less what the caller does not want (no optimizer: weights only); every declared size
+    checked first."""
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     sd = state_for_checkpoint(model, optimizer, mesh, extra={})
     sd.pop("rank_state", None)
-    if "layout" not in saved:
-        del sd["layout"]
     if optimizer is None:
         del sd["optim"]
-    elif "layout" in saved:
+    else:
         own = _saved_rank_state(saved, mesh, where)
         if own is not None:
-            sd["rank_state"] = {f"rank{_rank(mesh)}": own}
+            sd["rank_state"] = {f"rank{mesh.rank}": own}
     check_sizes(sd, saved, where)
     return sd
 
@@ -159,11 +148,11 @@ def restore(sd: dict, model, optimizer, mesh, other_layout) -> dict:
     """Copy a loaded `state_to_load` into the model and the optimizer; returns its `extra`.
     Per-rank state is restored only on the layout it was written on (else `other_layout()` is
     called on rank 0)."""
-    own = sd.get("rank_state", {}).get(f"rank{_rank(mesh)}")
+    own = sd.get("rank_state", {}).get(f"rank{mesh.rank}")
     if own is not None:
         if json.loads(sd["layout"]) == _layout(mesh):
             model.quant.load_state_dict(own)
-        elif _rank(mesh) == 0:
+        elif mesh.rank == 0:
             other_layout()
     with torch.no_grad():
         for n, t in model.state_dict(keep_vars=True).items():

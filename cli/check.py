@@ -27,13 +27,14 @@ def _inputs(seq: int, heads: int, kv_heads: int, dim: int):
 
 def _errors(mesh, seq, heads, kv_heads, dim, causal, window, use_docs) -> list[float]:
     from longtrain.parallel.attention import sequence_parallel_attention, shard_sequence, unshard_sequence
+    from longtrain.parallel.mesh import ParallelMesh
 
     q, k, v, dout, docs = _inputs(seq, heads, kv_heads, dim)
     docs = docs if use_docs else None
     results = []
-    for m in (None, mesh):  # single-process reference, then the sharded run
-        shard = (lambda t: t) if m is None else (lambda t: shard_sequence(t, m))
-        full = (lambda t: t) if m is None else (lambda t: unshard_sequence(t.contiguous(), m))
+    for m in (ParallelMesh.single(), mesh):  # single-process reference, then the sharded run
+        shard = (lambda t: shard_sequence(t, m))  # noqa: E731
+        full = (lambda t: unshard_sequence(t.contiguous(), m))  # noqa: E731
         ql, kl, vl = (shard(t).detach().requires_grad_() for t in (q, k, v))
         out = sequence_parallel_attention(ql, kl, vl, m, causal=causal, window=window,
                                           doc_ids=None if docs is None else shard(docs))

@@ -35,13 +35,14 @@ def export(checkpoint: str, out: str, arch: str | None, max_pos: int | None, dty
     from longtrain.models.config import ModelConfig
     from longtrain.models.hf import save_pretrained
     from longtrain.models.transformer import build_model
+    from longtrain.parallel.mesh import ParallelMesh
 
     path = ckpt.find(checkpoint, log=lambda *_: None)
     if path is None:
         raise FileNotFoundError(f"no valid checkpoint in {checkpoint}")
     saved = ckpt.saved_identity(path)
     if not saved or "model" not in saved:
-        raise ValueError(f"{path} does not record its model config (written by an older longtrain)")
-    model = build_model(build(ModelConfig, saved["model"], "model"), None)
-    ckpt.load(path, model, None, None, log=lambda *_: None)
+        raise ValueError(f"{path} does not record its model config (it was saved without the run identity a training run records: export needs the model config)")
+    model = build_model(build(ModelConfig, saved["model"], "model"), ParallelMesh.single())
+    ckpt.load(path, model, None, model.mesh, log=lambda *_: None)
     return save_pretrained(model, out, kind=arch, max_position_embeddings=max_pos, dtype=dtype)

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .batch import IGNORE
 from .shards import DataError, open_dataset
 
-IGNORE = -100
 ORDER = "documents+windows"  # what is shuffled; a loader state from another order cannot resume
 
 

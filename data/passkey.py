@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .loader import IGNORE
+from .batch import IGNORE
 
 FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go. "
           b"There and back again. ")

@@ -1,5 +1,5 @@
 """Decoder layers: RMSNorm, rotary embeddings, GQA attention through sequence-parallel attention,
-SwiGLU MLP. Each layer takes the groups it needs; `Parallel` bundles them with the mesh.
+SwiGLU MLP. Each layer takes the layout (`ParallelMesh`) and reads the groups it needs.
 
 Activations between sublayers are `[batch, seq, dim]`. With tensor parallelism the layers hold
 head / hidden shards and the block enters and leaves the tensor-parallel region explicitly:
@@ -11,71 +11,15 @@ activation memory by tp at the same communication volume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import ProcessGroup
 
 from longtrain.parallel.attention import AttentionPlan, sequence_parallel_attention
-from longtrain.parallel.comm import (CommStats, copy_to_region, gather_to_region, group_rank, group_size,
-                                     reduce_from_region, reduce_scatter_from_region)
 from longtrain.parallel.sharding import Sharding, retag, shard
-from longtrain.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+from longtrain.parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp, leave_tp
 
 from .config import ModelConfig
-
-
-@dataclass
-class Parallel:
-    """The layers' view of the layout: the mesh (None: one process) and whether TP sequence
-    parallel is on. The groups are the mesh's; nothing here is a second copy of the layout."""
-
-    mesh: object | None = None
-    sequence_parallel: bool = False
-
-    def _group(self, axis: str) -> ProcessGroup | None:
-        return None if self.mesh is None else self.mesh.group(axis)
-
-    @property
-    def tp_group(self) -> ProcessGroup | None:
-        return self._group("tp")
-
-    @property
-    def ep_group(self) -> ProcessGroup | None:
-        return self._group("ep")
-
-    @property
-    def stats(self) -> CommStats | None:
-        return None if self.mesh is None else self.mesh.stats
-
-    @property
-    def token_group(self) -> ProcessGroup | None:
-        """Ranks holding other tokens of the batch outside the tp region, for balance statistics
-        (MoE): dp x cp, and x tp under TP sequence parallel (each tp rank holds its own slice)."""
-        return self._group("dp_cp_tp" if self.sequence_parallel else "dp_cp")
-
-    @property
-    def region_token_group(self) -> ProcessGroup | None:
-        """The same inside the tp region, where tokens are replicated over tp (MoH)."""
-        return self._group("dp_cp")
-
-    @property
-    def tp(self) -> int:
-        return group_size(self.tp_group)
-
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Replicated-over-tp input of a column-parallel layer."""
-        if self.sequence_parallel:
-            return gather_to_region(x, 1, self.tp_group, self.stats)
-        return copy_to_region(x, self.tp_group, self.stats)
-
-    def leave(self, x: torch.Tensor) -> torch.Tensor:
-        """Complete the partial sums of a row-parallel layer."""
-        if self.sequence_parallel:
-            return reduce_scatter_from_region(x, 1, self.tp_group, self.stats)
-        return reduce_from_region(x, self.tp_group, self.stats)
 
 
 try:  # NVIDIA apex: optional fused kernel on CUDA (built from source; never a dependency)
@@ -107,23 +51,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel, device=None, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, mesh, device=None, window: int | None = None):
         super().__init__()
-        self.cfg, self.par, self.window = cfg, par, window  # this layer's keys per query (None: full)
-        hd, tp = cfg.head_dim, par.tp
+        self.cfg, self.mesh, self.window = cfg, mesh, window  # this layer's keys per query (None: full)
+        hd, tp = cfg.head_dim, mesh.size("tp")
         self.heads, self.kv_heads = cfg.n_heads // tp, cfg.n_kv_heads // tp
-        g = par.tp_group
         bias = cfg.qkv_bias
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, g, bias=bias, device=device)
-        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, bias=bias, device=device)
-        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, g, bias=bias, device=device)
-        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, g, device=device)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, mesh, bias=bias, device=device)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, mesh, bias=bias, device=device)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, mesh, bias=bias, device=device)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, mesh, device=device)
         retag(self.wo.weight, init="scaled")
         self.router = None
         if cfg.moh is not None:
             from .moh import HeadRouter
 
-            self.router = HeadRouter(cfg.dim, cfg.n_heads, cfg.moh, par.region_token_group, device)
+            self.router = HeadRouter(cfg.dim, cfg.n_heads, cfg.moh, mesh, device)
             if tp > 1:  # each tp rank differentiates only its own heads' gates
                 for p in self.router.parameters():
                     retag(p, partial_over_tp=True)
@@ -139,15 +82,15 @@ class Attention(nn.Module):
         gates, aux = None, x.new_zeros((), dtype=torch.float32)
         if self.router is not None:
             gates, aux = self.router(x)
-            r = group_rank(self.par.tp_group)
+            r = self.mesh.index("tp")
             gates = gates[..., r * self.heads:(r + 1) * self.heads]
-            aux = aux / self.par.tp  # computed on every tp rank; the tp gradient sum restores it
+            aux = aux / self.mesh.size("tp")  # computed on every tp rank; the tp gradient sum restores it
         return apply_rope(q, *rope), apply_rope(k, *rope), v, gates, aux
 
     def attend(self, q, k, v, plan: AttentionPlan | None = None):
         """`plan`: built once per batch (`LongLM.hidden`), it carries the doc ids; without one
         each call validates across ranks on its own."""
-        return sequence_parallel_attention(q, k, v, self.par.mesh, causal=True, window=self.window, plan=plan)
+        return sequence_parallel_attention(q, k, v, self.mesh, causal=True, window=self.window, plan=plan)
 
     def output(self, o: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Heads [b, s, heads/tp, hd] -> partial sums over tp; MoH weights each head first."""
@@ -157,13 +100,12 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel, device=None, hidden: int | None = None):
+    def __init__(self, cfg: ModelConfig, mesh, device=None, hidden: int | None = None):
         super().__init__()
-        g = par.tp_group
         hidden = hidden or cfg.ffn_hidden
-        self.w1 = ColumnParallelLinear(cfg.dim, hidden, g, device=device)  # gate
-        self.w3 = ColumnParallelLinear(cfg.dim, hidden, g, device=device)  # up
-        self.w2 = RowParallelLinear(hidden, cfg.dim, g, device=device)
+        self.w1 = ColumnParallelLinear(cfg.dim, hidden, mesh, device=device)  # gate
+        self.w3 = ColumnParallelLinear(cfg.dim, hidden, mesh, device=device)  # up
+        self.w2 = RowParallelLinear(hidden, cfg.dim, mesh, device=device)
         retag(self.w2.weight, init="scaled")
         self.chunk = cfg.mlp_chunk
 
@@ -185,10 +127,10 @@ class SwiGLU(nn.Module):
 class DenseFFN(nn.Module):
     """SwiGLU with its tensor-parallel region: replicated-or-split input -> complete output."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallel, device=None, hidden: int | None = None):
+    def __init__(self, cfg: ModelConfig, mesh, device=None, hidden: int | None = None):
         super().__init__()
-        self.par = par
-        self.mlp = SwiGLU(cfg, par, device, hidden)
+        self.mesh = mesh
+        self.mlp = SwiGLU(cfg, mesh, device, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.par.leave(self.mlp(self.par.enter(x)))
+        return leave_tp(self.mlp(enter_tp(x, self.mesh)), self.mesh)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtrain.parallel.comm import all_reduce, group_size
+from longtrain.parallel.comm import all_reduce
 from longtrain.parallel.experts import combine, dispatch
 from longtrain.parallel.sharding import Sharding, retag, shard
 
@@ -116,16 +116,15 @@ def apply_capacity(idx: torch.Tensor, num_experts: int, factor: float | None) ->
 class Experts(nn.Module):
     """This rank's E/ep SwiGLU experts; full shapes are [E, ...], split over the ep group."""
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, ep_group, device=None):
+    def __init__(self, dim: int, hidden: int, num_experts: int, mesh, device=None):
         super().__init__()
-        ep = group_size(ep_group)
-        local = num_experts // ep
+        local = num_experts // mesh.size("ep")
         self.w1 = nn.Parameter(torch.empty(local, hidden, dim, device=device))
         self.w3 = nn.Parameter(torch.empty(local, hidden, dim, device=device))
         self.w2 = nn.Parameter(torch.empty(local, dim, hidden, device=device))
         for p, shape in ((self.w1, (num_experts, hidden, dim)), (self.w3, (num_experts, hidden, dim)),
                          (self.w2, (num_experts, dim, hidden))):
-            shard(p, Sharding(full_shape=shape, dim=0, axis="ep", group=ep_group))
+            shard(p, Sharding.cut(shape, 0, mesh, axis="ep"))
         retag(self.w2, init="scaled")
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -140,17 +139,19 @@ class Experts(nn.Module):
 class MoELayer(nn.Module):
     """Drop-in FFN: tokens this rank holds [b, s, d] -> [b, s, d] (complete, not partial sums).
 
-    `token_group`: the ranks holding *other* tokens of the same global batch (balance
-    statistics are summed over it); `ep_group`: the ranks sharing out the experts.
+    The experts are shared out over `mesh`'s ``ep`` group. Balance statistics are summed over
+    the ranks holding *other* tokens of the same global batch: dp x cp, and x tp under TP
+    sequence parallel (each tp rank then routes its own slice of the sequence).
     """
 
-    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, *, ep_group=None, token_group=None,
-                 shared: nn.Module | None = None, stats=None, device=None):
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, mesh, *, shared: nn.Module | None = None,
+                 device=None):
         super().__init__()
-        cfg.check_layout(group_size(ep_group))
-        self.cfg, self.ep_group, self.token_group, self.comm_stats = cfg, ep_group, token_group, stats
+        cfg.check_layout(mesh.size("ep"))
+        self.cfg, self.mesh = cfg, mesh
+        self.tokens = "dp_cp_tp" if mesh.sequence_parallel else "dp_cp"
         self.router = Router(dim, cfg, device)
-        self.experts = Experts(dim, cfg.expert_hidden or hidden, cfg.num_experts, ep_group, device)
+        self.experts = Experts(dim, cfg.expert_hidden or hidden, cfg.num_experts, mesh, device)
         self.shared = shared  # callable on the normed input, returns complete outputs
         self.last = MoEStats()
         self.step_load: torch.Tensor | None = None  # global load summed over this step's micro-batches
@@ -163,9 +164,10 @@ class MoELayer(nn.Module):
         idx, w, scores, logits = self.router(flat)
         aux, z, load = self._balance(idx, scores, logits)
         idx, dropped = apply_capacity(idx, e, cfg.capacity_factor)
-        rows, counts, plan = dispatch(flat, idx, e, self.ep_group, self.comm_stats)
+        ep, stats = self.mesh.group("ep"), self.mesh.stats
+        rows, counts, plan = dispatch(flat, idx, e, ep, stats)
         y = self.experts(rows, counts)
-        out = combine(y, w, plan, flat.shape[0], self.ep_group, self.comm_stats).view(b, s, d).to(x.dtype)
+        out = combine(y, w, plan, flat.shape[0], ep, stats).view(b, s, d).to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(x)
         self.last = MoEStats(load=load, dropped=dropped, aux_loss=aux.detach(), z_loss=z.detach())
@@ -178,8 +180,9 @@ class MoELayer(nn.Module):
         f_i is counted over every token of the batch, the scores P_i over this rank's tokens
         divided by the global token count, so the ranks' losses add up to the global loss."""
         e, k = self.cfg.num_experts, self.cfg.top_k
-        load = all_reduce(torch.bincount(idx.reshape(-1), minlength=e).float(), self.token_group)
-        n = all_reduce(torch.tensor(float(idx.shape[0]), device=idx.device), self.token_group)
+        tokens = self.mesh.group(self.tokens)
+        load = all_reduce(torch.bincount(idx.reshape(-1), minlength=e).float(), tokens)
+        n = all_reduce(torch.tensor(float(idx.shape[0]), device=idx.device), tokens)
         probs = scores if self.cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True).clamp(min=1e-20)
         aux = e * ((load / (n * k)) * (probs.sum(0) / n)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).sum() / n

@@ -47,10 +47,10 @@ class MoHConfig:
 
 
 class HeadRouter(nn.Module):
-    def __init__(self, dim: int, n_heads: int, cfg: MoHConfig, token_group=None, device=None):
+    def __init__(self, dim: int, n_heads: int, cfg: MoHConfig, mesh, device=None):
         super().__init__()
         cfg.check(n_heads)
-        self.cfg, self.n_heads, self.token_group = cfg, n_heads, token_group
+        self.cfg, self.n_heads, self.mesh = cfg, n_heads, mesh
         self.routed = n_heads - cfg.shared_heads
         self.w_shared = nn.Parameter(torch.empty(max(cfg.shared_heads, 1), dim, device=device))
         self.w_routed = nn.Parameter(torch.empty(self.routed, dim, device=device))
@@ -74,9 +74,9 @@ class HeadRouter(nn.Module):
         return gates, self.cfg.balance_coef * self._balance(chosen, routed)
 
     def _balance(self, chosen: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        n = all_reduce(torch.tensor(float(chosen.shape[0] * chosen.shape[1]), device=chosen.device),
-                       self.token_group)
-        load = all_reduce(chosen.sum((0, 1)), self.token_group)  # [h_r] tokens per routed head
+        tokens = self.mesh.group("dp_cp")  # the other tokens of the batch (inside the tp region: replicated over tp)
+        n = all_reduce(torch.tensor(float(chosen.shape[0] * chosen.shape[1]), device=chosen.device), tokens)
+        load = all_reduce(chosen.sum((0, 1)), tokens)  # [h_r] tokens per routed head
         self.last_load = load
         f = load / (n * self.cfg.top_k)
         p = routed.sum((0, 1)) / n

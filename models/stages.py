@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .loss import step_loss
 from .transformer import BatchContext, LongLM
 
 
@@ -63,7 +64,7 @@ class StageModule(nn.Module):
             return x, aux
         out = model.lm_loss(x, mb.labels)
         mb.loss_sum = out.loss_sum.detach()
-        return (out.loss_sum / self.step.count.clamp(min=1) + aux / self.step.accum).reshape(1)
+        return step_loss(out.loss_sum, self.step.count, aux, self.step.accum).reshape(1)
 
     @torch.no_grad()
     def eval_forward(self, x: torch.Tensor | None, input_ids: torch.Tensor, ctx: BatchContext):

@@ -19,44 +19,42 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longtrain.data.batch import labeled
 from longtrain.parallel.attention import AttentionPlan, plan_attention, sequence_positions
-from longtrain.parallel.comm import all_reduce, group_rank, group_size
-from longtrain.parallel.sharding import retag, sharding_of
-from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from longtrain.parallel.sharding import retag, sharding_of, tied_name
+from longtrain.parallel.mesh import ParallelMesh
+from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp
 
 from .config import ModelConfig
-from .layers import Attention, DenseFFN, Parallel, RMSNorm
+from .layers import Attention, DenseFFN, RMSNorm
+from .loss import LossOutput, chunked_lm_loss, logits_correct, logits_loss
 from .rope import rope_tables
 from .actquant import ActQuant
 from .memtrim import trim_after_backward
 from .moe import MoELayer
 
-IGNORE = -100
-
-
 class Block(nn.Module):
     """Pre-norm decoder block. Returns (x, balance loss of its MoE FFN or 0)."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallel, index: int, quant: ActQuant, device=None):
+    def __init__(self, cfg: ModelConfig, mesh: ParallelMesh, index: int, quant: ActQuant, device=None):
         super().__init__()
-        self.cfg, self.par, self.index, self.quant = cfg, par, index, quant
+        self.cfg, self.mesh, self.index, self.quant = cfg, mesh, index, quant
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.attn = Attention(cfg, par, device, window=cfg.layer_window(index))
+        self.attn = Attention(cfg, mesh, device, window=cfg.layer_window(index))
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.moe = cfg.is_moe_layer(index)
         if self.moe:
             m = cfg.moe
-            shared = DenseFFN(cfg, par, device, m.expert_hidden or cfg.ffn_hidden) if m.shared_expert else None
-            self.mlp = MoELayer(cfg.dim, cfg.ffn_hidden, m, ep_group=par.ep_group, token_group=par.token_group,
-                                shared=shared, stats=par.stats, device=device)
+            shared = DenseFFN(cfg, mesh, device, m.expert_hidden or cfg.ffn_hidden) if m.shared_expert else None
+            self.mlp = MoELayer(cfg.dim, cfg.ffn_hidden, m, mesh, shared=shared, device=device)
         else:
-            self.mlp = DenseFFN(cfg, par, device)
+            self.mlp = DenseFFN(cfg, mesh, device)
 
     def _qkv(self, x, cos, sin):
-        return self.attn.project(self.par.enter(self.attn_norm(x)), (cos, sin))
+        return self.attn.project(enter_tp(self.attn_norm(x), self.mesh), (cos, sin))
 
     def _rest(self, x, o, gates, aux):
-        h = x + self.par.leave(self.attn.output(o, gates))
+        h = x + leave_tp(self.attn.output(o, gates), self.mesh)
         with self.quant.site(self.index, "mlp"):
             if self.moe:  # routes the tokens this rank holds; output is complete, no tp reduction
                 out, moe_aux = self.mlp(self.mlp_norm(h))
@@ -93,16 +91,6 @@ class BatchContext:
     plan: AttentionPlan | None
 
 
-@dataclass
-class LossOutput:
-    """Sum of token losses and count of counted tokens on this rank (labels != -100), and the
-    weighted MoE balance losses (already global: computed from statistics of the whole batch)."""
-
-    loss_sum: torch.Tensor
-    tokens: torch.Tensor
-    aux: torch.Tensor | float = 0.0
-
-
 @dataclass(frozen=True)
 class Part:
     """The part of the model one rank holds: its decoder layers (global indices), and whether
@@ -126,24 +114,26 @@ class LayerStack(nn.ModuleDict):
 
 
 class LongLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: Parallel | None = None, device=None, part: Part | None = None):
+    def __init__(self, cfg: ModelConfig, mesh: ParallelMesh, device=None, part: Part | None = None):
         super().__init__()
-        self.cfg, self.par = cfg, par or Parallel()
+        self.cfg, self.mesh = cfg, mesh
         self.part = part or Part(tuple(range(cfg.n_layers)))
-        cfg.check_layout(self.par.tp, _ulysses(self.par.mesh), group_size(self.par.ep_group))
-        g = self.par.tp_group
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, g, device=device) if self.part.first else None
+        tp = mesh.size("tp")
+        cfg.check_layout(tp, mesh.size("cp_ulysses"), mesh.size("ep"))
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, mesh, device=device) if self.part.first else None
         self.quant = ActQuant(cfg.act_quant)
-        self.layers = LayerStack({str(i): Block(cfg, self.par, i, self.quant, device) for i in self.part.layers})
+        self.layers = LayerStack({str(i): Block(cfg, mesh, i, self.quant, device) for i in self.part.layers})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device) if self.part.last else None
-        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, g, device=device) if self.part.last else None
+        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, mesh, device=device) if self.part.last else None
         self.tie()
-        if self.par.sequence_parallel and self.par.tp > 1:
+        if cfg.tie_embeddings and (self.embed is None) != (self.head is None):  # split over pipeline stages:
+            retag((self.embed or self.head).weight, tied="embed.weight")  # two copies, kept equal over pp_ends
+        if mesh.sequence_parallel:
             for p in self.parameters():  # not split over tp: each tp rank saw only its sequence slice
                 s = sharding_of(p)
                 if not (s.sharded and s.axis == "tp"):
                     retag(p, partial_over_tp=True)
-        if self.par.tp > 1 and self.norm is not None:  # the final norm runs inside the tp region, per loss chunk: each tp
+        if tp > 1 and self.norm is not None:  # the final norm runs inside the tp region, per loss chunk: each tp
             retag(self.norm.weight, partial_over_tp=True)  # rank differentiates it through its vocab shard only
 
     def tie(self) -> None:
@@ -157,18 +147,18 @@ class LongLM(nn.Module):
         rotary tables at the global positions of this rank's tokens, and the attention plan
         (validation across the sequence-parallel ranks, the document-id gathers). Attention
         sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first."""
-        par, cfg = self.par, self.cfg
-        seq_len = input_ids.shape[1] * _cp(par.mesh)
-        pos = sequence_positions(seq_len, par.mesh, device=input_ids.device)  # global, in the shard layout
+        mesh, cfg, tp = self.mesh, self.cfg, self.mesh.size("tp")
+        seq_len = input_ids.shape[1] * mesh.size("cp")
+        pos = sequence_positions(seq_len, mesh, device=input_ids.device)  # global, in the shard layout
         cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len)
-        plan = plan_attention(par.mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // par.tp, cfg.head_dim),
-                              cfg.n_kv_heads // par.tp, causal=True, window=cfg.layer_window(0),
+        plan = plan_attention(mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // tp, cfg.head_dim),
+                              cfg.n_kv_heads // tp, causal=True, window=cfg.layer_window(0),
                               windows=cfg.windows, doc_ids=doc_ids, device=input_ids.device)
         return BatchContext(cos, sin, plan)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream [b, s_local(/tp with TP-SP), dim] of the first layer."""
-        return self.par.leave(self.embed(input_ids))  # complete the vocab-parallel lookup (and split under TP-SP)
+        return leave_tp(self.embed(input_ids), self.mesh)  # complete the vocab-parallel lookup (and split under TP-SP)
 
     def run_layers(self, x: torch.Tensor, ctx: "BatchContext", aux: torch.Tensor | None = None):
         """This rank's decoder layers over `x`: (x, balance losses summed onto `aux`)."""
@@ -192,7 +182,7 @@ class LongLM(nn.Module):
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Loss sums of the un-normed final residual stream `h` (the norm runs per loss chunk)."""
-        return chunked_lm_loss(self.par.enter(h), self.head, labels, self.cfg.loss_chunk, self.par, self.norm)
+        return chunked_lm_loss(enter_tp(h, self.mesh), self.head, labels, self.cfg.loss_chunk, self.mesh, self.norm)
 
     @torch.no_grad()
     def eval_counts(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -207,14 +197,14 @@ class LongLM(nn.Module):
     @torch.no_grad()
     def head_counts(self, h: torch.Tensor, labels: torch.Tensor):
         """`eval_counts` from the normed final hidden states (the last pipeline stage's part)."""
-        h = self.par.enter(h)
+        h = enter_tp(h, self.mesh)
         loss = h.new_zeros((), dtype=torch.float32)
         correct = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
         for hc, lc in zip(h.split(self.cfg.loss_chunk, dim=1), labels.split(self.cfg.loss_chunk, dim=1)):
             logits = torch.nn.functional.linear(hc, self.head.weight)  # once per chunk, for both
-            loss += _logits_loss(logits, lc, self.par)
-            correct += _logits_correct(logits, lc, self.par)
-        return loss, (labels != IGNORE).sum(1), correct
+            loss += logits_loss(logits, lc, self.mesh)
+            correct += logits_correct(logits, lc, self.mesh)
+        return loss, labeled(labels).sum(1), correct
 
     def moe_layers(self) -> list:
         return [layer.mlp for layer in self.layers if layer.moe]
@@ -228,66 +218,6 @@ class LongLM(nn.Module):
         for layer in self.moe_layers():
             layer.update_bias(apply)
         self.quant.commit(apply)
-
-
-def _cp(mesh) -> int:
-    return 1 if mesh is None else mesh.size("cp_ring") * mesh.size("cp_ulysses")
-
-
-def _ulysses(mesh) -> int:
-    return 1 if mesh is None else mesh.size("cp_ulysses")
-
-
-def _chunk_loss(h, weight, labels, par, norm=None, norm_weight=None):
-    if norm is not None:  # the norm's weight is an explicit input, so the recompute sees it
-        h = norm(h)
-    return _logits_loss(torch.nn.functional.linear(h, weight), labels, par)  # logits [b, c, V/tp]
-
-
-def _logits_loss(logits, labels, par):
-    mask = labels != IGNORE
-    loss = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0), par.tp_group, par.stats)
-    return (loss * mask).sum()
-
-
-def _logits_correct(logits, labels, par) -> torch.Tensor:
-    """Per sequence: labeled positions whose label is the argmax of the vocab-parallel logits."""
-    logits = logits.float()
-    mask = labels != IGNORE
-    local_v = logits.shape[-1]
-    idx = labels - group_rank(par.tp_group) * local_v
-    here = mask & (idx >= 0) & (idx < local_v)
-    label_logit = logits.gather(-1, idx.clamp(0, local_v - 1).unsqueeze(-1)).squeeze(-1) * here
-    best = logits.amax(-1)
-    if group_size(par.tp_group) > 1:
-        best = all_reduce(best, par.tp_group, op=torch.distributed.ReduceOp.MAX)
-        label_logit = all_reduce(label_logit, par.tp_group)
-    return ((label_logit >= best) & mask).sum(1)
-
-
-def chunked_lm_loss(h: torch.Tensor, head: ColumnParallelLinear, labels: torch.Tensor, chunk: int,
-                    par: Parallel, norm: nn.Module | None = None) -> LossOutput:
-    """Sum of token losses over [b, s] in chunks of `chunk` tokens, logits recomputed in backward.
-    With `norm`, `h` is the un-normed residual stream and each chunk normalizes its own tokens
-    inside the recomputed region: backward keeps only `h`, not h and its normalized copies."""
-    total = h.new_zeros((), dtype=torch.float32)
-    w = None if norm is None else norm.weight
-    for hc, lc in zip(h.split(chunk, dim=1), labels.split(chunk, dim=1)):
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hc, head.weight, lc, par, norm, w, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hc, head.weight, lc, par, norm, w)
-    return LossOutput(total, (labels != IGNORE).sum())
-
-
-def global_loss(out: LossOutput, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, mean loss for reporting): the token mean over every rank of
-    `group` (data x sequence parallel). Each rank's loss is its own sum over the global count,
-    so summing gradients over the group gives the gradient of the global mean."""
-    count = all_reduce(out.tokens.detach().clone().float(), group)
-    loss = out.loss_sum / count.clamp(min=1)
-    mean = all_reduce(loss.detach().clone(), group)
-    return loss + out.aux, mean
 
 
 # ---------------------------------------------------------------- initialization
@@ -316,7 +246,7 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
     `init` if it has one ("ones"), since meta tensors carry no values."""
     cfg = model.cfg
     for name, p in list(model.named_parameters()):
-        seed_name = tied_name(name, model)  # a pipeline's last stage holds its own copy of a tied head
+        seed_name = tied_name(name, p)  # a pipeline's last stage holds its own copy of a tied head
         local = source(seed_name, p) if source is not None else \
             sharding_of(p).local_slice(_full_init(p, seed_name, cfg, seed))
         new = nn.Parameter(local.to(device=device, dtype=dtype).contiguous())
@@ -336,26 +266,16 @@ def materialize(model: nn.Module, seed: int, device: torch.device | str = "cpu",
     return model
 
 
-def tied_name(name: str, model: nn.Module) -> str:
-    """The parameter `name` stands for: "embed.weight" for the head of a tied model whose head
-    and embedding sit on different pipeline stages (the head is a copy kept equal to it)."""
-    cfg = getattr(model, "cfg", None)
-    if name == "head.weight" and cfg is not None and cfg.tie_embeddings and getattr(model, "embed", None) is None:
-        return "embed.weight"
-    return name
-
-
 def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
     mod_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(mod_name) if mod_name else model, attr, value)
 
 
-def build_model(cfg: ModelConfig, mesh=None, *, seed: int = 0, device: str = "cpu", dtype=torch.float32,
-                sequence_parallel: bool = True, source=None, part: Part | None = None) -> LongLM:
-    """The model for this rank of `mesh` (None: one process), with seed-determined weights (or
-    those `source` gives: see `materialize`); `part`: only these layers (a pipeline stage's)."""
-    sp = sequence_parallel and mesh is not None and mesh.size("tp") > 1
-    par = Parallel(mesh=mesh, sequence_parallel=sp)
+def build_model(cfg: ModelConfig, mesh: ParallelMesh, *, seed: int = 0, device: str = "cpu", dtype=torch.float32,
+                source=None, part: Part | None = None) -> LongLM:
+    """The model for this rank of `mesh` (`ParallelMesh.single()`: one process), with seed-
+    determined weights (or those `source` gives: see `materialize`); `part`: only these layers
+    (a pipeline stage's)."""
     with torch.device("meta"):
-        model = LongLM(cfg, par, part=part)
+        model = LongLM(cfg, mesh, part=part)
     return materialize(model, seed, device, dtype, source)

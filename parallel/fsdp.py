@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .comm import CommStats, group_size, nbytes
-from .sharding import shard, sharding_of
+from .comm import CommStats, nbytes
+from .sharding import fsdp_slice, is_sharded, retag, shard, sharding_of
 
 
 def shard_blocks(model: nn.Module, mesh) -> None:
@@ -30,9 +30,9 @@ def shard_blocks(model: nn.Module, mesh) -> None:
     # root's parameters gathered from its forward to its backward unless told otherwise: that
     # would hold every block whole through the step. Each reshards after its forward instead.
     for block in model.layers:
-        if getattr(block, "moe", False) and group_size(mesh.group("edp")) > 1:
+        if getattr(block, "moe", False) and mesh.size("edp") > 1:
             fully_shard(block.mlp.experts, mesh=mesh.device_mesh("edp")["edp"], reshard_after_forward=True)
-        if group_size(mesh.group("dp_cp")) > 1:
+        if mesh.size("dp_cp") > 1:
             fully_shard(block, mesh=mesh.device_mesh("dp_cp")["dp_cp"], reshard_after_forward=True)
     gather, scatter = counted_comms(mesh.stats)
     for m in model.modules():
@@ -41,8 +41,10 @@ def shard_blocks(model: nn.Module, mesh) -> None:
             m.set_gradient_divide_factor(1.0)
             m.set_custom_all_gather(gather)
             m.set_custom_reduce_scatter(scatter)
-    for n, p in model.named_parameters():  # FSDP made new parameters: carry their descriptions over
-        shard(p, described[n])
+    for n, p in model.named_parameters():  # FSDP made new parameters: carry their descriptions over,
+        shard(p, described[n])  # with the chunk FSDP gave each
+        if is_sharded(p):
+            retag(p, chunk=fsdp_slice(p))
 
 
 def counted_comms(stats: CommStats | None):

@@ -98,7 +98,7 @@ class GradSync:
 
     def __init__(self, params: Iterable[nn.Parameter], mesh, *, zero: dict[nn.Parameter, ZeroSlice] | None = None,
                  overlap: bool = False, bucket_bytes: int = BUCKET_BYTES, stats: CommStats | None = None):
-        self.mesh, self.stats = mesh, stats if stats is not None else getattr(mesh, "stats", None)
+        self.mesh, self.stats = mesh, stats if stats is not None else mesh.stats
         self.params = [p for p in params if p.requires_grad]
         self.fsdp = {p: None for p in self.params if is_sharded(p)}  # FSDP reduces these itself (ZeRO-3)
         zero = zero or {}
@@ -204,13 +204,6 @@ def sync_gradients(params: Iterable[nn.Parameter], mesh, stats: CommStats | None
     sync.finish()
 
 
-def full_tensor(p: nn.Parameter, t: torch.Tensor | None = None) -> torch.Tensor:
-    """The full (unsharded) value of `t` (default: `p` itself), gathered over its shard group
-    (and first over FSDP's replicas, for a ZeRO-3 DTensor)."""
-    t = p.detach() if t is None else t
-    return sharding_of(p).gather(t.full_tensor() if is_sharded(t) else t)
-
-
 _NORM_KINDS = [(axis, replicas) for axis in (None, "tp", "ep") for replicas in (None, "dp_cp", "edp")]
 
 
@@ -232,10 +225,9 @@ def global_grad_norm(grads: dict[nn.Parameter, torch.Tensor] | Iterable[nn.Param
         sums[key] = sums[key] + g.detach().float().pow(2).sum()
     total = torch.zeros((), dtype=torch.float32, device=device)
     for (axis, replicas), sq in sums.items():
-        if mesh is not None:
-            sq = all_reduce(sq, mesh.group(replicas)) if replicas else sq
-            sq = all_reduce(sq, mesh.group(axis)) if axis else sq
+        sq = all_reduce(sq, mesh.group(replicas)) if replicas else sq
+        sq = all_reduce(sq, mesh.group(axis)) if axis else sq
         total = total + sq
-    if mesh is not None and mesh.size("pp") > 1:  # pipeline stages hold different parameters
+    if mesh.size("pp") > 1:  # pipeline stages hold different parameters
         total = all_reduce(total, mesh.group("pp"))
     return total.sqrt().cpu()

@@ -15,12 +15,14 @@ an EP group is ``ep`` consecutive ranks of that flattened (dp, cp_ring, cp_ulyss
 at fixed (pp, tp).
 
 Nothing here is global: `build_mesh` returns a `ParallelMesh` that owns its groups and a
-`CommStats` for byte accounting; layers take the groups they need in their constructors.
+`CommStats` for byte accounting, and it is passed down; `ParallelMesh.single()` stands for
+one process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,6 +33,14 @@ from torch.distributed import ProcessGroup
 from .comm import CommStats
 
 AXES: tuple[str, ...] = ("pp", "dp", "cp_ring", "cp_ulysses", "tp")
+# the groups a `ParallelMesh` holds: the axes, and these products of axes ...
+COMPOSITE: dict[str, tuple[str, ...]] = {
+    "cp": ("cp_ring", "cp_ulysses"),  # every rank holding part of one sequence
+    "dp_cp": ("dp", "cp_ring", "cp_ulysses"),  # the replicas of a dense parameter
+    "dp_cp_tp": ("dp", "cp_ring", "cp_ulysses", "tp"),  # every rank of a pipeline stage (MoE token statistics)
+}
+# ... and expert parallel, the replicas of an expert, the tied embedding's two pipeline ends, the job
+GROUPS: tuple[str, ...] = (*AXES, *COMPOSITE, "edp", "pp_ends", "ep", "world")
 
 
 class LayoutError(ValueError):
@@ -91,7 +101,7 @@ class ParallelDims:
 
     def rank_grid(self) -> torch.Tensor:
         """Global ranks laid out as a tensor of shape `shape()`."""
-        return torch.arange(self.world_size).reshape(self.shape())
+        return torch.arange(self.world_size, device="cpu").reshape(self.shape())  # not the meta device a model is built on
 
     def axis_groups(self, *axes: str) -> list[list[int]]:
         """All rank lists that form groups along `axes` (every other coordinate fixed);
@@ -140,24 +150,84 @@ class ParallelDims:
         blocks = self._dp_cp_blocks()
         return blocks.transpose(1, 2).reshape(-1, blocks.shape[1]).tolist()
 
+    def rank_lists(self, name: str) -> list[list[int]]:
+        """Every group of `name` (one of `GROUPS`) as lists of global ranks, each in its group's
+        rank order: the lists `build_mesh` creates the groups from."""
+        if name in COMPOSITE:
+            return self.axis_groups(*COMPOSITE[name])
+        lists = {"ep": self.ep_groups, "edp": self.edp_groups, "pp_ends": self.pp_end_groups,
+                 "world": lambda: [list(range(self.world_size))]}
+        if name in lists:
+            return lists[name]()
+        if name not in AXES:
+            raise KeyError(f"the layout has no group {name!r}; its groups are {list(GROUPS)}")
+        return self.axis_groups(name)
+
+    def size(self, name: str) -> int:
+        """Ranks in the group of `name` that `rank` belongs to (1 outside any: the middle
+        pipeline stages have no ``pp_ends`` group)."""
+        return 1 if name == "pp_ends" and self.pp == 1 else len(self.rank_lists(name)[0])
+
+    def index(self, name: str, rank: int) -> int:
+        """`rank`'s place in its group of `name` (its rank in that process group)."""
+        return _places(self, name).get(rank, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _places(dims: ParallelDims, name: str) -> dict[int, int]:
+    """Each rank's place in its group of `name` (computed once per layout: models ask per layer)."""
+    return {r: i for ranks in dims.rank_lists(name) for i, r in enumerate(ranks)}
+
 
 @dataclass(eq=False)
 class ParallelMesh:
-    """This rank's view of the layout: its coordinates and one process group per axis, plus
-    ``cp`` (ring x Ulysses: every rank holding part of one sequence) and ``dp_cp`` (data x
-    sequence: the replicas of a parameter, over which gradients are summed).
+    """The layout, as this rank sees it: the one object every layer, sync and checkpoint reads.
 
-    Groups of size one are ``None`` (no communication). `device_mesh(*axes)` gives the same
-    layout as a torch `DeviceMesh` over some axes, for DTensor views (checkpoints).
+    It holds this rank's coordinates and one process group per axis name: the five mesh axes,
+    ``cp`` (ring x Ulysses: every rank holding part of one sequence), ``dp_cp`` (data x
+    sequence: the replicas of a dense parameter, over which gradients are summed), ``dp_cp_tp``
+    (every rank of a pipeline stage), ``ep`` and ``edp`` (expert parallel and the replicas of an
+    expert), ``pp_ends`` (the first and last pipeline rank: a tied embedding) and ``world``. A
+    group of one rank is ``None`` (no communication), so `single` (one process) is the same
+    object with every group absent: no caller tells one process apart.
+
+    ``sequence_parallel``: Megatron's TP sequence parallelism (the residual stream is split along
+    the sequence over tp); only meaningful with tp > 1, and False otherwise.
+    `device_mesh(*axes)` gives the layout as a torch `DeviceMesh` over some axes (DTensor views
+    for checkpoints, FSDP2's mesh).
     """
 
     dims: ParallelDims
     rank: int
     device_type: str
     groups: dict[str, ProcessGroup | None]
-    ep_group: ProcessGroup | None
+    sequence_parallel: bool = False
     stats: CommStats = field(default_factory=CommStats)
     _device_meshes: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sequence_parallel = bool(self.sequence_parallel) and self.dims.tp > 1
+
+    @classmethod
+    def single(cls, device_type: str = "cpu", *, sequence_parallel: bool = False) -> "ParallelMesh":
+        """One process: every axis of size one, no groups (works without torch.distributed)."""
+        return cls.planned(ParallelDims(), device_type=device_type, sequence_parallel=sequence_parallel)
+
+    @classmethod
+    def planned(cls, dims: ParallelDims, rank: int = 0, *, device_type: str = "cpu",
+                sequence_parallel: bool = True) -> "ParallelMesh":
+        """Rank `rank` of `dims` without process groups: a model built on it (on the meta device)
+        has exactly the parameters and `Sharding`s that rank's has, which is what the planner
+        reads. Asking it for a group of more than one rank is an error, not a silent no-op."""
+        dims.check_world_size(dims.world_size)
+        if not 0 <= rank < dims.world_size:
+            raise LayoutError(f"rank {rank} is outside the layout's {dims.world_size} ranks")
+        return cls(dims=dims, rank=rank, device_type=device_type, groups={}, sequence_parallel=sequence_parallel)
+
+    def with_sequence_parallel(self, on: bool) -> "ParallelMesh":
+        """The same layout (groups, statistics, DeviceMeshes shared) with TP sequence parallel
+        on or off."""
+        return dataclasses.replace(self, sequence_parallel=on)
 
     def device_mesh(self, *axes: str):
         """A DeviceMesh [rest, *axes] (see `ParallelDims.device_grid`), built on first use and
@@ -170,14 +240,28 @@ class ParallelMesh:
                                                    mesh_dim_names=("rest", *axes))
         return self._device_meshes[axes]
 
-    def size(self, axis: str) -> int:
-        return self.dims.world_size if axis == "world" else getattr(self.dims, axis)  # "cp" is a property
+    def size(self, name: str) -> int:
+        """Ranks in this rank's group of `name` (an axis, or one of `GROUPS`)."""
+        if name == "pp_ends" and self.dims.pp > 1 and self.coord("pp") not in (0, self.dims.pp - 1):
+            return 1
+        return self.dims.size(name)
+
+    def index(self, name: str) -> int:
+        """This rank's place in its group of `name`: which slice it holds of what is cut over it."""
+        return self.dims.index(name, self.rank)
 
     def coord(self, axis: str) -> int:
         return self.dims.coords(self.rank)[axis]
 
-    def group(self, axis: str) -> ProcessGroup | None:
-        return self.ep_group if axis == "ep" else self.groups[axis]
+    def group(self, name: str) -> ProcessGroup | None:
+        """This rank's process group of `name`; None where it has one rank (nothing to send)."""
+        if name not in GROUPS:
+            raise KeyError(f"the layout has no group {name!r}; its groups are {list(GROUPS)}")
+        g = self.groups.get(name)
+        if g is None and self.size(name) > 1:
+            raise RuntimeError(f"this layout was built without process groups (`ParallelMesh.planned`): it lays "
+                               f"out a model, but cannot run one; the {name!r} group has {self.size(name)} ranks")
+        return g
 
     def __repr__(self) -> str:
         axes = ", ".join(f"{a}={getattr(self.dims, a)}" for a in AXES)
@@ -207,6 +291,7 @@ def build_mesh(
     *,
     device_type: str | None = None,
     timeout: timedelta = timedelta(minutes=5),
+    sequence_parallel: bool = True,
 ) -> ParallelMesh:
     """Build this rank's `ParallelMesh`. The default process group must be initialized;
     `device_type` defaults to the device its backend communicates on.
@@ -219,15 +304,8 @@ def build_mesh(
     dims.check_world_size(world)
     rank = dist.get_rank()
     device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")  # the backend's device
-    groups = {a: _new_groups(dims.axis_groups(a), rank, timeout) for a in AXES}
-    # both sequence-parallel axes together: checks that must involve every rank of a sequence
-    groups["cp"] = _new_groups(dims.axis_groups("cp_ring", "cp_ulysses"), rank, timeout)
-    # data x sequence: the ranks holding replicas of the same (non-expert) parameters
-    groups["dp_cp"] = _new_groups(dims.axis_groups("dp", "cp_ring", "cp_ulysses"), rank, timeout)
-    # all ranks of one pipeline stage: different tokens of one batch (MoE balance statistics)
-    groups["dp_cp_tp"] = _new_groups(dims.axis_groups("dp", "cp_ring", "cp_ulysses", "tp"), rank, timeout)
-    groups["edp"] = _new_groups(dims.edp_groups(), rank, timeout)
+    # every rank creates every group, in the order of GROUPS (a collective); "world" is the default group
+    groups = {name: _new_groups(dims.rank_lists(name), rank, timeout) for name in GROUPS if name != "world"}
     groups["world"] = dist.group.WORLD if world > 1 else None  # job-wide reports (per-rank peaks)
-    groups["pp_ends"] = _new_groups(dims.pp_end_groups(), rank, timeout)  # tied embedding across stages
-    ep_group = _new_groups(dims.ep_groups(), rank, timeout) if dims.ep > 1 else None
-    return ParallelMesh(dims=dims, rank=rank, device_type=device_type, groups=groups, ep_group=ep_group)
+    return ParallelMesh(dims=dims, rank=rank, device_type=device_type, groups=groups,
+                        sequence_parallel=sequence_parallel)

@@ -1,17 +1,27 @@
 """How a parameter is laid out over the mesh: one typed description per parameter.
 
-Every parameter carries a `Sharding` (set with `shard`, read with `sharding_of`): the full
-shape, which dimension is cut over which mesh axis (``tp`` for the Megatron-style layers,
-``ep`` for experts), which ranks hold replicas of the same slice (their gradients are summed:
-``dp_cp`` for dense weights, the expert-data-parallel group ``edp`` for experts), whether a tp
-rank's gradient is only a partial sum (TP sequence parallel: each tp rank saw part of the
-sequence), and how it is initialized. The model writes it once, when it is built; everything
-else reads only it: initialization (`models.transformer.materialize`), the gradient sync and
-norm (`grads`), ZeRO (`zero`), the checkpoint's DTensor views and the Hugging Face reader and
-writer. Adding an axis means extending this description, not every consumer.
+Every parameter carries a `Sharding` (set with `shard`, read with `sharding_of`). It names mesh
+axes, never process groups, so a model built on a layout without groups
+(`ParallelMesh.planned`, on the meta device) carries exactly the descriptions a running rank's
+does, and the planner counts from them. It says:
 
-Slices follow `torch.chunk` along `dim` (the same rule as DTensor's `Shard`), so the
-checkpoint's global view and the model's local slices agree by construction.
+- the full shape, and which dimension is cut over which axis (``tp`` for the Megatron-style
+  layers, ``ep`` for experts): into how many `parts`, this rank holding slice `index`;
+- which group holds replicas of the same slice (`replicas`: ``dp_cp`` for dense weights, the
+  expert-data-parallel ``edp`` for experts; their gradients are summed), and, once ZeRO or FSDP
+  is applied, this rank's `chunk` of it over those replicas (`ZeroSlice`: the part whose
+  optimizer state, and under FSDP whose storage, this rank holds);
+- whether a tp rank's gradient is only a partial sum (TP sequence parallel: each tp rank saw
+  part of the sequence), and whether it is a `tied` copy of a parameter held on another pipeline
+  stage (the head of a tied model, kept equal to the first stage's embedding);
+- how it is initialized.
+
+The model writes the cut when it is built, ZeRO and FSDP the chunk when they are applied;
+everything else reads only this: initialization (`models.transformer.materialize`), the
+gradient sync and norm (`grads`), ZeRO (`zero`), the checkpoint's DTensor views, the Hugging
+Face reader and writer, and the planner. Slices follow `torch.chunk` along `dim` (the same rule
+as DTensor's `Shard`), so the checkpoint's global view and the model's local slices agree by
+construction.
 """
 
 from __future__ import annotations
@@ -21,9 +31,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed import ProcessGroup
 
-from .comm import CommStats, all_gather_cat, group_rank, group_size
+from .comm import CommStats, all_gather_cat
 
 INITS = ("normal", "scaled", "ones", "zeros")
 SHARD_AXES = {"tp": "dp_cp", "ep": "edp"}  # the axis a parameter is cut over -> its replica group
@@ -34,11 +43,14 @@ class Sharding:
     """How one parameter (or tagged buffer) is laid out; see the module docstring."""
 
     full_shape: tuple[int, ...]
-    dim: int | None = None  # cut along this dim over `group` (None: every rank holds all of it)
-    axis: str = "tp"  # the mesh axis whose group holds the slices
-    group: ProcessGroup | None = field(default=None, compare=False, repr=False)
+    dim: int | None = None  # cut along this dim over `axis` (None: every rank holds all of it)
+    axis: str = "tp"  # the mesh axis whose ranks hold the slices
+    parts: int = 1  # slices along `dim` (1: not cut)
+    index: int = 0  # the slice this rank holds
     partial_over_tp: bool = False  # its gradient is also summed over tp (each tp rank saw part of it)
     init: str = "normal"  # normal | scaled (output projections: std / sqrt(2 n_layers)) | ones | zeros
+    chunk: "ZeroSlice | None" = field(default=None, compare=False)  # over `replicas`: set by ZeRO / FSDP
+    tied: str | None = None  # the name this copy stands for and is kept equal to on another stage
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "full_shape", tuple(int(n) for n in self.full_shape))
@@ -48,11 +60,14 @@ class Sharding:
             raise ValueError(f"Sharding.init={self.init!r} must be one of {INITS}")
         if self.dim is not None and not 0 <= self.dim < len(self.full_shape):
             raise ValueError(f"Sharding.dim={self.dim} is not a dimension of a {len(self.full_shape)}-d tensor")
+        if (self.dim is None and self.parts != 1) or not 0 <= self.index < self.parts:
+            raise ValueError(f"Sharding: slice {self.index} of {self.parts} along dim {self.dim} is not a cut")
 
-    @property
-    def parts(self) -> int:
-        """Number of slices (1: not cut)."""
-        return 1 if self.dim is None else group_size(self.group)
+    @classmethod
+    def cut(cls, full_shape: tuple[int, ...], dim: int, mesh, axis: str = "tp", **fields) -> "Sharding":
+        """`full_shape` cut along `dim` over `mesh`'s `axis`, this rank holding its own slice."""
+        return cls(full_shape=full_shape, dim=dim, axis=axis, parts=mesh.size(axis), index=mesh.index(axis),
+                   **fields)
 
     @property
     def sharded(self) -> bool:
@@ -67,7 +82,7 @@ class Sharding:
         """This rank's slice of the full tensor."""
         if not self.sharded:
             return full
-        return full.chunk(self.parts, dim=self.dim)[group_rank(self.group)]
+        return full.chunk(self.parts, dim=self.dim)[self.index]
 
     def local_range(self) -> tuple[int, int]:
         """[start, stop) of this rank's slice along `dim`."""
@@ -75,16 +90,16 @@ class Sharding:
             raise ValueError("local_range: the tensor is not cut along any dimension")
         n = self.full_shape[self.dim]
         step = -(-n // self.parts)
-        lo = min(n, group_rank(self.group) * step)
+        lo = min(n, self.index * step)
         return lo, min(n, lo + step)
 
-    def gather(self, local: torch.Tensor, stats: CommStats | None = None) -> torch.Tensor:
-        """The full tensor from every rank's slice (a collective over `group` when cut)."""
+    def gather(self, local: torch.Tensor, mesh, stats: CommStats | None = None) -> torch.Tensor:
+        """The full tensor from every rank's slice (a collective over `mesh`'s `axis` when cut)."""
         if not self.sharded:
             return local
         if self.full_shape[self.dim] % self.parts:
             raise ValueError(f"cannot gather a {self.full_shape} tensor cut unevenly in {self.parts} along dim {self.dim}")
-        return all_gather_cat(local.contiguous(), self.group, self.dim, stats)
+        return all_gather_cat(local.contiguous(), mesh.group(self.axis), self.dim, stats)
 
 
 def shard(t: torch.Tensor, sharding: Sharding) -> torch.Tensor:
@@ -99,8 +114,22 @@ def sharding_of(t: torch.Tensor) -> Sharding:
     return s if s is not None else Sharding(full_shape=tuple(t.shape))
 
 
+def full_tensor(p: torch.Tensor, mesh, t: torch.Tensor | None = None) -> torch.Tensor:
+    """The full (unsharded) value of `t` (default: `p` itself, or a gradient or state shaped like
+    it): gathered over FSDP's replicas first for a ZeRO-3 DTensor, then over `p`'s shard axis of
+    `mesh` (a collective there: every rank calls it alike)."""
+    t = p.detach() if t is None else t
+    return sharding_of(p).gather(t.full_tensor() if is_sharded(t) else t, mesh)
+
+
+def tied_name(name: str, t: torch.Tensor) -> str:
+    """The parameter `t` (named `name` in its module) stands for: "embed.weight" for the head of
+    a tied model whose head and embedding sit on different pipeline stages."""
+    return sharding_of(t).tied or name
+
+
 def retag(t: torch.Tensor, **changes) -> torch.Tensor:
-    """Change some fields of `t`'s description (its init, a partial gradient); returns `t`."""
+    """Change some fields of `t`'s description (its init, a partial gradient, its chunk); returns `t`."""
     return shard(t, dataclasses.replace(sharding_of(t), **changes))
 
 
@@ -108,21 +137,24 @@ def retag(t: torch.Tensor, **changes) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class ZeroSlice:
     """This rank's chunk of a (local, possibly tp-sharded) parameter of `shape`, cut along
-    `dim` into `parts` chunks over `group` (torch.chunk sizes: ceil, the last ones smaller or
-    empty). Packed forms pad every chunk to the same length, for collectives."""
+    `dim` into `parts` chunks over the replica group `axis` (torch.chunk sizes: ceil, the last
+    ones smaller or empty), this rank holding chunk `rank`. Packed forms pad every chunk to the
+    same length, for collectives."""
 
     shape: tuple[int, ...]
     dim: int
     parts: int
     rank: int
-    group: ProcessGroup | None
+    axis: str  # the replica group: "dp_cp" or "edp"
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], group: ProcessGroup | None) -> "ZeroSlice":
-        parts = group_size(group)
+    def of(cls, shape: tuple[int, ...], mesh, axis: str) -> "ZeroSlice":
+        """ZeRO's chunk of a parameter over `mesh`'s `axis`: along the first dimension that
+        divides evenly, else the longest (fewest padding rows)."""
+        parts = mesh.size(axis)
         even = [d for d, n in enumerate(shape) if n >= parts and n % parts == 0]
-        dim = even[0] if even else max(range(len(shape)), key=lambda d: shape[d])  # fewest padding rows
-        return cls(tuple(shape), dim, parts, group_rank(group), group)
+        dim = even[0] if even else max(range(len(shape)), key=lambda d: shape[d])
+        return cls(tuple(shape), dim, parts, mesh.index(axis), axis)
 
     @property
     def step(self) -> int:
@@ -201,6 +233,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def fsdp_slice(p) -> ZeroSlice:
-    """This rank's FSDP chunk of `p` as a `ZeroSlice` (dim 0 over FSDP's 1-D mesh)."""
+    """This rank's FSDP chunk of `p` (an FSDP DTensor) as a `ZeroSlice`: dim 0 over FSDP's 1-D
+    mesh, which is `p`'s replica group."""
     mesh = p.device_mesh
-    return ZeroSlice(tuple(p.shape), 0, mesh.size(), mesh.get_local_rank(), mesh.get_group())
+    return ZeroSlice(tuple(p.shape), 0, mesh.size(), mesh.get_local_rank(), sharding_of(p).replicas)

@@ -1,4 +1,4 @@
-"""Tensor-parallel layers (Megatron style), each taking its process group in the constructor.
+"""Tensor-parallel layers (Megatron style), each cut over the tp axis of the layout it is given.
 
 The layers hold shards and do no communication of their own: the model enters and leaves a
 tensor-parallel region explicitly with the mappings in `comm.py` (`copy_to_region` /
@@ -18,8 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from .comm import CommStats, all_reduce, group_rank, group_size
+from .comm import (CommStats, all_reduce, copy_to_region, gather_to_region, group_rank, group_size,
+                   reduce_from_region, reduce_scatter_from_region)
 from .sharding import Sharding, shard
+
+
+def enter_tp(x: torch.Tensor, mesh) -> torch.Tensor:
+    """The replicated-over-tp input of a column-parallel layer, from the residual stream
+    [b, s, dim] (split along the sequence under TP sequence parallel: all-gathered)."""
+    if mesh.sequence_parallel:
+        return gather_to_region(x, 1, mesh.group("tp"), mesh.stats)
+    return copy_to_region(x, mesh.group("tp"), mesh.stats)
+
+
+def leave_tp(x: torch.Tensor, mesh) -> torch.Tensor:
+    """Complete the partial sums of a row-parallel layer (reduce-scattered along the sequence
+    under TP sequence parallel)."""
+    if mesh.sequence_parallel:
+        return reduce_scatter_from_region(x, 1, mesh.group("tp"), mesh.stats)
+    return reduce_from_region(x, mesh.group("tp"), mesh.stats)
 
 
 def _divide(n: int, p: int, what: str) -> int:
@@ -29,58 +46,54 @@ def _divide(n: int, p: int, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W's output rows split across `group`: y's last dim is sharded."""
+    """y = x W^T with W's output rows split over `mesh`'s tp axis: y's last dim is sharded."""
 
-    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None, *,
-                 bias: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, mesh, *, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        self.group = group
-        local = _divide(out_features, group_size(group), "output features")
+        local = _divide(out_features, mesh.size("tp"), "output features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
-        shard(self.weight, Sharding(full_shape=(out_features, in_features), dim=0, group=group))
+        shard(self.weight, Sharding.cut((out_features, in_features), 0, mesh))
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
-            shard(self.bias, Sharding(full_shape=(out_features,), dim=0, group=group))
+            shard(self.bias, Sharding.cut((out_features,), 0, mesh))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split across `group`: x arrives sharded in its last dim,
-    y is a partial sum (the caller reduces it, or reduce-scatters it along the sequence)."""
+    """y = x W^T with W's input columns split over `mesh`'s tp axis: x arrives sharded in its
+    last dim, y is a partial sum (the caller reduces it, or reduce-scatters it along the sequence)."""
 
-    def __init__(self, in_features: int, out_features: int, group: ProcessGroup | None, *,
-                 bias: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, mesh, *, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        self.group = group
-        local = _divide(in_features, group_size(group), "input features")
+        tp = mesh.size("tp")
+        local = _divide(in_features, tp, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
-        shard(self.weight, Sharding(full_shape=(out_features, in_features), dim=1, group=group))
+        shard(self.weight, Sharding.cut((out_features, in_features), 1, mesh))
         self.bias = None
-        if bias:  # added once, on rank 0 of the group, so the reduction counts it once; the other
-            # ranks get no gradient for it, so the full gradient is the sum over the group
+        self.adds_bias = mesh.index("tp") == 0
+        if bias:  # added once, on tp rank 0, so the reduction counts it once; the other ranks get
+            # no gradient for it, so the full gradient is the sum over tp
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-            shard(self.bias, Sharding(full_shape=(out_features,), partial_over_tp=group_size(group) > 1))
+            shard(self.bias, Sharding(full_shape=(out_features,), partial_over_tp=tp > 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.bias is not None and group_rank(self.group) == 0 else None
-        return F.linear(x, self.weight, bias)
+        return F.linear(x, self.weight, self.bias if self.adds_bias else None)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; each rank embeds the ids in its range and
     zeros the rest, so a sum over the group (all-reduce or reduce-scatter) completes it."""
 
-    def __init__(self, vocab_size: int, dim: int, group: ProcessGroup | None, *, device=None, dtype=None):
+    def __init__(self, vocab_size: int, dim: int, mesh, *, device=None, dtype=None):
         super().__init__()
-        self.group = group
         self.vocab_size = vocab_size
-        local = _divide(vocab_size, group_size(group), "vocabulary size")
-        self.start = group_rank(group) * local
+        local = _divide(vocab_size, mesh.size("tp"), "vocabulary size")
+        self.start = mesh.index("tp") * local
         self.weight = nn.Parameter(torch.empty(local, dim, device=device, dtype=dtype))
-        shard(self.weight, Sharding(full_shape=(vocab_size, dim), dim=0, group=group))
+        shard(self.weight, Sharding.cut((vocab_size, dim), 0, mesh))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Partial embeddings [..., dim]: complete after summing over the group."""

@@ -20,29 +20,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .comm import CommStats, all_gather_cat, group_size
-from .sharding import ZeroSlice, fsdp_slice, is_sharded, sharding_of
+from .comm import CommStats, all_gather_cat
+from .sharding import ZeroSlice, is_sharded, retag, sharding_of
 
 
-def zero_slices(params: list[nn.Parameter], mesh) -> dict[nn.Parameter, ZeroSlice]:
-    """One `ZeroSlice` per parameter, over its replica group (skipped where that has one rank)."""
+def apply_zero(params: list[nn.Parameter], mesh) -> dict[nn.Parameter, ZeroSlice]:
+    """Give each parameter its ZeRO chunk over its replica group (recorded on its `Sharding`;
+    none where that group has one rank); FSDP's parameters keep the chunk FSDP gave them.
+    Returns every parameter's chunk."""
     out = {}
     for p in params:
-        group = mesh.group(sharding_of(p).replicas)
-        if group_size(group) > 1:
-            out[p] = ZeroSlice.of(tuple(p.shape), group)
+        s = sharding_of(p)
+        if s.chunk is None and not is_sharded(p) and mesh.size(s.replicas) > 1:
+            retag(p, chunk=ZeroSlice.of(tuple(p.shape), mesh, s.replicas))
+        if sharding_of(p).chunk is not None:
+            out[p] = sharding_of(p).chunk
     return out
 
 
-def gather_params(slices: dict[nn.Parameter, ZeroSlice], bucket_bytes: int, stats: CommStats | None = None) -> None:
+def gather_params(slices: dict[nn.Parameter, ZeroSlice], mesh, bucket_bytes: int,
+                  stats: CommStats | None = None) -> None:
     """After each rank updated its chunks: all-gather them so every replica holds whole
     parameters again (bucketed per replica group, in the same order on every rank)."""
-    by_group: dict[int, list] = {}
+    by_group: dict[str, list] = {}
     for p, z in slices.items():
-        by_group.setdefault(id(z.group), []).append((p, z))
-    for items in by_group.values():
+        by_group.setdefault(z.axis, []).append((p, z))
+    for axis, items in by_group.items():
         for bucket in _buckets(items, bucket_bytes):
-            group, parts = bucket[0][1].group, bucket[0][1].parts
+            group, parts = mesh.group(axis), bucket[0][1].parts
             mine = torch.cat([z.pack_mine(z.view(p.detach())) for p, z in bucket])
             rows = all_gather_cat(mine, group, 0, stats).view(parts, -1)
             with torch.no_grad():
@@ -70,7 +75,8 @@ class ZeroAdamW:
     updated whole, as without ZeRO.
 
     Stage 3: parameters FSDP already shards (`fsdp.shard_blocks`: DTensors) are updated as they
-    are, their chunk being FSDP's (`fsdp_slice`); the others as under stage 2.
+    are, their chunk being FSDP's; the others as under stage 2. Every chunk is the one recorded
+    on the parameter's `Sharding` (`apply_zero`).
 
     `param_groups` and `state` are the inner AdamW's (keyed by the chunk parameters);
     `chunks` maps each model parameter to its chunk parameter and `ZeroSlice`."""
@@ -78,11 +84,11 @@ class ZeroAdamW:
     def __init__(self, param_groups: list[dict], mesh, stage: int, bucket_bytes: int, **adamw):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage} must be 1, 2 or 3")
-        self.stage, self.bucket_bytes, self.stats = stage, bucket_bytes, getattr(mesh, "stats", None)
+        self.stage, self.bucket_bytes, self.mesh = stage, bucket_bytes, mesh
         params = [p for g in param_groups for p in g["params"]]
-        self.fsdp = {p: fsdp_slice(p) for p in params if is_sharded(p)}
-        self.gathered = zero_slices([p for p in params if p not in self.fsdp], mesh)  # all-gathered after a step
-        self.slices = {**self.gathered, **self.fsdp}
+        self.slices = apply_zero(params, mesh)
+        self.fsdp = {p: z for p, z in self.slices.items() if is_sharded(p)}
+        self.gathered = {p: z for p, z in self.slices.items() if p not in self.fsdp}  # all-gathered after a step
         self.chunks: dict[nn.Parameter, nn.Parameter] = {}
         groups = []
         for g in param_groups:
@@ -105,7 +111,7 @@ class ZeroAdamW:
             z = self.slices.get(p)
             c.grad = None if g is None else (z.view(g) if z is not None and self.stage == 1 else g)
         self.opt.step()
-        gather_params(self.gathered, self.bucket_bytes, self.stats)
+        gather_params(self.gathered, self.mesh, self.bucket_bytes, self.mesh.stats)
 
     @property
     def chunked_grads(self) -> dict[nn.Parameter, ZeroSlice]:
@@ -118,7 +124,8 @@ class ZeroAdamW:
             p.grad = None
 
     def named_chunks(self, model: nn.Module):
-        """(name, model parameter, chunk parameter, ZeroSlice or None) for each parameter."""
+        """(name, model parameter, the parameter its optimizer state is keyed by) for each
+        parameter; the state covers the chunk its `Sharding` records (all of it if none)."""
         for n, p in model.named_parameters():
             if p in self.chunks:
-                yield n, p, self.chunks[p], self.slices.get(p)
+                yield n, p, self.chunks[p]

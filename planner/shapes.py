@@ -1,8 +1,7 @@
-"""What one rank holds, from the config and the layout alone: token counts, head splits and
-parameter counts, without building the model or starting a process.
-
-Every count here mirrors how the model is built (`models.layers`, `models.moe`,
-`parallel.tensor`): tests compare them with the parameters of real models on real layouts.
+"""What one rank holds, from the config and the layout alone, without starting a process:
+token counts and head splits (`local_sizes`, mirroring how the layers split them), and
+parameter counts read from the model itself, built on the meta device (`param_counts`), so
+they cannot drift from it. Tests compare both with real models on real layouts.
 """
 
 from __future__ import annotations
@@ -57,49 +56,54 @@ class Params:
         return self.dense - self.outside_blocks
 
 
-def _swiglu(dim: int, hidden: int, tp: int) -> int:
-    return 3 * dim * (hidden // tp)
-
-
 def param_counts(m: ModelConfig, p: ParallelDims, sequence_parallel: bool = True,
                  part: tuple[tuple[int, ...], bool, bool] | None = None) -> Params:
-    """`part`: (layers, first stage, last stage) of a pipeline rank (`pipeline.rank_part`);
-    default the whole model."""
-    tp, d, hd = p.tp, m.dim, m.head_dim
+    """The parameters one rank holds, read from the model itself (`module_counts`). `part`:
+    (layers, first stage, last stage) of a pipeline rank (`pipeline.rank_part`); default the
+    whole model."""
+    per = module_counts(m, p.tp, p.ep, sequence_parallel)
     layers, first, last = part or (range(m.n_layers), True, True)
-    vocab = (m.vocab_size // tp) * d
-    dense = (vocab if first else 0) + (vocab + d if last else 0)  # embedding; LM head, final norm
+    outside = (["embed"] if first else []) + (["norm", "head"] if last else [])
     if m.tie_embeddings and first and last:
-        dense -= vocab
-    outside = dense
-    replicated = d if last else 0  # final norm: not split over tp
-    routers = 0  # MoH routers: each tp rank differentiates only its own heads' gates
-    expert = 0
-    for i in layers:
-        attn = d * (m.n_heads // tp) * hd * 2 + d * (m.n_kv_heads // tp) * hd * 2  # wq, wo, wk, wv
-        if m.qkv_bias:
-            attn += (m.n_heads + 2 * m.n_kv_heads) // tp * hd
-        dense += attn + 2 * d  # two norms
-        replicated += 2 * d
-        if m.moh is not None:
-            router = (max(m.moh.shared_heads, 1) + m.n_heads - m.moh.shared_heads + 2) * d
-            dense += router
-            routers += router
-        if m.is_moe_layer(i):
-            e = m.moe
-            hidden = e.expert_hidden or m.ffn_hidden
-            dense += e.num_experts * d  # router (replicated)
-            replicated += e.num_experts * d
-            expert += (e.num_experts // p.ep) * 3 * d * hidden
-            if e.shared_expert:
-                dense += _swiglu(d, hidden, tp)
-        else:
-            dense += _swiglu(d, m.ffn_hidden, tp)
-    # under TP-SP every weight not split over tp (experts too: each tp rank routes its own
-    # tokens); without it the final norm (it runs inside the tp region, per loss chunk) and the
-    # MoH routers
-    partial = ((replicated + expert) if sequence_parallel else (d if last else 0)) + routers if tp > 1 else 0
-    return Params(dense=dense, expert=expert, tp_partial=partial, outside_blocks=outside)
+        outside.remove("head")  # one parameter serves both
+    total = [sum(per[k][i] for k in [*outside, *layers]) for i in range(3)]
+    return Params(dense=total[0], expert=total[1], tp_partial=total[2],
+                  outside_blocks=sum(per[k][0] for k in outside))
+
+
+def module_counts(m: ModelConfig, tp: int, ep: int, sequence_parallel: bool) -> dict:
+    """Per top-level module of the model ("embed", "norm", "head", and each layer's index):
+    (dense, expert, partial-over-tp) parameter elements on one rank. Read from the model: it is
+    built on the meta device for a rank of a layout without process groups
+    (`ParallelMesh.planned`), and each parameter's `Sharding` says how its gradient is reduced.
+    What a rank holds depends on tp, ep and TP sequence parallel only, so one build serves every
+    layout and pipeline stage with those."""
+    key = (repr(m), tp, ep, bool(sequence_parallel))
+    if key not in _COUNTS:
+        _COUNTS[key] = _count(m, ParallelDims(tp=tp, dp=ep, ep=ep), sequence_parallel)
+    return _COUNTS[key]
+
+
+_COUNTS: dict = {}  # the layout search asks for the same few (tp, ep) for many layouts
+
+
+def _count(m: ModelConfig, dims: ParallelDims, sequence_parallel: bool) -> dict:
+    import torch
+
+    from longtrain.models.transformer import LongLM
+    from longtrain.parallel.mesh import ParallelMesh
+    from longtrain.parallel.sharding import sharding_of
+
+    with torch.device("meta"):
+        model = LongLM(m, ParallelMesh.planned(dims, sequence_parallel=sequence_parallel))
+    out = {k: [0, 0, 0] for k in ("embed", "norm", "head", *range(m.n_layers))}
+    for name, t in model.named_parameters(remove_duplicate=False):  # a tied head too, on its own
+        top, _, rest = name.partition(".")
+        key = int(rest.partition(".")[0]) if top == "layers" else top
+        s, n = sharding_of(t), t.numel()
+        out[key][0 if s.replicas == "dp_cp" else 1] += n
+        out[key][2] += n if s.partial_over_tp else 0
+    return out
 
 
 def pipeline_parts(cfg) -> list[tuple[tuple[int, ...], bool, bool]]:

@@ -7,6 +7,7 @@ import torch
 from longtrain.models.actquant import ActQuantConfig, SavedBytes, SiteQuantizer
 from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import build_model
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for
 from tests.test_model import CFG, make_batch, parallel_step, reference
 
@@ -24,7 +25,7 @@ def test_roundtrip_error(dtype, bound):
 
 
 def _step(cfg_kw, seed=0):
-    model = build_model(ModelConfig(**cfg_kw), None, seed=seed)
+    model = build_model(ModelConfig(**cfg_kw), ParallelMesh.single(), seed=seed)
     ids, labels, _ = make_batch(2, 64, 64, seed)
     out = model(ids, labels)
     loss = out.loss_sum / out.tokens
@@ -55,7 +56,7 @@ def _running_two_steps(degrees, cfg_kw, seed):
     the second uses the committed running scales; returns the second pass's loss and grads."""
     from tests.test_model import parallel_step as one
 
-    mesh = mesh_for(**degrees) if degrees else None
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
     model = build_model(ModelConfig(**cfg_kw), mesh, seed=seed)
     one(degrees, cfg_kw, 2, 64, seed + 1, model=model) if degrees else _one_process(model, seed + 1)
     model.end_step()

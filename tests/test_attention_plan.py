@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 
 from longtrain.models.config import ModelConfig
-from longtrain.models.transformer import build_model, global_loss
+from longtrain.models.loss import global_loss
+from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
-from longtrain.parallel.grads import full_tensor, sync_gradients
+from longtrain.parallel.grads import sync_gradients
+from longtrain.parallel.sharding import full_tensor
 from tests.dist import mesh_for
 from tests.test_model import CFG, compare, make_batch, reference
 
@@ -30,7 +32,7 @@ def model_step(degrees, cfg_kw, b, s, seed):
     loss.backward()
     calls = dict(mesh.stats.calls)
     sync_gradients(model.parameters(), mesh)
-    return calls, mean.item(), {n: full_tensor(p, p.grad) for n, p in model.named_parameters()}
+    return calls, mean.item(), {n: full_tensor(p, mesh, p.grad) for n, p in model.named_parameters()}
 
 
 # layout, model variant, doc-id gathers per forward (one per sequence-parallel axis)

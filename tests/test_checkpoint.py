@@ -8,6 +8,7 @@ from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
 from longtrain.checkpoint import store as ckpt
 from longtrain.train.trainer import Trainer
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for
 from tests.test_trainer import _cfg
 
@@ -20,9 +21,9 @@ def data_dir(tmp_path_factory):
 
 
 def _trainer(data_dir, degrees):
-    mesh = mesh_for(**degrees) if degrees else None
-    dp = 1 if mesh is None else mesh.size("dp")
-    rank = 0 if mesh is None else mesh.coord("dp")
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
+    dp = mesh.size("dp")
+    rank = mesh.coord("dp")
     loader = PackedLoader(data_dir, seq_len=64, batch_size=4 // dp, seed=3, dp_rank=rank, dp_size=dp)
     return Trainer(_cfg(steps=8), mesh, loader), mesh
 
@@ -62,7 +63,7 @@ def test_corrupt_latest_falls_back(data_dir, tmp_path):
     t, _ = _trainer(data_dir, None)
     for step in (1, 2, 3, 4):
         t.train_step()
-        ckpt.save(root, t.step, t.model, t.opt, None, {"step": t.step}, keep_last=3)
+        ckpt.save(root, t.step, t.model, t.opt, t.mesh, {"step": t.step}, keep_last=3)
     kept = sorted(p.name for p in root.iterdir())
     assert kept == ["step-00000002", "step-00000003", "step-00000004"]
     victim = next(f for f in (root / "step-00000004").iterdir() if f.suffix == ".distcp")
@@ -71,7 +72,7 @@ def test_corrupt_latest_falls_back(data_dir, tmp_path):
     notes = []
     assert ckpt.latest_valid(root, log=notes.append).name == "step-00000003"
     assert "truncated" in notes[0]
-    extra = ckpt.load(root / "step-00000003", t.model, t.opt, None)
+    extra = ckpt.load(root / "step-00000003", t.model, t.opt, t.mesh)
     assert extra["step"] == 3
 
 

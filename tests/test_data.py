@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from longtrain.data.loader import IGNORE, PackedLoader
+from longtrain.data.batch import IGNORE
+from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
 from longtrain.data.shards import DataError, open_dataset, stamp_path
 from longtrain.data.tokenizer import ByteTokenizer

@@ -15,6 +15,7 @@ from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import local
 from longtrain.parallel.attention.blocks import Kind
+from longtrain.parallel.mesh import ParallelMesh
 from tests.test_model import CFG, compare, make_batch, reference
 
 
@@ -75,7 +76,7 @@ def test_apex_rms_norm_matches_plain(monkeypatch, dtype):
 
 def _cuda_step(cfg_kw, b, s, seed, dtype):
     cfg = ModelConfig(**cfg_kw)
-    model = build_model(cfg, None, seed=seed, device="cuda", dtype=dtype)
+    model = build_model(cfg, ParallelMesh.single(), seed=seed, device="cuda", dtype=dtype)
     ids, labels, doc = (None if t is None else t.cuda() for t in make_batch(b, s, cfg.vocab_size, seed))
     out = model(ids, labels, doc)
     loss = out.loss_sum / out.tokens

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from longtrain.models.hf import UnsupportedModel, from_pretrained, save_pretrained  # noqa: E402
 from longtrain.models.hf.weights import hf_tensors  # noqa: E402
-from longtrain.models.transformer import IGNORE  # noqa: E402
+from longtrain.data.batch import IGNORE  # noqa: E402
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for  # noqa: E402
 
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -130,9 +131,10 @@ def test_gradients_equal_transformers(hf_models, name):
 
 def _parallel_logits(paths, degrees, ids, labels):
     """[(global mean loss, full logits)] of each HF model loaded on this rank's layout."""
-    from longtrain.models.transformer import global_loss
+    from longtrain.models.loss import global_loss
     from longtrain.parallel.attention import shard_sequence, unshard_sequence
     from longtrain.parallel.comm import all_gather_cat
+    from longtrain.parallel.tensor import enter_tp
 
     mesh = mesh_for(**degrees)
     local_ids, local_labels = (shard_sequence(t, mesh) for t in (ids, labels))
@@ -142,7 +144,7 @@ def _parallel_logits(paths, degrees, ids, labels):
         with torch.no_grad():
             _, mean = global_loss(model(local_ids, local_labels), mesh.group("dp_cp"))
             h, _ = model.hidden(local_ids)
-            logits = torch.nn.functional.linear(model.par.enter(h), model.head.weight)  # [b, s_local, V/tp]
+            logits = torch.nn.functional.linear(enter_tp(h, model.mesh), model.head.weight)  # [b, s_local, V/tp]
             out.append((mean.item(), unshard_sequence(all_gather_cat(logits, mesh.group("tp"), -1), mesh)))
     return out
 
@@ -287,8 +289,8 @@ def test_train_from_hf_extend_and_export(tmp_path):
                 "--max-position-embeddings", "128"]) == 0
     assert read_config(tmp_path / "out")[0].rope_scaling == cfg.model.rope_scaling
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
-    ours = build_model(cfg.model, None)
-    ckpt.load(ckpt.find(tmp_path / "run" / "checkpoints"), ours, None, None)
+    ours = build_model(cfg.model, ParallelMesh.single())
+    ckpt.load(ckpt.find(tmp_path / "run" / "checkpoints"), ours, None, ours.mesh)
     ids, labels = batch(4)
     ids = ids.clamp(max=255)
     labels = labels.clamp(max=255).masked_fill(labels < 0, IGNORE)
@@ -339,7 +341,7 @@ def test_a_pipeline_stage_checks_the_whole_folder(hf_models, tmp_path, name):
     hf, path = hf_models[name]
     cfg = read_config(path)[0]
     for part in (Part(layers=(0,), first=True, last=False), Part(layers=(1,), first=False, last=True)):
-        stage = build_model(cfg, None, part=part)
+        stage = build_model(cfg, ParallelMesh.single(), part=part)
         load_weights(stage, path)
         whole = dict(hf.named_parameters())
         mine = dict(stage.named_parameters())
@@ -350,4 +352,4 @@ def test_a_pipeline_stage_checks_the_whole_folder(hf_models, tmp_path, name):
     tensors = load_file(bad / "model.safetensors")
     save_file({**tensors, "model.layers.7.mlp.up_proj.weight": torch.zeros(2)}, bad / "model.safetensors")
     with pytest.raises(UnsupportedModel, match="model.layers.7.mlp.up_proj.weight"):
-        load_weights(build_model(cfg, None, part=Part(layers=(0,), first=True, last=False)), str(bad))
+        load_weights(build_model(cfg, ParallelMesh.single(), part=Part(layers=(0,), first=True, last=False)), str(bad))

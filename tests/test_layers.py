@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = {"files": set(), "parallel": {"files"}, "data": {"files"}, "models": {"parallel", "files"}}
+BASE = {"files": set(), "parallel": {"files"}, "data": {"files"}, "models": {"parallel", "files", "data"}}
 BASE["config"] = {"models", "data"} | BASE["models"]
 BASE["checkpoint"] = {"models"} | BASE["models"]
 BASE["planner"] = {"config"} | BASE["config"]

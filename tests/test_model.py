@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from longtrain.models.config import ModelConfig
-from longtrain.models.transformer import IGNORE, build_model, global_loss
+from longtrain.data.batch import IGNORE
+from longtrain.models.loss import global_loss
+from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
-from longtrain.parallel.grads import full_tensor, sync_gradients
+from longtrain.parallel.grads import sync_gradients
+from longtrain.parallel.sharding import full_tensor
 from longtrain.parallel.sharding import Sharding, shard
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for
 
 CFG = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, loss_chunk=24)
@@ -27,7 +31,7 @@ def make_batch(b, s, vocab, seed, docs=False):
 
 def reference(cfg_kw, b, s, seed, docs=False):
     cfg = ModelConfig(**cfg_kw)
-    model = build_model(cfg, None, seed=seed)
+    model = build_model(cfg, ParallelMesh.single(), seed=seed)
     ids, labels, doc = make_batch(b, s, cfg.vocab_size, seed, docs)
     out = model(ids, labels, doc)
     loss = out.loss_sum / out.tokens
@@ -38,7 +42,7 @@ def reference(cfg_kw, b, s, seed, docs=False):
 def parallel_step(degrees, cfg_kw, b, s, seed, docs=False, sequence_parallel=True, model=None):
     mesh = mesh_for(**degrees)
     cfg = ModelConfig(**cfg_kw)
-    model = model or build_model(cfg, mesh, seed=seed, sequence_parallel=sequence_parallel)
+    model = model or build_model(cfg, mesh.with_sequence_parallel(sequence_parallel), seed=seed)
     ids, labels, doc = make_batch(b, s, cfg.vocab_size, seed, docs)
     dp, dpr = mesh.size("dp"), mesh.coord("dp")
     rows = slice(dpr * b // dp, (dpr + 1) * b // dp)  # data parallel: a slice of the batch
@@ -48,7 +52,7 @@ def parallel_step(degrees, cfg_kw, b, s, seed, docs=False, sequence_parallel=Tru
     loss, mean = global_loss(out, mesh.group("dp_cp"))
     loss.backward()
     sync_gradients(model.parameters(), mesh)
-    return mean.item(), {n: full_tensor(p, p.grad) for n, p in model.named_parameters()}
+    return mean.item(), {n: full_tensor(p, mesh, p.grad) for n, p in model.named_parameters()}
 
 
 def compare(results, ref, tol=1e-5):
@@ -113,7 +117,7 @@ def test_packed_documents_mqa_hybrid(pool4):
 
 def test_same_weights_on_every_layout(pool4):
     """Initialization depends only on the seed: gathered shards equal the one-process model."""
-    ref = build_model(ModelConfig(**CFG), None, seed=5)
+    ref = build_model(ModelConfig(**CFG), ParallelMesh.single(), seed=5)
     got = pool4.run(_gathered_weights, dict(tp=2, cp_ring=2), 5)
     for weights in got:
         for n, p in ref.named_parameters():
@@ -123,7 +127,7 @@ def test_same_weights_on_every_layout(pool4):
 def _gathered_weights(degrees, seed):
     mesh = mesh_for(**degrees)
     model = build_model(ModelConfig(**CFG), mesh, seed=seed)
-    return {n: full_tensor(p) for n, p in model.named_parameters()}
+    return {n: full_tensor(p, model.mesh) for n, p in model.named_parameters()}
 
 
 def test_config_errors():
@@ -151,7 +155,7 @@ def test_moh_reports_heads_and_balances():
     from longtrain.models.moh import HeadRouter, MoHConfig
 
     torch.manual_seed(0)
-    router = HeadRouter(16, 8, MoHConfig(shared_heads=2, top_k=3))
+    router = HeadRouter(16, 8, MoHConfig(shared_heads=2, top_k=3), ParallelMesh.single())
     for p in router.parameters():
         torch.nn.init.normal_(p, std=0.5)
     gates, aux = router(torch.randn(2, 32, 16))
@@ -190,7 +194,7 @@ def test_global_grad_norm_matches_one_process(pool4, degrees, cfg):
 def _moe_bias_forward(degrees):
     """Build through build_model (the trainer's path) with an expert-bias MoE and run a step."""
     cfg = dict(CFG, moe=dict(num_experts=4, top_k=2, expert_bias=True))
-    mesh = mesh_for(**degrees) if degrees else None
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
     model = build_model(ModelConfig(**cfg), mesh, seed=0)
     assert not any(b.is_meta for b in model.buffers())
     if degrees:
@@ -207,7 +211,7 @@ def test_buffers_materialized_on_every_layout(pool4):
     for loss in pool4.run(_moe_bias_forward, dict(dp=2, tp=2, ep=2)):
         assert loss == pytest.approx(want, rel=1e-5)
     with torch.device("meta"):
-        model = LongLM(ModelConfig(**CFG))
+        model = LongLM(ModelConfig(**CFG), ParallelMesh.single())
     model.layers[0].register_buffer("later", torch.empty(3, device="meta"))
     ones = torch.empty(2, device="meta")
     shard(ones, Sharding(full_shape=(2,), init="ones"))
@@ -224,7 +228,7 @@ MAS_LW = dict(CFG, n_layers=3, layer_windows=(0, 9, 20))
 def test_layer_patterns_take_effect():
     """Each layer attends with its own window: the pattern differs from every uniform choice."""
     assert ModelConfig(**MAS).windows == (12, None, 12) and ModelConfig(**MAS_LW).windows == (None, 9, 20)
-    model = build_model(ModelConfig(**MAS), None, seed=0)
+    model = build_model(ModelConfig(**MAS), ParallelMesh.single(), seed=0)
     assert [blk.attn.window for blk in model.layers] == [12, None, 12]
     losses = {reference(cfg, 2, 64, 0)[0] for cfg in (MAS, dict(CFG, n_layers=3, window=12), dict(CFG, n_layers=3))}
     assert len(losses) == 3

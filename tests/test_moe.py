@@ -8,6 +8,7 @@ import torch
 
 from longtrain.models.config import ModelConfig
 from longtrain.models.moe import MoEConfig, MoELayer, apply_capacity
+from longtrain.parallel.mesh import ParallelMesh
 from tests.test_model import CFG, compare, parallel_step, reference
 
 MOE = dict(num_experts=4, top_k=2)
@@ -50,16 +51,15 @@ def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_fac
     `force_first_rank`: the router bias sends every token to experts 0 and 1, so the second
     EP rank of each group receives no token at all."""
     from longtrain.parallel.comm import all_reduce, group_rank, group_size
-    from longtrain.parallel.grads import full_tensor, sync_gradients
+    from longtrain.parallel.grads import sync_gradients
+    from longtrain.parallel.sharding import full_tensor
     from longtrain.parallel.sharding import sharding_of
     from tests.dist import mesh_for
 
-    mesh = None if degrees is None else mesh_for(**degrees)
+    mesh = ParallelMesh.single() if degrees is None else mesh_for(**degrees)
     cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True, capacity_factor=capacity_factor,
                     **({} if capacity_factor is None else dict(aux_loss_coef=0.0, z_loss_coef=0.0)))
-    layer = MoELayer(16, 24, cfg, ep_group=None if mesh is None else mesh.group("ep"),
-                     token_group=None if mesh is None else mesh.group("dp_cp"),
-                     stats=None if mesh is None else mesh.stats)  # as in the model: counting an idle rank's bytes
+    layer = MoELayer(16, 24, cfg, mesh.with_sequence_parallel(False))  # tokens: dp x cp, as the model without TP-SP
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
@@ -68,7 +68,7 @@ def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_fac
         if force_first_rank:
             layer.router.bias.copy_(torch.tensor([50.0, 50.0, -50.0, -50.0]))
     x = torch.randn(4, 8, 16, generator=g)
-    tokens = None if mesh is None else mesh.group("dp_cp")
+    tokens = mesh.group("dp_cp")
     n, r = group_size(tokens), group_rank(tokens)
     x = x.chunk(n)[r].clone().requires_grad_()  # [4/n, 8, 16]: this rank's batch rows
     loss, outs, dropped = torch.zeros(()), [], 0
@@ -78,10 +78,9 @@ def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_fac
         part_loss.backward()
         loss, dropped = loss + part_loss.detach(), dropped + layer.last.dropped
         outs.append(out.detach())
-    if mesh is not None:
-        sync_gradients(layer.parameters(), mesh)
-        loss = all_reduce(loss, tokens)
-    grads = {name: full_tensor(p, p.grad) for name, p in layer.named_parameters()}
+    sync_gradients(layer.parameters(), mesh)
+    loss = all_reduce(loss, tokens)
+    grads = {name: full_tensor(p, mesh, p.grad) for name, p in layer.named_parameters()}
     return loss.item(), grads, torch.cat(outs), x.grad, r * x.shape[0], layer.last.load, dropped
 
 
@@ -134,7 +133,7 @@ def test_capacity_drops_are_counted():
     assert dropped == 2
     assert kept.tolist() == [[0, 1], [0, 2], [-1, 1], [-1, 3]]
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5)
-    layer = MoELayer(8, 16, cfg)
+    layer = MoELayer(8, 16, cfg, ParallelMesh.single())
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     out, _ = layer(torch.randn(1, 32, 8))
@@ -146,7 +145,7 @@ def test_aux_and_z_loss_match_megatron():
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, aux_loss_coef=1.0, z_loss_coef=1.0)
-    layer = MoELayer(16, 32, cfg)
+    layer = MoELayer(16, 32, cfg, ParallelMesh.single())
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(64, 16)
@@ -161,7 +160,7 @@ def _train_router(aux_coef: float, steps: int = 150) -> float:
     """Toy task with skewed inputs; returns max/mean expert load at the end."""
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=1, aux_loss_coef=aux_coef, z_loss_coef=0.0)
-    layer = MoELayer(16, 32, cfg)
+    layer = MoELayer(16, 32, cfg, ParallelMesh.single())
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.2)
     with torch.no_grad():
@@ -197,7 +196,7 @@ def test_invalid_moe_configs():
 
 def test_expert_bias_update_and_sigmoid_weights():
     cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True, bias_update_rate=0.1, score="sigmoid")
-    layer = MoELayer(8, 16, cfg)
+    layer = MoELayer(8, 16, cfg, ParallelMesh.single())
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     idx, w, scores, _ = layer.router(torch.randn(10, 8))

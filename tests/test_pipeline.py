@@ -10,8 +10,9 @@ from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
 from longtrain.checkpoint import store as ckpt
 from longtrain.train.trainer import Trainer
-from longtrain.parallel.grads import full_tensor
+from longtrain.parallel.sharding import full_tensor
 from longtrain.parallel.pipeline import split_layers
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for
 from tests.test_trainer import _cfg
 
@@ -33,13 +34,13 @@ def _train(data_dir, degrees, cfg_kw, steps, batch=4, root=None, save_at=None, r
     With `root`: save at step `save_at`, or first resume from its newest checkpoint."""
     from longtrain.train.run import evaluate, held_out_loader
 
-    mesh = mesh_for(**degrees) if degrees else None
-    dp = 1 if mesh is None else mesh.size("dp")
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
+    dp = mesh.size("dp")
     accum = cfg_kw.get("grad_accum", 1)
     kw = dict(cfg_kw, optim={"lr": 3e-3, "warmup_steps": 2, "grad_clip": 0.0, **cfg_kw.get("optim", {})},
               data={"seq_len": 64}, parallel=degrees or {})
     cfg = _cfg(steps=8, **kw)
-    rank = 0 if mesh is None else mesh.coord("dp")
+    rank = mesh.coord("dp")
     loader = PackedLoader(data_dir, seq_len=64, batch_size=batch // dp // accum, seed=3, dp_rank=rank, dp_size=dp,
                           accum=accum)
     t = Trainer(cfg, mesh, loader)
@@ -53,7 +54,7 @@ def _train(data_dir, degrees, cfg_kw, steps, batch=4, root=None, save_at=None, r
     def capture(*args):
         if not grads:
             reduced = args[0] if args else {p: p.grad for p in t.model.parameters()}
-            grads.update({n: full_tensor(p, _whole(t.opt, p, reduced[p])).clone() for n, p in t.model.named_parameters()
+            grads.update({n: full_tensor(p, t.mesh, _whole(t.opt, p, reduced[p])).clone() for n, p in t.model.named_parameters()
                           if reduced.get(p) is not None})
         return step(*args)
 
@@ -81,7 +82,7 @@ def _whole(opt, p, g):
     from longtrain.parallel.comm import all_gather_cat
 
     out = torch.empty(z.shape, dtype=g.dtype)
-    z.unpack_all(all_gather_cat(z.pack_mine(g), z.group, 0).view(z.parts, -1), out)
+    z.unpack_all(all_gather_cat(z.pack_mine(g), opt.mesh.group(z.axis), 0).view(z.parts, -1), out)
     return out
 
 

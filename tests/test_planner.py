@@ -10,12 +10,14 @@ import torch
 
 from longtrain.config.train import DataConfig, TrainConfig
 from longtrain.models.config import ModelConfig
-from longtrain.models.transformer import IGNORE, build_model
+from longtrain.data.batch import IGNORE
+from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
 from longtrain.parallel.grads import sync_gradients
 from longtrain.parallel.mesh import ParallelDims
 from longtrain.planner.comm import step_bytes
 from longtrain.planner.shapes import param_counts
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for
 
 BASE = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, loss_chunk=40)
@@ -33,7 +35,7 @@ def measured_step(degrees: dict, model: dict, seq: int, batch: int, sp: bool):
     """One trainer-like micro-batch + gradient sync: (CommStats bytes per kind, local params)."""
     cfg = _cfg(degrees, model, seq, batch, sp)
     mesh = mesh_for(**degrees)
-    net = build_model(cfg.model, mesh, seed=0, sequence_parallel=sp)
+    net = build_model(cfg.model, mesh.with_sequence_parallel(sp), seed=0)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
     labels = torch.roll(ids, -1, 1)
@@ -76,7 +78,7 @@ def test_bytes_and_params_match_a_real_step(pool4, name):
 
 def _saved_by_autograd(cfg: TrainConfig) -> int:
     """Bytes of the distinct storages autograd keeps for backward in one forward (one process)."""
-    model = build_model(cfg.model, None, seed=0)
+    model = build_model(cfg.model, ParallelMesh.single(), seed=0)
     b, s = cfg.data.batch_size, cfg.data.seq_len
     ids = torch.randint(0, cfg.model.vocab_size, (b, s))
     doc = (torch.arange(s) // 100).expand(b, s)
@@ -122,7 +124,7 @@ def test_plan_bounds_the_live_tensors_of_a_step(model):
     from longtrain.planner.trace import LiveBytes
 
     cfg = _cfg({}, dict(BASE, dim=64, n_heads=4, n_kv_heads=2, loss_chunk=1024, mlp_chunk=1024, **model), 4096, 1)
-    net = build_model(cfg.model, None)
+    net = build_model(cfg.model, ParallelMesh.single())
     ids = torch.randint(0, cfg.model.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0))
     with LiveBytes() as live:
         out = net(ids, torch.roll(ids, -1, 1))
@@ -139,7 +141,7 @@ def test_model_flops_match_flop_counter():
     from longtrain.planner.flops import kept_pairs, step_flops
 
     cfg = _cfg({}, dict(BASE, loss_chunk=64), 128, 2)
-    model = build_model(cfg.model, None, seed=0)
+    model = build_model(cfg.model, ParallelMesh.single(), seed=0)
     ids = torch.randint(0, 64, (2, 128))
     with FlopCounterMode(display=False) as counter:
         out = model(ids, torch.roll(ids, -1, 1))

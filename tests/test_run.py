@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch

@@ -13,6 +13,7 @@ from longtrain.train.trainer import NonFiniteLoss, Trainer, lr_at
 from longtrain.config.train import TrainConfig
 from longtrain.config.loading import build
 from longtrain.data.loader import PackedLoader
+from longtrain.parallel.mesh import ParallelMesh
 from tests.dist import mesh_for
 
 MODEL = dict(vocab_size=258 + 62, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96)
@@ -34,9 +35,9 @@ def _cfg(**kw) -> TrainConfig:
 
 def _run(data_dir, degrees, cfg_kw, batch, steps):
     cfg = _cfg(**cfg_kw)
-    mesh = mesh_for(**degrees) if degrees else None
-    dp = 1 if mesh is None else mesh.size("dp")
-    rank = 0 if mesh is None else mesh.coord("dp")
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
+    dp = mesh.size("dp")
+    rank = mesh.coord("dp")
     loader = PackedLoader(data_dir, seq_len=64, batch_size=batch, seed=3, dp_rank=rank, dp_size=dp)
     trainer = Trainer(cfg, mesh, loader)
     return [trainer.train_step().loss for _ in range(steps)]
@@ -65,7 +66,7 @@ def test_schedule():
 
 def test_nan_policy(data_dir):
     cfg = _cfg(nan_policy="skip", max_nan_skips=1)
-    trainer = Trainer(cfg, None, PackedLoader(data_dir, seq_len=64, batch_size=2))
+    trainer = Trainer(cfg, ParallelMesh.single(), PackedLoader(data_dir, seq_len=64, batch_size=2))
     with torch.no_grad():
         trainer.model.embed.weight[:, 0] = math.nan
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -73,7 +74,7 @@ def test_nan_policy(data_dir):
     assert all(torch.allclose(a, b, equal_nan=True) for a, b in zip(before, trainer.model.parameters()))
     with pytest.raises(NonFiniteLoss, match="max_nan_skips=1"):
         trainer.train_step()
-    strict = Trainer(_cfg(), None, PackedLoader(data_dir, seq_len=64, batch_size=2))
+    strict = Trainer(_cfg(), ParallelMesh.single(), PackedLoader(data_dir, seq_len=64, batch_size=2))
     with torch.no_grad():
         strict.model.norm.weight.fill_(math.nan)
     with pytest.raises(NonFiniteLoss, match="non-finite"):
@@ -84,7 +85,7 @@ def _bf16_run(data_dir, degrees):
     """Losses of 3 bf16-autocast steps, and the dtypes of parameters and AdamW moments."""
     losses = _run(data_dir, degrees, {"precision": "bf16"}, 2, 3)
     cfg = _cfg(precision="bf16")
-    mesh = mesh_for(**degrees) if degrees else None
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
     trainer = Trainer(cfg, mesh, PackedLoader(data_dir, seq_len=64, batch_size=2, seed=3))
     trainer.train_step()
     dtypes = {p.dtype for p in trainer.model.parameters()}
@@ -114,9 +115,9 @@ NO_AUX = dict(MODEL, moe=dict(MOE_BIAS["moe"], aux_loss_coef=0.0, z_loss_coef=0.
 def _bias_run(data_dir, degrees, grad_accum, batch, model=MOE_BIAS, steps=3):
     """Router biases after `steps` steps (MoE with aux-loss-free balancing)."""
     cfg = _cfg(model=model, grad_accum=grad_accum)
-    mesh = mesh_for(**degrees) if degrees else None
-    dp = 1 if mesh is None else mesh.size("dp")
-    rank = 0 if mesh is None else mesh.coord("dp")
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
+    dp = mesh.size("dp")
+    rank = mesh.coord("dp")
     trainer = Trainer(cfg, mesh, PackedLoader(data_dir, seq_len=64, batch_size=batch, seed=3, dp_rank=rank, dp_size=dp))
     for _ in range(steps):
         trainer.train_step()

@@ -11,8 +11,8 @@ from longtrain.data.prepare import prepare
 from longtrain.checkpoint import store as ckpt
 from longtrain.train.trainer import Trainer
 from longtrain.parallel.sharding import local
-from longtrain.parallel.grads import full_tensor
-from longtrain.parallel.mesh import ParallelDims
+from longtrain.parallel.sharding import full_tensor
+from longtrain.parallel.mesh import ParallelDims, ParallelMesh
 from longtrain.parallel.sharding import ZeroSlice
 from tests.dist import mesh_for
 from tests.test_trainer import _cfg
@@ -34,7 +34,7 @@ def test_zero_slice_pack_roundtrip(shape, parts):
     t = torch.randn(shape)
     rows = None
     for r in range(parts):
-        z = ZeroSlice(shape, _dim(shape, parts), parts, r, None)
+        z = ZeroSlice(shape, _dim(shape, parts), parts, r, "dp_cp")
         packed = z.pack(t)
         assert packed.shape == (parts, z.packed)
         mine = z.unpack_mine(packed[r])
@@ -58,7 +58,7 @@ def _model_params() -> dict:
     from tests.test_trainer import MODEL
 
     with torch.device("meta"):
-        return dict(LongLM(ModelConfig(**MODEL)).named_parameters())
+        return dict(LongLM(ModelConfig(**MODEL), ParallelMesh.single()).named_parameters())
 
 
 def test_device_grid_matches_the_groups():
@@ -74,9 +74,9 @@ def test_device_grid_matches_the_groups():
 
 def _train(data_dir, degrees, cfg_kw, steps, root=None, save_at=None, resume=False):
     """(losses, full parameters, optimizer state bytes on this rank)."""
-    mesh = mesh_for(**degrees) if degrees else None
-    dp = 1 if mesh is None else mesh.size("dp")
-    rank = 0 if mesh is None else mesh.coord("dp")
+    mesh = mesh_for(**degrees) if degrees else ParallelMesh.single()
+    dp = mesh.size("dp")
+    rank = mesh.coord("dp")
     loader = PackedLoader(data_dir, seq_len=64, batch_size=4 // dp, seed=3, dp_rank=rank, dp_size=dp)
     t = Trainer(_cfg(steps=8, **cfg_kw), mesh, loader)
     if resume:
@@ -88,7 +88,7 @@ def _train(data_dir, degrees, cfg_kw, steps, root=None, save_at=None, resume=Fal
         losses.append(t.train_step().loss)
         if t.step == save_at:
             ckpt.save(root, t.step, t.model, t.opt, mesh, {"step": t.step, "loader": t.loader.state_dict()})
-    params = {n: full_tensor(p) for n, p in t.model.named_parameters()}
+    params = {n: full_tensor(p, t.mesh) for n, p in t.model.named_parameters()}
     state = sum(local(v).numel() * v.element_size() for st in t.opt.state.values() for v in st.values()
                 if torch.is_tensor(v) and v.dim())
     held = sum(local(p).numel() * p.element_size() for p in t.model.parameters())

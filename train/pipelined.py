@@ -70,7 +70,7 @@ class Pipelined:
     def _stream(self, b: int, s: int) -> torch.Tensor:
         """An empty residual stream between stages for micro-batches of ids [b, s_local]:
         [b, s_local (/tp under TP sequence parallel), dim]."""
-        tp_split = self.mesh.size("tp") if self.model.par.sequence_parallel else 1
+        tp_split = self.mesh.size("tp") if self.mesh.sequence_parallel else 1
         return torch.empty(b, s // tp_split, self.cfg.model.dim, device=self.device)
 
     @property

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from longtrain.parallel.mesh import build_mesh
+from longtrain.parallel.mesh import ParallelMesh, build_mesh
 
 from longtrain.checkpoint import store as ckpt
 from longtrain.checkpoint import identity
@@ -32,8 +34,7 @@ HELD_OUT_SEED = 10_000  # offset of the held-out stream's seed from the training
 def make_loader(cfg: TrainConfig, mesh, seed_offset: int = 0, path: str | None = None, accum: int | None = None):
     """This rank's data: `accum` micro-batches per step (default: the training step's grad_accum)."""
     accum = cfg.grad_accum if accum is None else accum
-    dp = 1 if mesh is None else mesh.size("dp")
-    rank = 0 if mesh is None else mesh.coord("dp")
+    dp, rank = mesh.size("dp"), mesh.coord("dp")
     d = cfg.data
     if d.source == "passkey":
         from longtrain.data.passkey import PasskeyTask
@@ -65,14 +66,12 @@ def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> d
         b = trainer.local_batch(loader.next_batch())
         loss, labeled, correct = trainer.eval_counts(b)
         per_seq = torch.stack([labeled, correct]).double().cpu()
-        if mesh is not None:  # whole sequences: add up the sequence-parallel slices
-            per_seq = all_reduce(per_seq, mesh.group("cp"))
+        per_seq = all_reduce(per_seq, mesh.group("cp"))  # whole sequences: add up the sequence-parallel slices
         whole = ((per_seq[1] == per_seq[0]) & (per_seq[0] > 0)).sum()
         total += torch.stack([loss.double().cpu(), per_seq[0].sum(), per_seq[1].sum(),
                               torch.tensor(float(per_seq.shape[1]), dtype=torch.float64), whole.double()])
-    if mesh is not None:  # loss sums are per cp slice; sequence counts are already whole
-        total[:1] = all_reduce(total[:1].clone(), mesh.group("cp"))
-        total = all_reduce(total, mesh.group("dp"))
+    total[:1] = all_reduce(total[:1].clone(), mesh.group("cp"))  # loss sums are per cp slice; counts are whole
+    total = all_reduce(total, mesh.group("dp"))
     model.train()
     loss = (total[0] / total[1].clamp(min=1)).item()
     row = {"eval_loss": loss, "eval_bpb": loss / math.log(2), "eval_acc": (total[2] / total[1].clamp(min=1)).item()}
@@ -134,13 +133,14 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
 
 
 def _setup(cfg: TrainConfig):
-    """(device, mesh or None, trainer, checkpoint root) of this rank."""
+    """(device, the layout, trainer, checkpoint root) of this rank (one process: `ParallelMesh.single`)."""
     import torch.distributed as dist
 
     device = local_device(job_device_type(cfg.device))
     if device.type == "cpu":
         map_large_blocks(cfg.host_mmap_mib)  # the resident set follows the live tensors
-    mesh = build_mesh(cfg.parallel, device_type=device.type) if dist.is_initialized() else None
+    mesh = build_mesh(cfg.parallel, device_type=device.type, sequence_parallel=cfg.sequence_parallel) \
+        if dist.is_initialized() else ParallelMesh.single(device.type)
     trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
     return device, mesh, trainer, Path(cfg.checkpoint_root)
 
@@ -194,8 +194,7 @@ def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
 
     mine = torch.tensor([[peak_memory_mib(device), stop.signum if stop else 0, save_estimate_s,
                           float(stop.grow) if stop else 0.0]], dtype=torch.float64, device=device)
-    if mesh is not None:
-        mine = all_gather_cat(mine, mesh.group("world"), dim=0)
+    mine = all_gather_cat(mine, mesh.group("world"), dim=0)
     mine = mine.cpu()
     return ([round(float(p), 1) for p in mine[:, 0]], int(mine[:, 1].max()), float(mine[:, 2].max()),
             bool(mine[:, 3].max() > 0))
@@ -203,8 +202,6 @@ def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
 
 def _sent(mesh) -> dict[str, int]:
     """Bytes this rank sent per collective kind since the last call (`CommStats`), then reset."""
-    if mesh is None:
-        return {}
     sent = {k: v["bytes"] for k, v in mesh.stats.snapshot().items()}
     mesh.stats.reset()
     return sent
@@ -233,80 +230,127 @@ def train_rank(cfg: TrainConfig, log=print, stop_at: int | None = None,
     rank stops after the same step, with a checkpoint if one fits in `checkpoint.stop_grace_s`,
     and `stop.agreed` says which signal it was; when any rank was asked to grow (`stop.grow`,
     by an elastic launcher), every rank stops after the next checkpoint, with `stop.agreed` GROW."""
+    run = _start_rank(cfg, log, stop)
+    try:
+        while run.trainer.step < min(cfg.steps, stop_at or cfg.steps):
+            if not _step(run):
+                break
+        _saved(cfg, run.saver, run.root, run.say)  # the last save commits before the run ends
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()  # draws the final loss curve
+    return run.rows
+
+
+@dataclass(kw_only=True)
+class _RankRun:
+    """One rank's run under way: what every step uses, set up once by `_start_rank`."""
+
+    cfg: TrainConfig
+    device: torch.device
+    mesh: ParallelMesh
+    trainer: Trainer
+    root: Path  # this run's checkpoints
+    saver: ckpt.Saver
+    log: Callable[[str], None]
+    say: Callable[[str], None]  # `log` on rank 0, silent elsewhere
+    rank0: bool
+    metrics: object | None  # rank 0's MetricsLog
+    stop: StopRequest | None
+    save_s: float | None = None  # seconds a save takes on this rank (a guess until one is measured)
+    rows: list[dict] = field(default_factory=list)  # rank 0's metric rows
+
+
+def _start_rank(cfg: TrainConfig, log, stop: StopRequest | None) -> _RankRun:
+    """Set up this rank (mesh, data, trainer, checkpoint writer, metrics) and resume or initialize."""
     from longtrain.train.metrics import MetricsLog
 
     device, mesh, trainer, root = _setup(cfg)
-    rank0 = mesh is None or mesh.rank == 0
+    rank0 = mesh.rank == 0
     say = log if rank0 else (lambda *_: None)
     saver = _saver(cfg)
     _resume_or_init(cfg, trainer, root, say)
-    passkey = cfg.data.source == "passkey"
-    rows = []
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
-    save_s = None  # seconds a save takes on this rank (a guess until one is measured)
     if stop is not None:
         stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
     _sent(mesh)  # set-up and resume are not the first step's
+    return _RankRun(cfg=cfg, device=device, mesh=mesh, trainer=trainer, root=root, saver=saver, log=log, say=say,
+                    rank0=rank0, metrics=metrics, stop=stop)
+
+
+def _step(run: _RankRun) -> bool:
+    """One training step with its evaluation, checkpoint and metrics; False when the run ends
+    here (a non-finite loss under nan_policy "stop", a stop every rank agreed on, or growing)."""
+    cfg, trainer, stop = run.cfg, run.trainer, run.stop
     try:
-        while trainer.step < min(cfg.steps, stop_at or cfg.steps):
-            try:
-                r = trainer.train_step()
-            except NonFiniteLoss as e:
-                if cfg.nan_policy != "stop":
-                    raise
-                # the weights are still the last good ones (the step was not applied): keep
-                # them, with the loader past the offending batch, and end the run cleanly
-                path = _save(cfg, trainer, saver, root, say, wait=True)
-                say(f"stopped: {e}; the last good state is saved in {path}")
-                break
-            sent = _sent(mesh)  # this step's collectives (rank 0's count), before peaks adds its own
-            if save_s is None:  # before a save was measured: a guess from the state's size (its moments exist now)
-                save_s = first_save_estimate(_state_bytes(trainer))
-            peaks, stopping, save_estimate, growing = rank_peaks(device, mesh, stop, save_s)
-            row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
-                   "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
-                   "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
-                   "optim_state_mib": _optim_bytes(trainer) / 2**20,
-                   "skipped": r.skipped, "time": time.time()}
-            evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0 and not stopping
-            if evaluated:
-                row.update(evaluate(trainer, held_out_loader(cfg, mesh), cfg.eval_batches, passkey))
-            saved = cfg.checkpoint.every and (trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.steps)
-            if stopping and not saved:  # the same decision on every rank: the estimate is the ranks' maximum
-                saved = save_on_stop(save_estimate, cfg.checkpoint.stop_grace_s)
-                if not saved:
-                    say(f"{signal_name(stopping)}: not saving step {trainer.step}: a save is expected to take "
-                        f"{save_estimate:.0f} s, more than checkpoint.stop_grace_s = {cfg.checkpoint.stop_grace_s:g}")
-            if saved:
-                t0 = time.perf_counter()
-                _save(cfg, trainer, saver, root, say, wait=bool(stopping))
-                row["save_pause_s"] = time.perf_counter() - t0  # what training waited (staging, or all of it)
-                save_s = saver.seconds or save_s  # the last save that finished (start to commit)
-            _sent(mesh)  # evaluation and saving are not the step's
-            if rank0:
-                rows.append(row)
-                metrics.write(row)
-                if evaluated or saved:
-                    metrics.plot()
-                if cfg.log_every and trainer.step % cfg.log_every == 0:
-                    extra = "".join(f" {k} {row[k]:.4f}" for k in ("eval_loss", "eval_acc", "eval_key_acc") if k in row)
-                    log(f"step {row['step']:>6} loss {r.loss:.4f} grad {r.grad_norm:.3f} lr {r.lr:.2e} "
-                        f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}")
-            if stop is not None:
-                stop.progress(trainer.step)
-            if stopping:
-                if stop is not None:
-                    stop.agreed = stopping
-                break
-            if growing and saved and trainer.step < cfg.steps:  # the launcher restarts on more ranks from here
-                stop.agreed = GROW
-                say(f"stopping after the checkpoint of step {trainer.step}: the job grows back to its full layout")
-                break
-        _saved(cfg, saver, root, say)  # the last save commits before the run ends
-    finally:
-        if metrics is not None:
-            metrics.close()  # draws the final loss curve
-    return rows
+        r = trainer.train_step()
+    except NonFiniteLoss as e:
+        if cfg.nan_policy != "stop":
+            raise
+        # the weights are still the last good ones (the step was not applied): keep
+        # them, with the loader past the offending batch, and end the run cleanly
+        path = _save(cfg, trainer, run.saver, run.root, run.say, wait=True)
+        run.say(f"stopped: {e}; the last good state is saved in {path}")
+        return False
+    sent = _sent(run.mesh)  # this step's collectives (rank 0's count), before peaks adds its own
+    if run.save_s is None:  # before a save was measured: a guess from the state's size (its moments exist now)
+        run.save_s = first_save_estimate(_state_bytes(trainer))
+    peaks, stopping, save_estimate, growing = rank_peaks(run.device, run.mesh, stop, run.save_s)
+    row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
+           "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
+           "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
+           "optim_state_mib": _optim_bytes(trainer) / 2**20,
+           "skipped": r.skipped, "time": time.time()}
+    evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0 and not stopping
+    if evaluated:
+        row.update(evaluate(trainer, held_out_loader(cfg, run.mesh), cfg.eval_batches, cfg.data.source == "passkey"))
+    saved = _checkpoint(run, row, stopping, save_estimate)
+    _sent(run.mesh)  # evaluation and saving are not the step's
+    if run.rank0:
+        _report(run, row, plot=bool(evaluated or saved))
+    if stop is not None:
+        stop.progress(trainer.step)
+    if stopping:
+        if stop is not None:
+            stop.agreed = stopping
+        return False
+    if growing and saved and trainer.step < cfg.steps:  # the launcher restarts on more ranks from here
+        stop.agreed = GROW
+        run.say(f"stopping after the checkpoint of step {trainer.step}: the job grows back to its full layout")
+        return False
+    return True
+
+
+def _checkpoint(run: _RankRun, row: dict, stopping: int, save_estimate: float) -> bool:
+    """Save after this step if it is due, or if the run stops and a save fits the grace period
+    (the same decision on every rank: the estimate is the ranks' maximum); True if it saved."""
+    cfg, trainer = run.cfg, run.trainer
+    saved = cfg.checkpoint.every and (trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.steps)
+    if stopping and not saved:
+        saved = save_on_stop(save_estimate, cfg.checkpoint.stop_grace_s)
+        if not saved:
+            run.say(f"{signal_name(stopping)}: not saving step {trainer.step}: a save is expected to take "
+                    f"{save_estimate:.0f} s, more than checkpoint.stop_grace_s = {cfg.checkpoint.stop_grace_s:g}")
+    if saved:
+        t0 = time.perf_counter()
+        _save(cfg, trainer, run.saver, run.root, run.say, wait=bool(stopping))
+        row["save_pause_s"] = time.perf_counter() - t0  # what training waited (staging, or all of it)
+        run.save_s = run.saver.seconds or run.save_s  # the last save that finished (start to commit)
+    return bool(saved)
+
+
+def _report(run: _RankRun, row: dict, plot: bool) -> None:
+    """Rank 0: keep and write the step's metrics (the plot after an evaluation or a save), and
+    log a line every `log_every` steps."""
+    cfg = run.cfg
+    run.rows.append(row)
+    run.metrics.write(row)
+    if plot:
+        run.metrics.plot()
+    if cfg.log_every and run.trainer.step % cfg.log_every == 0:
+        extra = "".join(f" {k} {row[k]:.4f}" for k in ("eval_loss", "eval_acc", "eval_key_acc") if k in row)
+        run.log(f"step {row['step']:>6} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} lr {row['lr']:.2e} "
+                f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}")
 
 
 def eval_rank(cfg: TrainConfig, batches: int, checkpoint: str | None = None) -> dict:

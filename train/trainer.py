@@ -15,13 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from longtrain.data.loader import IGNORE
+from longtrain.data.batch import labeled
 from longtrain.models.memtrim import trim
+from longtrain.models.loss import global_count, step_loss
 from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import shard_sequence
 from longtrain.parallel.comm import all_reduce
 from longtrain.parallel.grads import BUCKET_BYTES, GradSync, global_grad_norm
 from longtrain.parallel.fsdp import shard_blocks
+from longtrain.parallel.mesh import ParallelMesh
+from longtrain.parallel.sharding import sharding_of, tied_name
 from longtrain.parallel.zero import ZeroAdamW
 
 from longtrain.train.pipelined import Pipelined, stage_part
@@ -42,14 +45,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, mesh=None):
-    """AdamW; matrices decay, norms and biases do not. With `optim.zero` on a mesh, each rank
-    keeps the moments of its chunk of every parameter only (`ZeroAdamW`)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, mesh: ParallelMesh):
+    """AdamW; matrices decay, norms and biases do not. With `optim.zero` over several ranks,
+    each rank keeps the moments of its chunk of every parameter only (`ZeroAdamW`)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if o.zero and mesh is not None:
+    if o.zero and mesh.size("world") > 1:
         return ZeroAdamW(groups, mesh, o.zero, BUCKET_BYTES, lr=o.lr, betas=(o.beta1, o.beta2), foreach=False)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), foreach=False)
 
@@ -66,25 +69,27 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, mesh, loader, device: str = "cpu"):
+    def __init__(self, cfg: TrainConfig, mesh: ParallelMesh, loader, device: str = "cpu"):
+        mesh = mesh.with_sequence_parallel(cfg.sequence_parallel)  # where the config meets the layout
         self.cfg, self.mesh, self.loader, self.device = cfg, mesh, loader, device
         check_vocabulary(loader.vocab_size, cfg, "the data's tokenizer")
-        piped = mesh is not None and mesh.size("pp") > 1
-        self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device, sequence_parallel=cfg.sequence_parallel,
+        piped = mesh.size("pp") > 1
+        self.model = build_model(cfg.model, mesh, seed=cfg.seed, device=device,
                                  part=stage_part(cfg, mesh) if piped else None)
         self.model.train()
-        if cfg.optim.zero == 3 and mesh is not None:
+        if cfg.optim.zero == 3:
             shard_blocks(self.model, mesh)
         self.opt = make_optimizer(self.model, cfg, mesh)
         self.chunked = self.opt.chunked_grads if isinstance(self.opt, ZeroAdamW) else {}
-        self.sync = None if mesh is None else GradSync(self.model.parameters(), mesh, zero=self.chunked,
-                                                       overlap=cfg.optim.overlap_grad_reduce)  # FSDP's own: left alone
+        # one process has nothing to reduce; FSDP reduces its own parameters' gradients
+        self.sync = GradSync(self.model.parameters(), mesh, zero=self.chunked,
+                             overlap=cfg.optim.overlap_grad_reduce) if mesh.size("world") > 1 else None
         self.pipe = Pipelined(self.model, cfg, mesh, device, self.sync) if piped else None
-        # a tied embedding split over the first and last pipeline stage: two copies kept equal
-        # by summing their gradients (Megatron's embedding group); the head's is not counted twice
-        self.tied = None
-        if piped and cfg.model.tie_embeddings and (self.model.embed is None) != (self.model.head is None):
-            self.tied = self.model.embed.weight if self.model.embed is not None else self.model.head.weight
+        # a tied embedding split over the first and last pipeline stage: two copies kept equal by
+        # summing their gradients (Megatron's embedding group); the norm counts the one named so
+        named = list(self.model.named_parameters())
+        self.tied = next((p for _, p in named if sharding_of(p).tied), None)
+        self.copies = {p for n, p in named if tied_name(n, p) != n}
         self.step = 0
         self.nan_skips = 0
 
@@ -93,18 +98,17 @@ class Trainer:
         out = {}
         for k, v in batch.items():
             v = v.to(self.device)
-            out[k] = shard_sequence(v, self.mesh, dim=1) if self.mesh is not None else v
+            out[k] = shard_sequence(v, self.mesh, dim=1)
         return out
 
     def _group(self):
-        return None if self.mesh is None else self.mesh.group("dp_cp")
+        return self.mesh.group("dp_cp")
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         cfg = self.cfg
         micro = [self.local_batch(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
-        local_tokens = sum(int((m["labels"] != IGNORE).sum()) for m in micro)
-        count = all_reduce(torch.tensor(float(local_tokens), device=self.device), self._group())
+        count = global_count(sum(int(labeled(m["labels"]).sum()) for m in micro), self._group(), self.device)
         total = torch.zeros((), dtype=torch.float64)
         autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
@@ -119,7 +123,7 @@ class Trainer:
             with autocast:
                 out = self.model(m["input_ids"], m["labels"], m.get("doc_ids"))
             trim()  # the forward's freed temporaries: give their heap pages back before backward (CPU)
-            loss = out.loss_sum / count.clamp(min=1)
+            loss = step_loss(out.loss_sum, count)
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
         if self.sync is not None:
@@ -128,7 +132,7 @@ class Trainer:
             grads = {p: p.grad for p in self.model.parameters() if p.grad is not None}
         if self.tied is not None:
             all_reduce(grads[self.tied], self.mesh.group("pp_ends"), self.mesh.stats)
-        counted = {p: g for p, g in grads.items() if not (p is self.tied and self.model.embed is None)}
+        counted = {p: g for p, g in grads.items() if p not in self.copies}
         norm = global_grad_norm(counted, self.mesh, chunked=self.chunked)
         mean = all_reduce(total.float().to(self.device), self._group())
         if self.pipe is not None:  # only the last stage computed the loss

@@ -23,6 +23,8 @@ import torch
 
 from .config import UnsupportedModel, from_hf_config, to_hf_config
 from longtrain.files import confined, read_json
+from longtrain.parallel.mesh import ParallelMesh
+from longtrain.parallel.sharding import full_tensor, tied_name
 
 from .weights import Reader, hf_tensors, write
 
@@ -54,16 +56,17 @@ def check_weights(path: str | os.PathLike, cfg) -> Reader:
     return reader
 
 
-def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", dtype=torch.float32,
-                    sequence_parallel: bool = True, **overrides):
-    """A `LongLM` for this rank of `mesh` (None: one process) with the weights in `path`.
+def from_pretrained(path: str | os.PathLike, mesh: ParallelMesh | None = None, *, device: str = "cpu",
+                    dtype=torch.float32, **overrides):
+    """A `LongLM` for this rank of `mesh` (left out: one process) with the weights in `path`.
     `overrides` change training-only `ModelConfig` fields (checkpoint, loss_chunk, window,
     rope_scaling to extend the context, ...)."""
     from ..transformer import build_model
 
     cfg, hf = read_config(path, **overrides)
     reader = check_weights(path, cfg)
-    model = build_model(cfg, mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel, source=reader)
+    mesh = ParallelMesh.single(torch.device(device).type) if mesh is None else mesh
+    model = build_model(cfg, mesh, device=device, dtype=dtype, source=reader)
     _no_unused(reader, model, path)
     model.hf_source = {"kind": hf["model_type"], "max_position_embeddings": hf.get("max_position_embeddings"),
                        "dtype": hf.get("dtype") or hf.get("torch_dtype") or "float32"}
@@ -73,12 +76,11 @@ def from_pretrained(path: str | os.PathLike, mesh=None, *, device: str = "cpu", 
 def load_weights(model, path: str | os.PathLike) -> None:
     """Copy this rank's slices of the HF model's weights in `path` into `model`, already built
     (any layout, a pipeline rank's part included) for the config `read_config` gives."""
-    from ..transformer import tied_name
 
     reader = check_weights(path, model.cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(reader(tied_name(name, model), p))
+            p.copy_(reader(tied_name(name, p), p))
     _no_unused(reader, model, path)
 
 
@@ -89,12 +91,6 @@ def _no_unused(reader: Reader, model, path) -> None:
     if extra:
         raise UnsupportedModel(f"{path}: tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} have no place in "
                                "the architecture its config.json describes")
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    from longtrain.parallel.sharding import sharding_of
-
-    return sharding_of(p).gather(p.detach())
 
 
 def save_pretrained(model, path: str | os.PathLike, *, kind: str | None = None, max_position_embeddings: int | None = None,
@@ -116,7 +112,7 @@ def save_pretrained(model, path: str | os.PathLike, *, kind: str | None = None, 
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder, or pass overwrite=True")
     tensors = {}
     for n, p in model.named_parameters():
-        tensors.update(hf_tensors(n, _full(p).to(_DTYPES[dtype]).cpu()))
+        tensors.update(hf_tensors(n, full_tensor(p, model.mesh).to(_DTYPES[dtype]).cpu()))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     failure = None
     if rank0:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from longtrain.files import confined, plain_file, read_json, regular
+from longtrain.parallel.mesh import ParallelMesh
 from longtrain.parallel.sharding import sharding_of
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -174,7 +175,6 @@ class Reader:
         anything is allocated: a config.json that declares sizes its weights do not have (a huge
         vocab_size, more layers or experts) is refused naming the tensor. The whole model is laid
         out on the meta device, once its layer and expert counts match the files."""
-        from longtrain.models.layers import Parallel
         from longtrain.models.transformer import LongLM
 
         layers = {int(m.group(1)) for n in self.files if (m := re.match(r"model\.layers\.(\d+)\.", n))}
@@ -187,7 +187,7 @@ class Reader:
                 raise ValueError(f"the config declares {cfg.moe.num_experts} experts per layer, layer 0's weights "
                                  f"hold {len(experts) // 3}")
         with torch.device("meta"):
-            whole = LongLM(cfg, Parallel(mesh=None))
+            whole = LongLM(cfg, ParallelMesh.single())
         for name, p in whole.named_parameters():
             names = expert_names(name, range(p.shape[0]))
             for theirs, want in ([(t, tuple(p.shape[1:])) for t in names] if names is not None

@@ -45,42 +45,27 @@ def local_positions(seq_len: int, ring: int, ring_rank: int, ulysses: int, ulyss
     return ring_pos.chunk(ulysses)[ulysses_rank]
 
 
-def sp_groups(mesh) -> tuple[ProcessGroup | None, ProcessGroup | None, CommStats | None]:
-    """(ulysses group, ring group, stats) of a `ParallelMesh`, a torch `DeviceMesh` with axes
-    named ``cp_ulysses`` / ``cp_ring``, or None (single process)."""
-    uly, ring, _, stats = sp_all_groups(mesh)
-    return uly, ring, stats
+def sp_groups(mesh) -> tuple[ProcessGroup | None, ProcessGroup | None, CommStats]:
+    """(ulysses group, ring group, stats) of a `ParallelMesh`."""
+    return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.stats
 
 
 def sp_all_groups(mesh):
     """As `sp_groups`, plus the group of all sequence-parallel ranks (ring x Ulysses)."""
-    if mesh is None:
-        return None, None, None, None
-    if hasattr(mesh, "groups") and hasattr(mesh, "dims"):  # ParallelMesh
-        return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.group("cp"), mesh.stats
-    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-    if not {"cp_ulysses", "cp_ring"} & set(names):
-        raise ValueError(f"mesh has no sequence-parallel axis (cp_ring / cp_ulysses); its axes are {names}")
-    size = {n: mesh.size(names.index(n)) for n in ("cp_ulysses", "cp_ring") if n in names}
-    pick = lambda n: mesh.get_group(n) if size.get(n, 1) > 1 else None  # noqa: E731
-    live = [n for n in ("cp_ring", "cp_ulysses") if size.get(n, 1) > 1]
-    both = mesh[tuple(live)]._flatten().get_group() if len(live) == 2 else (pick(live[0]) if live else None)
-    return pick("cp_ulysses"), pick("cp_ring"), both, None
-
-
-def _sp(mesh):
-    return sp_groups(mesh)
+    return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.group("cp"), mesh.stats
 
 
 def sequence_positions(seq_len: int, mesh, device=None, layout: str = "zigzag") -> torch.Tensor:
     """Global positions of this rank's tokens for a sequence of `seq_len` tokens."""
-    uly, ring, _ = _sp(mesh)
+    uly, ring, _ = sp_groups(mesh)
     return local_positions(seq_len, group_size(ring), group_rank(ring), group_size(uly), group_rank(uly),
                            device, layout)
 
 
 def shard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
     """This rank's part of a full sequence `x` (identical on every rank), in the attention layout."""
+    if mesh.size("cp") == 1:
+        return x
     idx = sequence_positions(x.shape[dim], mesh, device=x.device, layout=layout)
     return x.index_select(dim, idx)
 
@@ -89,7 +74,7 @@ def unshard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: str = "zigzag"
     """Reassemble the full sequence on every rank from the local parts (inverse of
     `shard_sequence`). Differentiable; backward keeps the local slice, assuming the
     consumer of the full sequence is replicated across the sequence-parallel ranks."""
-    uly, ring, stats = _sp(mesh)
+    uly, ring, stats = sp_groups(mesh)
     full = gather_along(gather_along(x, dim, uly, stats), dim, ring, stats)
     r = group_size(ring)
     if r == 1:

@@ -60,7 +60,7 @@ class AttentionPlan:
         if q.dtype != k.dtype or q.dtype != v.dtype or (self.dtype is not None and q.dtype != self.dtype):
             raise ValueError(f"q, k, v must share a dtype{'' if self.dtype is None else f' ({self.dtype})'}; "
                              f"got {q.dtype}, {k.dtype}, {v.dtype}")
-        if mesh is not self.mesh or layout != self.layout:
+        if (mesh.dims, mesh.rank) != (self.mesh.dims, self.mesh.rank) or layout != self.layout:
             raise ValueError(f"the attention plan was built for another mesh or layout ({self.layout!r}, "
                              f"got {layout!r}): pass the same mesh and layout to plan_attention")
         if causal != self.causal or window not in self.windows:
@@ -100,7 +100,7 @@ def _device(mesh, doc_ids) -> torch.device | str:
     """Where the sequence-parallel groups communicate (CUDA for NCCL)."""
     if doc_ids is not None:
         return doc_ids.device
-    kind = getattr(mesh, "device_type", "cpu")
+    kind = mesh.device_type
     return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else kind
 
 
