@@ -1,5 +1,6 @@
 """Decoder layers: RMSNorm, rotary embeddings, GQA attention through sequence-parallel attention,
-SwiGLU MLP. Each layer takes the layout (`ParallelMesh`) and reads the groups it needs.
+SwiGLU MLP. Each layer is built whole, for one process; `models.parallelize` cuts its weights
+over a layout and gives it the `ParallelMesh` whose groups it reads when it runs.
 
 Activations between sublayers are `[batch, seq, dim]`. With tensor parallelism the layers hold
 head / hidden shards and the block enters and leaves the tensor-parallel region explicitly:
@@ -17,6 +18,7 @@ from torch import nn
 
 from longtrain.parallel.attention import AttentionPlan, sequence_parallel_attention
 from longtrain.parallel.sharding import Sharding, retag, shard
+from longtrain.parallel.mesh import ParallelMesh
 from longtrain.parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp, leave_tp
 
 from .config import ModelConfig
@@ -51,25 +53,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh, device=None, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, window: int | None = None):
         super().__init__()
-        self.cfg, self.mesh, self.window = cfg, mesh, window  # this layer's keys per query (None: full)
-        hd, tp = cfg.head_dim, mesh.size("tp")
-        self.heads, self.kv_heads = cfg.n_heads // tp, cfg.n_kv_heads // tp
-        bias = cfg.qkv_bias
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, mesh, bias=bias, device=device)
-        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, mesh, bias=bias, device=device)
-        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, mesh, bias=bias, device=device)
-        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, mesh, device=device)
+        self.cfg, self.window = cfg, window  # this layer's keys per query (None: full)
+        self.mesh = ParallelMesh.single()  # until the model is laid out (`parallelize`)
+        hd, bias = cfg.head_dim, cfg.qkv_bias
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, bias=bias, device=device)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, bias=bias, device=device)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, bias=bias, device=device)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, device=device)
         retag(self.wo.weight, init="scaled")
         self.router = None
         if cfg.moh is not None:
             from .moh import HeadRouter
 
-            self.router = HeadRouter(cfg.dim, cfg.n_heads, cfg.moh, mesh, device)
-            if tp > 1:  # each tp rank differentiates only its own heads' gates
-                for p in self.router.parameters():
-                    retag(p, partial_over_tp=True)
+            self.router = HeadRouter(cfg.dim, cfg.n_heads, cfg.moh, device)
+
+    @property
+    def heads(self) -> int:
+        """Query heads on this rank (heads / tp once laid out)."""
+        return self.wq.weight.shape[0] // self.cfg.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.wk.weight.shape[0] // self.cfg.head_dim
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Normed input (replicated over tp) -> rotated q, k, v [b, s, heads/tp, hd] and, with MoH,
@@ -100,12 +107,12 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh, device=None, hidden: int | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, hidden: int | None = None):
         super().__init__()
         hidden = hidden or cfg.ffn_hidden
-        self.w1 = ColumnParallelLinear(cfg.dim, hidden, mesh, device=device)  # gate
-        self.w3 = ColumnParallelLinear(cfg.dim, hidden, mesh, device=device)  # up
-        self.w2 = RowParallelLinear(hidden, cfg.dim, mesh, device=device)
+        self.w1 = ColumnParallelLinear(cfg.dim, hidden, device=device)  # gate
+        self.w3 = ColumnParallelLinear(cfg.dim, hidden, device=device)  # up
+        self.w2 = RowParallelLinear(hidden, cfg.dim, device=device)
         retag(self.w2.weight, init="scaled")
         self.chunk = cfg.mlp_chunk
 
@@ -127,10 +134,10 @@ class SwiGLU(nn.Module):
 class DenseFFN(nn.Module):
     """SwiGLU with its tensor-parallel region: replicated-or-split input -> complete output."""
 
-    def __init__(self, cfg: ModelConfig, mesh, device=None, hidden: int | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, hidden: int | None = None):
         super().__init__()
-        self.mesh = mesh
-        self.mlp = SwiGLU(cfg, mesh, device, hidden)
+        self.mesh = ParallelMesh.single()  # until the model is laid out (`parallelize`)
+        self.mlp = SwiGLU(cfg, device, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return leave_tp(self.mlp(enter_tp(x, self.mesh)), self.mesh)

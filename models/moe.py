@@ -25,7 +25,8 @@ from torch import nn
 
 from longtrain.parallel.comm import all_reduce
 from longtrain.parallel.experts import combine, dispatch
-from longtrain.parallel.sharding import Sharding, retag, shard
+from longtrain.parallel.mesh import ParallelMesh
+from longtrain.parallel.sharding import Sharding, cut, retag, shard
 
 
 @dataclass(kw_only=True)
@@ -114,18 +115,21 @@ def apply_capacity(idx: torch.Tensor, num_experts: int, factor: float | None) ->
 
 
 class Experts(nn.Module):
-    """This rank's E/ep SwiGLU experts; full shapes are [E, ...], split over the ep group."""
+    """SwiGLU experts stacked [E, ...]; once laid out (`shard_over`), this rank's E/ep of them."""
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, mesh, device=None):
+    def __init__(self, dim: int, hidden: int, num_experts: int, device=None):
         super().__init__()
-        local = num_experts // mesh.size("ep")
-        self.w1 = nn.Parameter(torch.empty(local, hidden, dim, device=device))
-        self.w3 = nn.Parameter(torch.empty(local, hidden, dim, device=device))
-        self.w2 = nn.Parameter(torch.empty(local, dim, hidden, device=device))
-        for p, shape in ((self.w1, (num_experts, hidden, dim)), (self.w3, (num_experts, hidden, dim)),
-                         (self.w2, (num_experts, dim, hidden))):
-            shard(p, Sharding.cut(shape, 0, mesh, axis="ep"))
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim, device=device))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim, device=device))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden, device=device))
+        for p in (self.w1, self.w3, self.w2):
+            shard(p, Sharding(full_shape=tuple(p.shape)))
         retag(self.w2, init="scaled")
+
+    def shard_over(self, mesh) -> None:
+        """Keep this rank's experts: the stacks cut along dim 0 over the ep axis."""
+        for name in ("w1", "w3", "w2"):
+            cut(self, name, 0, mesh, axis="ep")
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [M, d] grouped by local expert, counts [E/ep] -> [M, d]."""
@@ -139,19 +143,17 @@ class Experts(nn.Module):
 class MoELayer(nn.Module):
     """Drop-in FFN: tokens this rank holds [b, s, d] -> [b, s, d] (complete, not partial sums).
 
-    The experts are shared out over `mesh`'s ``ep`` group. Balance statistics are summed over
+    Once laid out, the experts are shared out over the ep group. Balance statistics are summed over
     the ranks holding *other* tokens of the same global batch: dp x cp, and x tp under TP
     sequence parallel (each tp rank then routes its own slice of the sequence).
     """
 
-    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, mesh, *, shared: nn.Module | None = None,
-                 device=None):
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, *, shared: nn.Module | None = None, device=None):
         super().__init__()
-        cfg.check_layout(mesh.size("ep"))
-        self.cfg, self.mesh = cfg, mesh
-        self.tokens = "dp_cp_tp" if mesh.sequence_parallel else "dp_cp"
+        self.cfg = cfg
+        self.mesh = ParallelMesh.single()  # until the model is laid out (`parallelize`)
         self.router = Router(dim, cfg, device)
-        self.experts = Experts(dim, cfg.expert_hidden or hidden, cfg.num_experts, mesh, device)
+        self.experts = Experts(dim, cfg.expert_hidden or hidden, cfg.num_experts, device)
         self.shared = shared  # callable on the normed input, returns complete outputs
         self.last = MoEStats()
         self.step_load: torch.Tensor | None = None  # global load summed over this step's micro-batches
@@ -180,7 +182,7 @@ class MoELayer(nn.Module):
         f_i is counted over every token of the batch, the scores P_i over this rank's tokens
         divided by the global token count, so the ranks' losses add up to the global loss."""
         e, k = self.cfg.num_experts, self.cfg.top_k
-        tokens = self.mesh.group(self.tokens)
+        tokens = self.mesh.group("dp_cp_tp" if self.mesh.sequence_parallel else "dp_cp")
         load = all_reduce(torch.bincount(idx.reshape(-1), minlength=e).float(), tokens)
         n = all_reduce(torch.tensor(float(idx.shape[0]), device=idx.device), tokens)
         probs = scores if self.cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True).clamp(min=1e-20)

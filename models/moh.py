@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtrain.parallel.comm import all_reduce
+from longtrain.parallel.mesh import ParallelMesh
 
 
 @dataclass(kw_only=True)
@@ -47,10 +48,11 @@ class MoHConfig:
 
 
 class HeadRouter(nn.Module):
-    def __init__(self, dim: int, n_heads: int, cfg: MoHConfig, mesh, device=None):
+    def __init__(self, dim: int, n_heads: int, cfg: MoHConfig, device=None):
         super().__init__()
         cfg.check(n_heads)
-        self.cfg, self.n_heads, self.mesh = cfg, n_heads, mesh
+        self.cfg, self.n_heads = cfg, n_heads
+        self.mesh = ParallelMesh.single()  # until the model is laid out (`parallelize`)
         self.routed = n_heads - cfg.shared_heads
         self.w_shared = nn.Parameter(torch.empty(max(cfg.shared_heads, 1), dim, device=device))
         self.w_routed = nn.Parameter(torch.empty(self.routed, dim, device=device))

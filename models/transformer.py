@@ -32,23 +32,25 @@ from .rope import rope_tables
 from .actquant import ActQuant
 from .memtrim import trim_after_backward
 from .moe import MoELayer
+from .parallelize import parallelize
 
 class Block(nn.Module):
     """Pre-norm decoder block. Returns (x, balance loss of its MoE FFN or 0)."""
 
-    def __init__(self, cfg: ModelConfig, mesh: ParallelMesh, index: int, quant: ActQuant, device=None):
+    def __init__(self, cfg: ModelConfig, index: int, quant: ActQuant, device=None):
         super().__init__()
-        self.cfg, self.mesh, self.index, self.quant = cfg, mesh, index, quant
+        self.cfg, self.index, self.quant = cfg, index, quant
+        self.mesh = ParallelMesh.single()  # until the model is laid out (`parallelize`)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.attn = Attention(cfg, mesh, device, window=cfg.layer_window(index))
+        self.attn = Attention(cfg, device, window=cfg.layer_window(index))
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.moe = cfg.is_moe_layer(index)
         if self.moe:
             m = cfg.moe
-            shared = DenseFFN(cfg, mesh, device, m.expert_hidden or cfg.ffn_hidden) if m.shared_expert else None
-            self.mlp = MoELayer(cfg.dim, cfg.ffn_hidden, m, mesh, shared=shared, device=device)
+            shared = DenseFFN(cfg, device, m.expert_hidden or cfg.ffn_hidden) if m.shared_expert else None
+            self.mlp = MoELayer(cfg.dim, cfg.ffn_hidden, m, shared=shared, device=device)
         else:
-            self.mlp = DenseFFN(cfg, mesh, device)
+            self.mlp = DenseFFN(cfg, device)
 
     def _qkv(self, x, cos, sin):
         return self.attn.project(enter_tp(self.attn_norm(x), self.mesh), (cos, sin))
@@ -114,27 +116,34 @@ class LayerStack(nn.ModuleDict):
 
 
 class LongLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: ParallelMesh, device=None, part: Part | None = None):
+    """The whole model, for one process; `parallelize` lays it out over a mesh (a pipeline
+    rank's part, tensor and expert cuts, TP sequence parallel), `materialize` gives it memory."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.cfg, self.mesh = cfg, mesh
-        self.part = part or Part(tuple(range(cfg.n_layers)))
-        tp = mesh.size("tp")
-        cfg.check_layout(tp, mesh.size("cp_ulysses"), mesh.size("ep"))
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, mesh, device=device) if self.part.first else None
+        self.cfg = cfg
+        self.mesh = ParallelMesh.single()  # until the model is laid out (`parallelize`)
+        self.part = Part(tuple(range(cfg.n_layers)))
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, device=device)
         self.quant = ActQuant(cfg.act_quant)
-        self.layers = LayerStack({str(i): Block(cfg, mesh, i, self.quant, device) for i in self.part.layers})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device) if self.part.last else None
-        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, mesh, device=device) if self.part.last else None
+        self.layers = LayerStack({str(i): Block(cfg, i, self.quant, device) for i in self.part.layers})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, device=device)
         self.tie()
-        if cfg.tie_embeddings and (self.embed is None) != (self.head is None):  # split over pipeline stages:
-            retag((self.embed or self.head).weight, tied="embed.weight")  # two copies, kept equal over pp_ends
-        if mesh.sequence_parallel:
-            for p in self.parameters():  # not split over tp: each tp rank saw only its sequence slice
-                s = sharding_of(p)
-                if not (s.sharded and s.axis == "tp"):
-                    retag(p, partial_over_tp=True)
-        if tp > 1 and self.norm is not None:  # the final norm runs inside the tp region, per loss chunk: each tp
-            retag(self.norm.weight, partial_over_tp=True)  # rank differentiates it through its vocab shard only
+
+    def keep_part(self, part: Part) -> None:
+        """Drop the layers, embedding and head this pipeline rank does not hold (a step of
+        `parallelize`). A tied embedding split over two stages becomes two copies: the head's
+        stands for the embedding and the two are kept equal over ``pp_ends``."""
+        for key in [k for k in self.layers.keys() if int(k) not in part.layers]:
+            del self.layers[key]
+        if not part.first:
+            self.embed = None
+        if not part.last:
+            self.norm = self.head = None
+        self.part = part
+        if self.cfg.tie_embeddings and (self.embed is None) != (self.head is None):
+            retag((self.embed or self.head).weight, tied="embed.weight")
 
     def tie(self) -> None:
         """With `tie_embeddings`, the head's weight is the embedding's: both are [vocab/tp, dim]
@@ -275,7 +284,7 @@ def build_model(cfg: ModelConfig, mesh: ParallelMesh, *, seed: int = 0, device: 
                 source=None, part: Part | None = None) -> LongLM:
     """The model for this rank of `mesh` (`ParallelMesh.single()`: one process), with seed-
     determined weights (or those `source` gives: see `materialize`); `part`: only these layers
-    (a pipeline stage's)."""
+    (a pipeline stage's). Built whole on the meta device, laid out, then given memory."""
     with torch.device("meta"):
-        model = LongLM(cfg, mesh, part=part)
+        model = parallelize(LongLM(cfg), mesh, part)
     return materialize(model, seed, device, dtype, source)

@@ -1,5 +1,6 @@
-"""How ranks cooperate: the mesh, collectives and parallel layers. Imports nothing from
-models, data or launch."""
+"""How ranks cooperate: the layout (mesh.py), collectives, the description of where each
+parameter lives (sharding.py), sequence-parallel attention, tensor- and expert-parallel layers,
+gradient sync, ZeRO, FSDP and pipeline stages. Imports only files/."""
 
 from .comm import CommStats
 from .mesh import AXES, LayoutError, ParallelDims, ParallelMesh, build_mesh

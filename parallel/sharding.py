@@ -63,12 +63,6 @@ class Sharding:
         if (self.dim is None and self.parts != 1) or not 0 <= self.index < self.parts:
             raise ValueError(f"Sharding: slice {self.index} of {self.parts} along dim {self.dim} is not a cut")
 
-    @classmethod
-    def cut(cls, full_shape: tuple[int, ...], dim: int, mesh, axis: str = "tp", **fields) -> "Sharding":
-        """`full_shape` cut along `dim` over `mesh`'s `axis`, this rank holding its own slice."""
-        return cls(full_shape=full_shape, dim=dim, axis=axis, parts=mesh.size(axis), index=mesh.index(axis),
-                   **fields)
-
     @property
     def sharded(self) -> bool:
         return self.parts > 1
@@ -100,6 +94,17 @@ class Sharding:
         if self.full_shape[self.dim] % self.parts:
             raise ValueError(f"cannot gather a {self.full_shape} tensor cut unevenly in {self.parts} along dim {self.dim}")
         return all_gather_cat(local.contiguous(), mesh.group(self.axis), self.dim, stats)
+
+
+def cut(module: torch.nn.Module, name: str, dim: int, mesh, axis: str = "tp") -> None:
+    """Keep only this rank's slice of `module`'s whole parameter `name`, cut along `dim` over
+    `mesh`'s `axis`, and record the cut on its `Sharding`. A meta parameter stays on meta (a
+    model is laid out before it is given memory); a real one keeps its slice's values."""
+    p = getattr(module, name)
+    s = dataclasses.replace(sharding_of(p), dim=dim, axis=axis, parts=mesh.size(axis), index=mesh.index(axis))
+    piece = s.local_slice(p.detach())
+    new = torch.nn.Parameter(torch.empty_like(piece) if p.is_meta else piece.clone(), requires_grad=p.requires_grad)
+    setattr(module, name, shard(new, s))
 
 
 def shard(t: torch.Tensor, sharding: Sharding) -> torch.Tensor:

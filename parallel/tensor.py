@@ -1,4 +1,5 @@
-"""Tensor-parallel layers (Megatron style), each cut over the tp axis of the layout it is given.
+"""Tensor-parallel layers (Megatron style): built whole, then cut over the tp axis of a layout
+(`shard_over`, one step of `models.parallelize`).
 
 The layers hold shards and do no communication of their own: the model enters and leaves a
 tensor-parallel region explicitly with the mappings in `comm.py` (`copy_to_region` /
@@ -20,7 +21,7 @@ from torch.distributed import ProcessGroup
 
 from .comm import (CommStats, all_reduce, copy_to_region, gather_to_region, group_rank, group_size,
                    reduce_from_region, reduce_scatter_from_region)
-from .sharding import Sharding, shard
+from .sharding import Sharding, cut, retag, shard
 
 
 def enter_tp(x: torch.Tensor, mesh) -> torch.Tensor:
@@ -46,54 +47,73 @@ def _divide(n: int, p: int, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W's output rows split over `mesh`'s tp axis: y's last dim is sharded."""
+    """y = x W^T with W's output rows split over the tp axis (`shard_over`): y's last dim is
+    sharded. Built whole; the layout is applied afterwards."""
 
-    def __init__(self, in_features: int, out_features: int, mesh, *, bias: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        local = _divide(out_features, mesh.size("tp"), "output features")
-        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
-        shard(self.weight, Sharding.cut((out_features, in_features), 0, mesh))
+        self.weight = shard(nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype)),
+                            Sharding(full_shape=(out_features, in_features)))
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
-            shard(self.bias, Sharding.cut((out_features,), 0, mesh))
+            self.bias = shard(nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)),
+                              Sharding(full_shape=(out_features,)))
+
+    def shard_over(self, mesh) -> None:
+        _divide(self.weight.shape[0], mesh.size("tp"), "output features")
+        cut(self, "weight", 0, mesh)
+        if self.bias is not None:
+            cut(self, "bias", 0, mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split over `mesh`'s tp axis: x arrives sharded in its
-    last dim, y is a partial sum (the caller reduces it, or reduce-scatters it along the sequence)."""
+    """y = x W^T with W's input columns split over the tp axis (`shard_over`): x arrives sharded
+    in its last dim, y is a partial sum (the caller reduces it, or reduce-scatters it along the
+    sequence). Built whole; the layout is applied afterwards."""
 
-    def __init__(self, in_features: int, out_features: int, mesh, *, bias: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        tp = mesh.size("tp")
-        local = _divide(in_features, tp, "input features")
-        self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
-        shard(self.weight, Sharding.cut((out_features, in_features), 1, mesh))
+        self.weight = shard(nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype)),
+                            Sharding(full_shape=(out_features, in_features)))
         self.bias = None
+        self.adds_bias = True
+        if bias:
+            self.bias = shard(nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)),
+                              Sharding(full_shape=(out_features,)))
+
+    def shard_over(self, mesh) -> None:
+        tp = mesh.size("tp")
+        _divide(self.weight.shape[1], tp, "input features")
+        cut(self, "weight", 1, mesh)
+        # the bias is added once, on tp rank 0, so the reduction counts it once; the other ranks
+        # get no gradient for it, so the full gradient is the sum over tp
         self.adds_bias = mesh.index("tp") == 0
-        if bias:  # added once, on tp rank 0, so the reduction counts it once; the other ranks get
-            # no gradient for it, so the full gradient is the sum over tp
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-            shard(self.bias, Sharding(full_shape=(out_features,), partial_over_tp=tp > 1))
+        if self.bias is not None and tp > 1:
+            retag(self.bias, partial_over_tp=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias if self.adds_bias else None)
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; each rank embeds the ids in its range and
-    zeros the rest, so a sum over the group (all-reduce or reduce-scatter) completes it."""
+    """Embedding table split by vocabulary rows over the tp axis (`shard_over`); each rank
+    embeds the ids in its range and zeros the rest, so a sum over the group (all-reduce or
+    reduce-scatter) completes it. Built whole; the layout is applied afterwards."""
 
-    def __init__(self, vocab_size: int, dim: int, mesh, *, device=None, dtype=None):
+    def __init__(self, vocab_size: int, dim: int, *, device=None, dtype=None):
         super().__init__()
         self.vocab_size = vocab_size
-        local = _divide(vocab_size, mesh.size("tp"), "vocabulary size")
+        self.start = 0
+        self.weight = shard(nn.Parameter(torch.empty(vocab_size, dim, device=device, dtype=dtype)),
+                            Sharding(full_shape=(vocab_size, dim)))
+
+    def shard_over(self, mesh) -> None:
+        local = _divide(self.vocab_size, mesh.size("tp"), "vocabulary size")
+        cut(self, "weight", 0, mesh)
         self.start = mesh.index("tp") * local
-        self.weight = nn.Parameter(torch.empty(local, dim, device=device, dtype=dtype))
-        shard(self.weight, Sharding.cut((vocab_size, dim), 0, mesh))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Partial embeddings [..., dim]: complete after summing over the group."""

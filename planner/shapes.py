@@ -90,12 +90,13 @@ _COUNTS: dict = {}  # the layout search asks for the same few (tp, ep) for many 
 def _count(m: ModelConfig, dims: ParallelDims, sequence_parallel: bool) -> dict:
     import torch
 
+    from longtrain.models.parallelize import parallelize
     from longtrain.models.transformer import LongLM
     from longtrain.parallel.mesh import ParallelMesh
     from longtrain.parallel.sharding import sharding_of
 
     with torch.device("meta"):
-        model = LongLM(m, ParallelMesh.planned(dims, sequence_parallel=sequence_parallel))
+        model = parallelize(LongLM(m), ParallelMesh.planned(dims, sequence_parallel=sequence_parallel))
     out = {k: [0, 0, 0] for k in ("embed", "norm", "head", *range(m.n_layers))}
     for name, t in model.named_parameters(remove_duplicate=False):  # a tied head too, on its own
         top, _, rest = name.partition(".")

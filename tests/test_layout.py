@@ -14,6 +14,7 @@ import torch
 from longtrain.data.loader import PackedLoader
 from longtrain.data.prepare import prepare
 from longtrain.models.config import ModelConfig
+from longtrain.models.parallelize import parallelize
 from longtrain.models.transformer import LongLM, Part, build_model
 from longtrain.parallel.comm import group_rank, group_size
 from longtrain.parallel.mesh import GROUPS, ParallelDims, ParallelMesh
@@ -76,8 +77,8 @@ def _descriptions(degrees):
     cfg = ModelConfig(**TIED_MOE)
     real = build_model(cfg, mesh, part=part)
     with torch.device("meta"):
-        planned = LongLM(cfg, ParallelMesh.planned(mesh.dims, mesh.rank, sequence_parallel=mesh.sequence_parallel),
-                         part=part)
+        planned = parallelize(LongLM(cfg), ParallelMesh.planned(mesh.dims, mesh.rank,
+                                                                sequence_parallel=mesh.sequence_parallel), part)
     mine = {n: (tuple(p.shape), sharding_of(p), tied_name(n, p)) for n, p in real.named_parameters()}
     laid = {n: (tuple(p.shape), sharding_of(p), tied_name(n, p)) for n, p in planned.named_parameters()}
     return mine == laid, sorted(mine), {n: v[2] for n, v in mine.items() if v[2] != n}

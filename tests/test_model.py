@@ -155,7 +155,7 @@ def test_moh_reports_heads_and_balances():
     from longtrain.models.moh import HeadRouter, MoHConfig
 
     torch.manual_seed(0)
-    router = HeadRouter(16, 8, MoHConfig(shared_heads=2, top_k=3), ParallelMesh.single())
+    router = HeadRouter(16, 8, MoHConfig(shared_heads=2, top_k=3))
     for p in router.parameters():
         torch.nn.init.normal_(p, std=0.5)
     gates, aux = router(torch.randn(2, 32, 16))
@@ -211,7 +211,7 @@ def test_buffers_materialized_on_every_layout(pool4):
     for loss in pool4.run(_moe_bias_forward, dict(dp=2, tp=2, ep=2)):
         assert loss == pytest.approx(want, rel=1e-5)
     with torch.device("meta"):
-        model = LongLM(ModelConfig(**CFG), ParallelMesh.single())
+        model = LongLM(ModelConfig(**CFG))
     model.layers[0].register_buffer("later", torch.empty(3, device="meta"))
     ones = torch.empty(2, device="meta")
     shard(ones, Sharding(full_shape=(2,), init="ones"))

@@ -59,7 +59,11 @@ def _layer_case(degrees, seed: int, force_first_rank: bool = False, capacity_fac
     mesh = ParallelMesh.single() if degrees is None else mesh_for(**degrees)
     cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True, capacity_factor=capacity_factor,
                     **({} if capacity_factor is None else dict(aux_loss_coef=0.0, z_loss_coef=0.0)))
-    layer = MoELayer(16, 24, cfg, mesh.with_sequence_parallel(False))  # tokens: dp x cp, as the model without TP-SP
+    from longtrain.models.parallelize import apply_ep, bind
+
+    layer = MoELayer(16, 24, cfg)
+    apply_ep(layer, mesh)
+    bind(layer, mesh.with_sequence_parallel(False))  # tokens: dp x cp, as the model without TP-SP
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
@@ -133,7 +137,7 @@ def test_capacity_drops_are_counted():
     assert dropped == 2
     assert kept.tolist() == [[0, 1], [0, 2], [-1, 1], [-1, 3]]
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5)
-    layer = MoELayer(8, 16, cfg, ParallelMesh.single())
+    layer = MoELayer(8, 16, cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     out, _ = layer(torch.randn(1, 32, 8))
@@ -145,7 +149,7 @@ def test_aux_and_z_loss_match_megatron():
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, aux_loss_coef=1.0, z_loss_coef=1.0)
-    layer = MoELayer(16, 32, cfg, ParallelMesh.single())
+    layer = MoELayer(16, 32, cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(64, 16)
@@ -160,7 +164,7 @@ def _train_router(aux_coef: float, steps: int = 150) -> float:
     """Toy task with skewed inputs; returns max/mean expert load at the end."""
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=1, aux_loss_coef=aux_coef, z_loss_coef=0.0)
-    layer = MoELayer(16, 32, cfg, ParallelMesh.single())
+    layer = MoELayer(16, 32, cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.2)
     with torch.no_grad():
@@ -196,7 +200,7 @@ def test_invalid_moe_configs():
 
 def test_expert_bias_update_and_sigmoid_weights():
     cfg = MoEConfig(num_experts=4, top_k=2, expert_bias=True, bias_update_rate=0.1, score="sigmoid")
-    layer = MoELayer(8, 16, cfg, ParallelMesh.single())
+    layer = MoELayer(8, 16, cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     idx, w, scores, _ = layer.router(torch.randn(10, 8))

@@ -58,7 +58,7 @@ def _model_params() -> dict:
     from tests.test_trainer import MODEL
 
     with torch.device("meta"):
-        return dict(LongLM(ModelConfig(**MODEL), ParallelMesh.single()).named_parameters())
+        return dict(LongLM(ModelConfig(**MODEL)).named_parameters())
 
 
 def test_device_grid_matches_the_groups():

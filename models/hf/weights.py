@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from longtrain.files import confined, plain_file, read_json, regular
-from longtrain.parallel.mesh import ParallelMesh
 from longtrain.parallel.sharding import sharding_of
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -187,7 +186,7 @@ class Reader:
                 raise ValueError(f"the config declares {cfg.moe.num_experts} experts per layer, layer 0's weights "
                                  f"hold {len(experts) // 3}")
         with torch.device("meta"):
-            whole = LongLM(cfg, ParallelMesh.single())
+            whole = LongLM(cfg)
         for name, p in whole.named_parameters():
             names = expert_names(name, range(p.shape[0]))
             for theirs, want in ([(t, tuple(p.shape[1:])) for t in names] if names is not None
