@@ -82,10 +82,7 @@ class Sharding:
         """[start, stop) of this rank's slice along `dim`."""
         if self.dim is None:
             raise ValueError("local_range: the tensor is not cut along any dimension")
-        n = self.full_shape[self.dim]
-        step = -(-n // self.parts)
-        lo = min(n, self.index * step)
-        return lo, min(n, lo + step)
+        return chunk_range(self.full_shape[self.dim], self.parts, self.index)
 
     def gather(self, local: torch.Tensor, mesh, stats: CommStats | None = None) -> torch.Tensor:
         """The full tensor from every rank's slice (a collective over `mesh`'s `axis` when cut)."""
@@ -94,6 +91,14 @@ class Sharding:
         if self.full_shape[self.dim] % self.parts:
             raise ValueError(f"cannot gather a {self.full_shape} tensor cut unevenly in {self.parts} along dim {self.dim}")
         return all_gather_cat(local.contiguous(), mesh.group(self.axis), self.dim, stats)
+
+
+def chunk_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of chunk `index` of `n` rows cut into `parts` as `torch.chunk` cuts them
+    (ceil-sized, the last ones smaller or empty): the rule every slice and chunk here follows."""
+    step = -(-n // parts)
+    lo = min(n, index * step)
+    return lo, min(n, lo + step)
 
 
 def cut(module: torch.nn.Module, name: str, dim: int, mesh, axis: str = "tp") -> None:
@@ -175,9 +180,7 @@ class ZeroSlice:
         return self.step * self.inner
 
     def range(self, rank: int | None = None) -> tuple[int, int]:
-        n, r = self.shape[self.dim], self.rank if rank is None else rank
-        lo = min(n, r * self.step)
-        return lo, min(n, lo + self.step)
+        return chunk_range(self.shape[self.dim], self.parts, self.rank if rank is None else rank)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of `t` (a view)."""

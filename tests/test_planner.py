@@ -208,7 +208,7 @@ def test_plan_rejects_a_bad_config(capsys):
     assert "divisible by 8" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # tiny steps can outrun the kill (a later checkpoint): meant for minutes-long steps
+@pytest.mark.slow  # 64K-token steps (>1 s) let the kill, polled every 0.5 s, land before the next checkpoint
 def test_bench_longrun_kills_resumes_and_compares(tmp_path):
     """The long-run benchmark on a tiny job: killed once step 4 is logged, resumed from the step-3
     checkpoint, step 4 recomputed with the same loss; the docs section says so."""
@@ -226,7 +226,7 @@ n_layers = 1
 n_heads = 2
 [data]
 source = "passkey"
-seq_len = 16384
+seq_len = 65536
 [checkpoint]
 every = 3
 """)
