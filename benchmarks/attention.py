@@ -194,6 +194,12 @@ def write_docs(path: str, results: list[Result], command: str, note: str) -> Non
     replace_section(path, "attention", "Sequence-parallel attention (causal, fwd+bwd)", body)
 
 
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtrain bench attention", description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
@@ -216,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         from .masks import main_masked
 
         return main_masked(args, "longtrain bench attention " + " ".join(argv or sys.argv[1:]), measure, LAYOUTS)
-    args.layouts = args.layouts or [n for n in LAYOUTS if not n.startswith("longtrain")]
+    args.layouts = args.layouts or [n for n in LAYOUTS if not n.startswith("longtrain")
+                                     and (not n.startswith("deepspeed") or _have("deepspeed"))]
+    if any(n.startswith("deepspeed") for n in args.layouts) and not _have("deepspeed"):
+        print("longtrain bench attention: the DeepSpeed rows need deepspeed (pip install -e \".[test]\")",
+              file=sys.stderr)
+        return 2
     print(HEADER, flush=True)
     results = run(args.layouts, args.seq, args.heads, args.head_dim, args.iters, args.dtype, args.rounds)
     if args.write_docs:

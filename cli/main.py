@@ -7,6 +7,10 @@
                                             resumes from the last valid checkpoint)
     longtrain eval CONFIG [--batches N]     held-out loss / accuracy of the run's newest checkpoint
     longtrain plan CONFIG [--world N]       memory per rank, bytes, FLOPs and a step-time bound, before launch
+    longtrain export CHECKPOINT OUT         a checkpoint as a Hugging Face model folder
+    longtrain config show CONFIG [--set]    the resolved config, every key (TOML, or --json)
+    longtrain config schema [--json]        every key: type, default, description
+    longtrain --version
     longtrain bench attention [...]         attention benchmark table (docs/benchmarks.md)
     longtrain bench actquant [...]          activation quantization: memory, gradient error, loss
     longtrain bench passkey [CONFIG]        train + evaluate passkey retrieval at 16K (docs/benchmarks.md)
@@ -23,68 +27,72 @@ import argparse
 import sys
 
 
-def _check(argv: list[str]) -> int:
-    from longtrain.cli.check import main
-
-    return main(argv)
-
-
+# every subcommand: (module whose `main(argv)` runs it, one line for `longtrain --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("longtrain.cli.check", "exact sequence-parallel attention on local gloo ranks (and devices)"),
+    "prepare": ("longtrain.data.prepare", "text / JSONL / Parquet / 'stdlib' -> Arrow token shards"),
+    "check-data": ("longtrain.data.check", "verify a prepared dataset: manifest, sizes, SHA-256, contents"),
+    "train": ("longtrain.cli.train", "train (embedded Ray, a cluster, torchrun/srun, or local ranks); resumes"),
+    "eval": ("longtrain.cli.eval", "held-out loss / accuracy of the run's newest checkpoint"),
+    "plan": ("longtrain.cli.plan", "memory per rank, bytes, FLOPs and a step-time bound, before launch"),
+    "export": ("longtrain.cli.export", "a checkpoint as a Hugging Face model folder"),
+    "config": ("longtrain.cli.config", "the resolved config of a run (show), or every key (schema)"),
+    "bench": ("", "benchmarks that write docs/benchmarks.md (longtrain bench --help)"),
+}
 BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline")
 
 
-def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: longtrain bench {{{','.join(BENCHMARKS)}}} [options]  (see --help)", file=sys.stderr)
-        return 2
-    import importlib
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("longtrain")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _bench(argv: list[str]) -> int:
+    import importlib
+    import importlib.util
+
+    if not argv or argv[0] not in BENCHMARKS:
+        lines = []
+        for name in BENCHMARKS:  # each benchmark's first docstring line, without importing torch
+            spec = importlib.util.find_spec(f"longtrain.benchmarks.{name}")
+            first = _first_line(spec.origin) if spec and spec.origin else ""
+            lines.append(f"  {name:<11} {first}")
+        out = sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr
+        print("usage: longtrain bench NAME [options]   (longtrain bench NAME --help: its options)\n\nbenchmarks:\n"
+              + "\n".join(lines), file=out)
+        return 0 if out is sys.stdout else 2
     return importlib.import_module(f"longtrain.benchmarks.{argv[0]}").main(argv[1:])
 
 
-def _prepare(argv: list[str]) -> int:
-    from longtrain.data.prepare import main
+def _first_line(path: str) -> str:
+    import ast
 
-    return main(argv)
-
-
-def _check_data(argv: list[str]) -> int:
-    from longtrain.data.check import main
-
-    return main(argv)
+    with open(path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    sentence = doc.split("\n\n")[0].replace("\n", " ").split(". ")[0].rstrip(".")
+    return sentence.removeprefix("Benchmark: ")
 
 
-def _train(argv: list[str]) -> int:
-    from longtrain.cli.train import main
+def _run(command: str, argv: list[str]) -> int:
+    if command == "bench":
+        return _bench(argv)
+    import importlib
 
-    return main(argv)
-
-
-def _eval(argv: list[str]) -> int:
-    from longtrain.cli.eval import main
-
-    return main(argv)
-
-
-def _plan(argv: list[str]) -> int:
-    from longtrain.cli.plan import main
-
-    return main(argv)
-
-
-def _export(argv: list[str]) -> int:
-    from longtrain.cli.export import main as export_main
-
-    return export_main(argv)
-
-
-COMMANDS = {"export": _export, "plan": _plan, "check": _check, "bench": _bench, "prepare": _prepare, "check-data": _check_data, "train": _train,
-            "eval": _eval}
+    return importlib.import_module(COMMANDS[command][0]).main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="longtrain", description="long-context distributed training")
-    ap.add_argument("command", choices=sorted(COMMANDS))
+    listing = "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
+    ap = argparse.ArgumentParser(prog="longtrain", description="long-context distributed training",
+                                 epilog=f"commands:\n{listing}\n\nlongtrain COMMAND --help: its options",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"longtrain {_version()}")
+    ap.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     ns = ap.parse_args(argv[:1])
     from longtrain.train.host_memory import request_huge_pages
@@ -93,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     from longtrain.train.stopping import Stopped
 
     try:
-        return COMMANDS[ns.command](argv[1:])
+        rc = _run(ns.command, argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
     except (Stopped, KeyboardInterrupt) as e:  # Ctrl-C outside a training run: no traceback either
         print(f"longtrain {ns.command}: {e or 'stopped by SIGINT'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of longtrain's
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 0
 
 
 if __name__ == "__main__":

@@ -82,3 +82,69 @@ def test_torchrun_runs_the_stages(tmp_path):
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["step"] == 2 and row["sequences"] == 2 and row["seq_len"] == 256
     assert 0 <= row["eval_key_acc"] <= row["eval_acc"] <= 1 and row["eval_loss"] > 0
+
+
+def test_help_version_and_every_command_described(capsys):
+    import pytest
+
+    from longtrain.cli.main import BENCHMARKS, COMMANDS
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("longtrain 0.")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name, (_, text) in COMMANDS.items():
+        assert f"  {name}" in out and text in out and text
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in BENCHMARKS) and "(see --help)" not in out
+
+
+def test_config_show_is_the_run_and_loads_back(tmp_path, capsys):
+    import json
+    import tomllib
+    from pathlib import Path
+
+    from longtrain.config.loading import build, load
+    from longtrain.config.train import TrainConfig
+
+    cfg = str(Path(__file__).resolve().parent.parent / "configs" / "cpu_demo.toml")
+    sets = ["--set", "optim.lr=0.002", "--set", "model.moe={num_experts=4, top_k=2}",
+            "--set", 'stages=[{name="short", set={"data.seq_len"=128}}]']
+    assert main(["config", "show", cfg, *sets]) == 0
+    shown = capsys.readouterr().out
+    want = load(TrainConfig, cfg, [s for s in sets if s != "--set"])
+    assert build(TrainConfig, tomllib.loads(shown)) == want and "lr = 0.002" in shown
+    assert main(["config", "show", cfg, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parallel"] == {"dp": 1, "pp": 1, "tp": 2, "cp_ulysses": 1,
+                                                               "cp_ring": 2, "ep": 1}
+    assert main(["config", "show", cfg, "--set", "optim.lrr=1"]) == 2
+    assert "unknown key(s) optim.lrr" in capsys.readouterr().err
+
+
+def test_config_schema_names_every_key(capsys):
+    import dataclasses
+    import json
+
+    from longtrain.config.train import TrainConfig
+
+    assert main(["config", "schema", "--json"]) == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
+    tops = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert tops <= set(rows) and {"optim.zero", "model.moe.top_k", "checkpoint.every", "parallel.cp_ring"} <= set(rows)
+    assert rows["optim.zero"]["type"] == "integer" and rows["optim.zero"]["default"] == 0
+    assert "ZeRO" in rows["optim.zero"]["description"] and rows["model.moe"]["type"] == "table | none"
+    assert main(["config", "schema"]) == 0
+    assert "hang_timeout_s" in capsys.readouterr().out
+
+
+def test_output_into_a_closed_pipe_is_not_an_error():
+    import subprocess
+    import sys
+
+    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+            "from longtrain.cli.main import main; sys.exit(main(['config', 'schema']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
