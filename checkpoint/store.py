@@ -15,8 +15,8 @@ Commit protocol: everything goes to ``step-NNNNNNNN.tmp/``; after all ranks fini
 hashes its share of the files, and rank 0 writes ``COMMITTED.json`` (every file with its size
 and SHA-256) and renames the directory to
 ``step-NNNNNNNN``. A directory without that marker is never loaded. On resume the newest
-committed checkpoint whose files match their checksums is used; a corrupt or partial one is
-reported and skipped for the previous one. Only the last `keep_last` that verify are kept.
+committed checkpoint whose files match their checksums is used (every rank hashes its share
+of the files); a corrupt or partial one is reported and skipped for the previous one. Only the last `keep_last` that verify are kept.
 Limits of resharding: the model config and the global batch must not change; the optimizer
 moments reshard with the parameters; expert parameters reshard across ep like any other;
 persistent buffers (the MoE router bias) are the same on every rank and load anywhere. State
@@ -267,13 +267,15 @@ def _files(path: Path) -> dict:
     return files
 
 
-def verify(path: Path, quick: bool = False) -> str | None:
+def verify(path: Path, quick: bool = False, share: tuple[int, int] = (0, 1)) -> str | None:
     """None if every file matches the marker, else what is wrong (`quick`: sizes only). Only
-    regular files inside the folder are read."""
+    regular files inside the folder are read. `share` (rank, ranks): every file's size is
+    checked, but only this rank's share of them is hashed (`verify_together`)."""
     try:
         files = _files(path)
     except (OSError, ValueError) as e:
         return f"unreadable {MARKER} ({e})"
+    mine = set(sorted(files)[share[0]::share[1]])
     for name, info in files.items():
         f = plain_file(path, name)
         if f is None:
@@ -284,7 +286,7 @@ def verify(path: Path, quick: bool = False) -> str | None:
             size = regular(f).st_size
             if size != info["bytes"]:
                 return f"{name} is {size} bytes, expected {info['bytes']} (truncated)"
-            if not quick and sha256_file(f) != info["sha256"]:
+            if not quick and name in mine and sha256_file(f) != info["sha256"]:
                 return f"{name} does not match its checksum"
         except (OSError, UnsafeFile) as e:
             return str(e)
@@ -329,31 +331,49 @@ def newest_usable(root: str | os.PathLike, quick: bool = False, log=None) -> Pat
     return None
 
 
+def verify_together(path: Path) -> str | None:
+    """`verify` with every rank of the job hashing its share of the files (a collective: every
+    rank calls it for the same folder); the same answer on every rank, the lowest rank's problem
+    if several find one. One process: `verify`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return verify(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    said: list = [None] * world
+    dist.all_gather_object(said, verify(path, share=(rank, world)))
+    return next((p for p in said if p), None)
+
+
 def latest_valid(root: str | os.PathLike, log=print) -> Path | None:
-    """Newest committed checkpoint that verifies (decided on rank 0, shared with all ranks);
-    CheckpointError on every rank when all of them are corrupt (never a silent restart)."""
-    choice, error = "", ""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            found = newest_usable(root, log=log)
-            choice = str(found) if found else ""
-        except CheckpointError as e:
-            error = str(e)
-    if dist.is_initialized():
-        box = [choice, error]
-        dist.broadcast_object_list(box, src=0)
-        choice, error = box
-    if error:
-        raise CheckpointError(error)
-    return Path(choice) if choice else None
+    """Newest committed checkpoint that verifies, the ranks hashing its files in parallel (a
+    collective: rank 0 lists the candidates, every rank verifies its share of each, newest
+    first); CheckpointError on every rank when all of them are corrupt (never a silent restart)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return newest_usable(root, log=log)
+    root = Path(root)
+    box = [[str(p) for p in _committed(root)] if dist.get_rank() == 0 and root.exists() else []]
+    dist.broadcast_object_list(box, src=0)
+    problems = []
+    for path in map(Path, box[0]):
+        problem = _outside(root, path) or verify_together(path)
+        if problem is None:
+            return path
+        problems.append(f"{path.name}: {problem}")
+        if dist.get_rank() == 0:
+            log(f"checkpoint {path} is corrupt: {problem}; trying the previous one")
+    if problems:
+        raise CheckpointError(_none_usable(root, problems))
+    return None
 
 
 def find(path: str | os.PathLike, log=print) -> Path | None:
     """A checkpoint named by `path`: a committed step directory (verified; ValueError if
     corrupt), or a folder of them (its newest valid one; None if there is none)."""
     path = Path(path)
-    if (path / MARKER).exists():
-        problem = verify(path)
+    step_dir = [(path / MARKER).exists()]
+    if dist.is_initialized():  # rank 0 decides, so every rank takes the same collectives
+        dist.broadcast_object_list(step_dir, src=0)
+    if step_dir[0]:
+        problem = verify_together(path)
         if problem:
             raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
         return path

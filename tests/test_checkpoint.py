@@ -117,3 +117,49 @@ def test_async_save_writes_the_state_of_its_step_while_training_goes_on(data_dir
     root4 = str(tmp_path / "ck4")
     for later, resumed in pool4.run(_async_save_while_training, data_dir, root4, dict(tp=2, cp_ring=2)):
         assert resumed == later
+
+
+def _fake_checkpoint(root, step: int, files: int, corrupt: str | None = None):
+    """A committed step folder of `files` small files (what `write` commits, without DCP); with
+    `corrupt`, that file's bytes change after its checksum was recorded."""
+    import hashlib
+    import json
+
+    path = root / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    record = {}
+    for i in range(files):
+        data = bytes([step, i]) * 1000
+        (path / f"f{i}.distcp").write_bytes(data)
+        record[f"f{i}.distcp"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if corrupt:
+        (path / corrupt).write_bytes(bytes(len((path / corrupt).read_bytes())))
+    (path / ckpt.MARKER).write_text(json.dumps({"step": step, "files": record}))
+
+
+def _verify_on_ranks(root):
+    """On each rank: the checkpoint `latest_valid` chooses, and how many files this rank hashed."""
+    import torch.distributed as dist
+
+    from longtrain.checkpoint import store
+
+    hashed, real = [], store.sha256_file
+    store.sha256_file = lambda f: hashed.append(f.name) or real(f)
+    try:
+        said = []
+        found = ckpt.latest_valid(root, log=said.append)
+    finally:
+        store.sha256_file = real
+    return found.name, len(hashed), said if dist.get_rank() == 0 else None
+
+
+def test_ranks_verify_a_checkpoint_together(tmp_path, pool4):
+    """Every rank hashes only its share of a checkpoint's files on resume; a file only rank 2
+    hashes, corrupt, still sends every rank to the previous checkpoint, and rank 0 says why."""
+    _fake_checkpoint(tmp_path, 2, files=8)
+    _fake_checkpoint(tmp_path, 4, files=8, corrupt="f6.distcp")  # sorted names: rank 2 of 4 hashes f2, f6
+    results = pool4.run(_verify_on_ranks, str(tmp_path))
+    assert [r[0] for r in results] == ["step-00000002"] * 4
+    assert [r[1] for r in results] == [4, 4, 4, 4]  # 2 of step 4's files, then 2 of step 2's, each rank
+    assert "f6.distcp does not match its checksum" in results[0][2][0] and "step-00000004" in results[0][2][0]
+    assert ckpt.verify(tmp_path / "step-00000004") and ckpt.verify(tmp_path / "step-00000002") is None
