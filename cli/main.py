@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return rc
     except (Stopped, KeyboardInterrupt) as e:  # Ctrl-C outside a training run: no traceback either
-        print(f"longtrain {ns.command}: {e or 'stopped by SIGINT'}", file=sys.stderr)
+        print(f"longtrain {ns.command}: {str(e) or 'stopped by SIGINT'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # output piped into `head` and closed: not an error of longtrain's
         import os

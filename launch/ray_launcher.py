@@ -29,6 +29,7 @@ from longtrain.data.shards import DataError
 from .failures import RankFailure, capture
 from longtrain.train.host_memory import THP_ENV
 from .elastic import describe, smaller_layouts
+from .ray_connect import check_address
 from .ray_placement import (PLACEMENT_WAIT_S, Placement, alive_nodes, first_layout, layout_after_failure,
                             layout_to_grow)
 from longtrain.train.stopping import GROW, StopRequest, Stopped, Watchdog, on_signals, stall_message
@@ -109,6 +110,7 @@ def start_ray(address: str | None, world: int) -> bool:
     if ray.is_initialized():
         return len(ray.nodes()) == 1 and not address
     if address:
+        check_address(address)  # within seconds, and interruptible, unlike ray.init's own wait
         ray.init(address=address, log_to_driver=True)
         warn_if_unauthenticated(address)
         return False

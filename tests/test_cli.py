@@ -148,3 +148,45 @@ def test_output_into_a_closed_pipe_is_not_an_error():
             "from longtrain.cli.main import main; sys.exit(main(['config', 'schema']))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def _train_cmd(tmp_path, address: str) -> list[str]:
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "passkey.toml"  # synthetic data: nothing to prepare
+    return [sys.executable, "-m", "longtrain.cli.main", "train", str(config), "--address", address,
+            "--set", f"out_dir={tmp_path / 'run'}", "--set", "steps=1"]
+
+
+def test_a_wrong_ray_address_fails_within_seconds(tmp_path):
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    p = subprocess.run(_train_cmd(tmp_path, "127.0.0.1:1"), capture_output=True, text=True, timeout=60)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and time.perf_counter() - t0 < 30, p.stderr
+    assert len(lines) == 1 and "nothing answers at the Ray address 127.0.0.1:1" in lines[0], p.stderr
+
+
+def test_ctrl_c_while_joining_a_cluster_ends_the_launcher(tmp_path):
+    """An address that accepts connections but never lets this machine join (as a cluster whose
+    nodes announce other addresses does): Ctrl-C still ends the launcher within seconds."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        p = subprocess.Popen(_train_cmd(tmp_path, f"127.0.0.1:{silent.getsockname()[1]}"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(8)  # past the imports and the TCP check: in the trial join
+        assert p.poll() is None, p.communicate()
+        t0 = time.perf_counter()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    assert time.perf_counter() - t0 < 10 and p.returncode == 130, err
+    assert "stopped by SIGINT" in err and "Traceback" not in err, err
