@@ -56,6 +56,14 @@ def _remove_node_of_rank(c, workers, actors, rank: int, when: Path, said: list):
     once_exists(when, remove)
 
 
+def test_the_address_check_lets_a_node_of_the_cluster_join(cluster):
+    """The launcher's check before joining (`ray_connect.check_address`: a TCP connection, then
+    a trial join in a child process) passes for a real cluster this machine is a node of."""
+    from longtrain.launch.ray_connect import check_address
+
+    check_address(cluster[0].address)
+
+
 def test_pipeline_stages_on_different_nodes(cluster, tmp_path):
     """pp2 x tp2: each tp pair is one bundle of 2 CPUs, so each pipeline stage fills a node of its
     own and the activations cross nodes; the losses are those of tp2 with the same micro-batches."""
