@@ -36,13 +36,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longtrain.files import UnsafeFile, confined, plain_file, read_json, regular, sha256_file
+from longtrain.files import sha256_file
+# the marker's readers are part of the checkpoint API (`store`): re-exported
+from longtrain.checkpoint.marker import (MARKER, _marker_stamp, save_rate, saved_identity, verify,  # noqa: F401
+                                        verify_together)
 
 from longtrain.checkpoint import safe_dcp
 from longtrain.checkpoint.state import restore, state_for_checkpoint, state_to_load
 from longtrain.checkpoint.safe_dcp import read_metadata
 
-MARKER = "COMMITTED.json"
 
 
 def _committed(root: Path) -> list[Path]:
@@ -120,6 +122,7 @@ def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, iden
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    t0 = time.perf_counter()
 
     def prepare():
         if rank0:  # no save is in flight (`Saver`): any .tmp folder is a write that never committed
@@ -141,8 +144,10 @@ def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, iden
 
     def commit():
         if rank0:
-            (tmp / MARKER).write_text(json.dumps({"step": step, "files": dict(sorted(files.items())),
-                                                  "run": identity}, indent=1))
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": dict(sorted(files.items())), "run": identity,
+                                                  "written_s": round(time.perf_counter() - t0, 3),
+                                                  "ranks": dist.get_world_size(group) if dist.is_initialized() else 1},
+                                                 indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             verified[final.name] = _marker_stamp(final)  # hashed just now, by every rank
@@ -161,14 +166,6 @@ def write(sd: dict, root: str | os.PathLike, step: int, keep_last: int = 3, iden
         _retain(root, final, keep_last, verified)
     _barrier(group)
     return final
-
-
-def _marker_stamp(path: Path) -> tuple | None:
-    try:
-        st = (path / MARKER).stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _intact(path: Path, verified: dict) -> bool:
@@ -254,54 +251,6 @@ class Saver:
         return path
 
 
-def _files(path: Path) -> dict:
-    """The marker's {file name: {"bytes", "sha256"}}; UnsafeFile (a ValueError) if the marker is
-    not a regular file of the folder, is oversized, or is not what `write` writes."""
-    marker = read_json(confined(path, MARKER, "marker"))
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(i, dict) and isinstance(i.get("bytes"), int) and not isinstance(i.get("bytes"), bool)
-            and isinstance(i.get("sha256"), str) for i in files.values()):
-        raise UnsafeFile(f"{path / MARKER} is malformed: 'files' must map each file name to its 'bytes' and "
-                         "'sha256'")
-    return files
-
-
-def verify(path: Path, quick: bool = False, share: tuple[int, int] = (0, 1)) -> str | None:
-    """None if every file matches the marker, else what is wrong (`quick`: sizes only). Only
-    regular files inside the folder are read. `share` (rank, ranks): every file's size is
-    checked, but only this rank's share of them is hashed (`verify_together`)."""
-    try:
-        files = _files(path)
-    except (OSError, ValueError) as e:
-        return f"unreadable {MARKER} ({e})"
-    mine = set(sorted(files)[share[0]::share[1]])
-    for name, info in files.items():
-        f = plain_file(path, name)
-        if f is None:
-            return f"{MARKER} names {name!r}, which is not a plain file of the checkpoint's folder"
-        if not f.exists():
-            return f"{name} is missing"
-        try:
-            size = regular(f).st_size
-            if size != info["bytes"]:
-                return f"{name} is {size} bytes, expected {info['bytes']} (truncated)"
-            if not quick and name in mine and sha256_file(f) != info["sha256"]:
-                return f"{name} does not match its checksum"
-        except (OSError, UnsafeFile) as e:
-            return str(e)
-    return None
-
-
-def saved_identity(path: Path) -> dict | None:
-    """The model config and data identity recorded with a committed checkpoint (None: older)."""
-    try:
-        run = read_json(confined(path, MARKER, "marker")).get("run")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return run if isinstance(run, dict) else None
-
-
 def _outside(root: Path, path: Path) -> str | None:
     """What is wrong with step folder `path` of `root` if it is a link leading out of `root`."""
     if path.is_symlink() and path.resolve().parent != root.resolve():
@@ -329,18 +278,6 @@ def newest_usable(root: str | os.PathLike, quick: bool = False, log=None) -> Pat
     if problems:
         raise CheckpointError(_none_usable(root, problems))
     return None
-
-
-def verify_together(path: Path) -> str | None:
-    """`verify` with every rank of the job hashing its share of the files (a collective: every
-    rank calls it for the same folder); the same answer on every rank, the lowest rank's problem
-    if several find one. One process: `verify`."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return verify(path)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    said: list = [None] * world
-    dist.all_gather_object(said, verify(path, share=(rank, world)))
-    return next((p for p in said if p), None)
 
 
 def latest_valid(root: str | os.PathLike, log=print) -> Path | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 
 from longtrain.config.loading import ConfigError, load_tree
 from longtrain.launch.failures import RankFailure, capture
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="ray (default), local processes, or env (one rank under torchrun / srun)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     ap.add_argument("--max-restarts", type=int, default=3, help="worker or node failures tolerated (Ray)")
-    ap.add_argument("--placement-wait", type=float, default=300.0, metavar="S",
-                    help="seconds to wait for the Ray cluster to hold the layout, at the start and after a lost node")
+    ap.add_argument("--placement-wait", type=float, default=None, metavar="S",
+                    help="seconds to wait for the Ray cluster to hold the layout, at the start and after a lost node "
+                         "(default: launch.placement_wait_s)")
     ap.add_argument("--elastic", action="store_true",
                     help="Ray: when the cluster cannot hold the layout (a node lost), go on with fewer ranks (dp, "
                          "then cp_ring shrink; grad_accum rises) and grow back at a checkpoint (launch.min_world = 1)")
@@ -78,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                     from longtrain.launch.ray_launcher import launch
 
                     launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug,
-                           placement_wait_s=args.placement_wait,
+                           placement_wait_s=args.placement_wait or cfg.launch.placement_wait_s,
                            min_world=(cfg.launch.min_world or 1) if args.elastic else None)
                 else:
                     from longtrain.launch.spawn import spawn_local
 
                     cfg = cfg.resolved()
                     spawn_local(_rank_main, world, cfg, device_type=cfg.device, debug=args.debug,
-                                hang_timeout_s=cfg.hang_timeout_s)
+                                hang_timeout_s=cfg.hang_timeout_s, timeout_s=cfg.launch.collective_timeout_s)
         except Stopped as e:  # every rank stopped at the same step (or at once, on a second signal)
             print(f"longtrain train: {cfg.out_dir}: {stopped_line(e, cfg.checkpoint_root)}", file=sys.stderr)
             return e.exit_code
@@ -120,7 +122,7 @@ def _env_rank(runs: list[TrainConfig], debug: bool = False) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     stop = StopRequest()  # SIGTERM from torchrun / srun / the scheduler: stop at a step boundary
     install(stop)
-    rank, _ = init_distributed(runs[0].device)
+    rank, _ = init_distributed(runs[0].device, timedelta(seconds=runs[0].launch.collective_timeout_s))
     try:
         from longtrain.train.run import train_rank
 

@@ -103,10 +103,20 @@ class LaunchConfig:
     # same samples), and grow back at a checkpoint when the nodes return. 0: not elastic (wait,
     # then fail); `longtrain train --elastic` is min_world = 1.
     min_world: int = 0
+    # How long a rank waits in one collective (the rendezvous, a checkpoint's verification or
+    # load, a gradient reduction) before failing: generous, since an 8B model's checkpoint takes
+    # minutes to read; a stalled rank is caught sooner by the watchdog (hang_timeout_s).
+    collective_timeout_s: float = 1800.0
+    # Ray: how long to wait for the cluster to hold the layout, at the start and after a node is
+    # lost (`longtrain train --placement-wait` overrides it).
+    placement_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.min_world < 0:
             raise ValueError(f"min_world={self.min_world} must be >= 0 (0: not elastic)")
+        for key in ("collective_timeout_s", "placement_wait_s"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ValueError(f"{key}={getattr(self, key)} must be a finite number of seconds > 0")
 
 
 @dataclass(kw_only=True)
@@ -193,6 +203,10 @@ class TrainConfig:
         problems += self._pipeline_problems()
         if not (math.isfinite(self.hang_timeout_s) and self.hang_timeout_s >= 0):
             problems.append(f"hang_timeout_s={self.hang_timeout_s} must be a finite number of seconds >= 0 (0: off)")
+        elif self.hang_timeout_s >= self.launch.collective_timeout_s:
+            problems.append(f"hang_timeout_s={self.hang_timeout_s:g} must be below launch.collective_timeout_s="
+                            f"{self.launch.collective_timeout_s:g}: the watchdog must notice a stalled rank before "
+                            "the others' collectives time out")
         if not 0 <= self.host_mmap_mib <= MAX_THRESHOLD_MIB:
             problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, {MAX_THRESHOLD_MIB}] (MiB; 0 leaves "
                             "glibc's threshold adaptive)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import ray
 
@@ -91,7 +92,7 @@ class RankActor:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), MASTER_ADDR=master[0],
                           MASTER_PORT=str(master[1]), LOCAL_RANK="0")
         torch.set_num_threads(self.threads)
-        init_distributed(cfg.device)
+        init_distributed(cfg.device, timedelta(seconds=cfg.launch.collective_timeout_s))
         try:
             log = print if self.rank == 0 else (lambda *_: None)
             return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at, debug=debug,

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import tempfile
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -44,7 +45,7 @@ def _own_process_group() -> None:
 
 
 def _entry(rank: int, world: int, port: int, threads: int, device_type: str, debug: bool, fn, args,
-           results, beats: str | None = None) -> None:
+           results, beats: str | None = None, timeout_s: float = 1800.0) -> None:
     _own_process_group()
     # all ranks on this machine: the local index is the rank (device.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -54,7 +55,7 @@ def _entry(rank: int, world: int, port: int, threads: int, device_type: str, deb
     torch.set_num_threads(threads)
     from .dist_env import init_distributed
 
-    init_distributed(device_type)
+    init_distributed(device_type, timedelta(seconds=timeout_s))
     try:
         results.put((rank, capture(rank, fn, *args, debug=debug)))  # a user error comes back as a RankFailure
     finally:
@@ -73,7 +74,8 @@ def _read_beats(folder: str, watchdog: Watchdog) -> None:
 
 
 def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None = None,
-                device_type: str = "cpu", debug: bool = False, hang_timeout_s: float = 0.0) -> list[Any]:
+                device_type: str = "cpu", debug: bool = False, hang_timeout_s: float = 0.0,
+                timeout_s: float = 1800.0) -> list[Any]:
     """Call `fn(*args)` on `world` ranks of this machine (gloo on "cpu", NCCL on "cuda", rank r
     on GPU r); return the per-rank results in rank order. If any rank dies, or reports a user
     error (`failures.RankFailure`), the others are stopped at once and the failure is raised here.
@@ -81,13 +83,15 @@ def spawn_local(fn: Callable[..., Any], world: int, *args, threads: int | None =
     SIGINT / SIGTERM here is passed on to every rank once (a rank that handles it stops at its
     next step boundary, `stopping`), and `Stopped` is raised when they are done; a second
     signal kills them at once. Each rank runs `threads` torch threads: by default OMP_NUM_THREADS
-    when set (to leave cores to other work), else this machine's cores shared evenly."""
+    when set (to leave cores to other work), else this machine's cores shared evenly.
+    `timeout_s`: how long a rank waits in one collective before failing."""
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     beats = tempfile.mkdtemp(prefix="longtrain-heartbeat-") if hang_timeout_s > 0 else None
-    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, debug, fn, args, results, beats))
+    procs = [ctx.Process(target=_entry, args=(r, world, port, threads, device_type, debug, fn, args, results, beats,
+                                                    timeout_s))
              for r in range(world)]
 
     def stop_now(_signum):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from longtrain.data.loader import PackedLoader
@@ -74,6 +76,15 @@ def test_corrupt_latest_falls_back(data_dir, tmp_path):
     assert "truncated" in notes[0]
     extra = ckpt.load(root / "step-00000003", t.model, t.opt, t.mesh)
     assert extra["step"] == 3
+    # each marker records how fast it was written, for the first stop-save estimate of a resumed run
+    from longtrain.train.stopping import SAVE_RATE_GUESS, first_save_estimate
+
+    rate = ckpt.save_rate(root / "step-00000003")
+    files = sum(f.stat().st_size for f in (root / "step-00000003").iterdir() if f.name != ckpt.MARKER)
+    written = json.loads((root / "step-00000003" / ckpt.MARKER).read_text())
+    assert written["ranks"] == 1 and rate == pytest.approx(files / written["written_s"])
+    assert first_save_estimate(files, rate) == pytest.approx(written["written_s"])
+    assert first_save_estimate(files) == files / SAVE_RATE_GUESS
 
 
 def _async_save_while_training(data_dir, root, degrees):
@@ -141,15 +152,15 @@ def _verify_on_ranks(root):
     """On each rank: the checkpoint `latest_valid` chooses, and how many files this rank hashed."""
     import torch.distributed as dist
 
-    from longtrain.checkpoint import store
+    from longtrain.checkpoint import marker
 
-    hashed, real = [], store.sha256_file
-    store.sha256_file = lambda f: hashed.append(f.name) or real(f)
+    hashed, real = [], marker.sha256_file
+    marker.sha256_file = lambda f: hashed.append(f.name) or real(f)
     try:
         said = []
         found = ckpt.latest_valid(root, log=said.append)
     finally:
-        store.sha256_file = real
+        marker.sha256_file = real
     return found.name, len(hashed), said if dist.get_rank() == 0 else None
 
 

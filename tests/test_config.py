@@ -117,3 +117,16 @@ def test_host_mmap_threshold_is_bounded():
     assert load(TrainConfig, None, ["host_mmap_mib=4"]).host_mmap_mib == 4
     with pytest.raises(ConfigError, match=r"host_mmap_mib=64(\.0)? must be in \[0, 32\]"):
         load(TrainConfig, None, ["host_mmap_mib=64"])
+
+
+def test_timeouts_are_keys_and_the_watchdog_fires_first():
+    from longtrain.config.loading import ConfigError, build
+    from longtrain.config.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.hang_timeout_s < cfg.launch.collective_timeout_s and cfg.launch.placement_wait_s > 0
+    with pytest.raises(ConfigError, match="hang_timeout_s=900 must be below launch.collective_timeout_s=600"):
+        build(TrainConfig, {"hang_timeout_s": 900, "launch": {"collective_timeout_s": 600}})
+    with pytest.raises(ConfigError, match="placement_wait_s=0.0 must be a finite number"):
+        build(TrainConfig, {"launch": {"placement_wait_s": 0}})
+    assert build(TrainConfig, {"hang_timeout_s": 0, "launch": {"collective_timeout_s": 60}}).launch.collective_timeout_s == 60

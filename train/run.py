@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -110,9 +111,10 @@ def _check_data(cfg: TrainConfig) -> None:
         check_vocabulary(loader.vocab_size, cfg, f"the data in {path}")
 
 
-def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None:
+def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> Path | None:
     """Resume from this run's newest valid checkpoint; with none, start from the weights of
-    `checkpoint.init_from` if given (fresh optimizer, data and schedule)."""
+    `checkpoint.init_from` if given (fresh optimizer, data and schedule). Returns the checkpoint
+    resumed from, if any."""
     found = ckpt.latest_valid(root, log=log)  # a collective when distributed: every rank asks
     if found is not None:
         identity.check(ckpt.saved_identity(found), cfg, str(root))  # the same file on every rank
@@ -120,7 +122,8 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
         trainer.step = extra["step"]
         trainer.loader.load_state_dict(extra["loader"])
         log(f"resumed from {found} at step {trainer.step}")
-    elif hf_path(cfg.checkpoint.init_from):
+        return found
+    if hf_path(cfg.checkpoint.init_from):
         load_weights(trainer.model, hf_path(cfg.checkpoint.init_from))
         log(f"initialized the weights from the Hugging Face model {hf_path(cfg.checkpoint.init_from)}")
     elif cfg.checkpoint.init_from:
@@ -130,6 +133,7 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> None
         identity.check(ckpt.saved_identity(path), cfg, str(path), resume=False)
         ckpt.load(path, trainer.model, None, trainer.mesh)
         log(f"initialized the weights from {path}")
+    return None
 
 
 def _setup(cfg: TrainConfig):
@@ -139,8 +143,9 @@ def _setup(cfg: TrainConfig):
     device = local_device(job_device_type(cfg.device))
     if device.type == "cpu":
         map_large_blocks(cfg.host_mmap_mib)  # the resident set follows the live tensors
-    mesh = build_mesh(cfg.parallel, device_type=device.type, sequence_parallel=cfg.sequence_parallel) \
-        if dist.is_initialized() else ParallelMesh.single(device.type)
+    timeout = timedelta(seconds=cfg.launch.collective_timeout_s)
+    mesh = build_mesh(cfg.parallel, device_type=device.type, sequence_parallel=cfg.sequence_parallel,
+                      timeout=timeout) if dist.is_initialized() else ParallelMesh.single(device.type)
     trainer = Trainer(cfg, mesh, make_loader(cfg, mesh), device=device)
     return device, mesh, trainer, Path(cfg.checkpoint_root)
 
@@ -257,7 +262,8 @@ class _RankRun:
     rank0: bool
     metrics: object | None  # rank 0's MetricsLog
     stop: StopRequest | None
-    save_s: float | None = None  # seconds a save takes on this rank (a guess until one is measured)
+    save_s: float | None = None  # seconds a save takes on this rank (estimated until one is measured)
+    save_rate: float | None = None  # bytes/s the checkpoint resumed from was written at (its marker)
     rows: list[dict] = field(default_factory=list)  # rank 0's metric rows
 
 
@@ -269,13 +275,14 @@ def _start_rank(cfg: TrainConfig, log, stop: StopRequest | None) -> _RankRun:
     rank0 = mesh.rank == 0
     say = log if rank0 else (lambda *_: None)
     saver = _saver(cfg)
-    _resume_or_init(cfg, trainer, root, say)
+    resumed = _resume_or_init(cfg, trainer, root, say)
+    rate = ckpt.save_rate(resumed) if resumed is not None else None  # how fast this storage took a save
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
     if stop is not None:
         stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
     _sent(mesh)  # set-up and resume are not the first step's
     return _RankRun(cfg=cfg, device=device, mesh=mesh, trainer=trainer, root=root, saver=saver, log=log, say=say,
-                    rank0=rank0, metrics=metrics, stop=stop)
+                    rank0=rank0, metrics=metrics, stop=stop, save_rate=rate)
 
 
 def _step(run: _RankRun) -> bool:
@@ -294,7 +301,7 @@ def _step(run: _RankRun) -> bool:
         return False
     sent = _sent(run.mesh)  # this step's collectives (rank 0's count), before peaks adds its own
     if run.save_s is None:  # before a save was measured: a guess from the state's size (its moments exist now)
-        run.save_s = first_save_estimate(_state_bytes(trainer))
+        run.save_s = first_save_estimate(_state_bytes(trainer), run.save_rate)
     peaks, stopping, save_estimate, growing = rank_peaks(run.device, run.mesh, stop, run.save_s)
     row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
            "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),

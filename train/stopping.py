@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# a conservative rate for a first save's duration when none was measured yet (bytes of state / s)
+# a conservative rate for a first save's duration when neither this run nor the checkpoint it
+# resumed from measured one (bytes of state / s)
 SAVE_RATE_GUESS = 100 * 2**20
 
 
@@ -107,9 +108,10 @@ def save_on_stop(estimate_s: float, grace_s: float) -> bool:
     return estimate_s <= grace_s
 
 
-def first_save_estimate(state_bytes: int) -> float:
-    """Seconds a first save might take, before one was measured."""
-    return state_bytes / SAVE_RATE_GUESS
+def first_save_estimate(state_bytes: int, rate: float | None = None) -> float:
+    """Seconds this run's first save might take, before one was measured: at `rate` (bytes/s:
+    the rate the checkpoint it resumed from was written at), else at a conservative guess."""
+    return state_bytes / (rate or SAVE_RATE_GUESS)
 
 
 def stopped_line(exc: Stopped, checkpoint_root: str | os.PathLike) -> str:
