@@ -19,6 +19,7 @@
     longtrain bench longrun CONFIG [...]    a long-context run against its plan, killed and resumed (1M tokens)
     longtrain bench checkpoint [CONFIG]     step time around a checkpoint save, synchronous vs in the background
     longtrain bench pipeline [CONFIG]       pipeline bubble vs the 1F1B bound, interleaved gain, overlap, ZeRO memory
+    longtrain bench verify [--gib 1]        checkpoint verification on resume: one rank against several
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("longtrain.cli.config", "the resolved config of a run (show), or every key (schema)"),
     "bench": ("", "benchmarks that write docs/benchmarks.md (longtrain bench --help)"),
 }
-BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline", "verify")
 
 
 def _version() -> str:

@@ -174,3 +174,12 @@ def test_ranks_verify_a_checkpoint_together(tmp_path, pool4):
     assert [r[1] for r in results] == [4, 4, 4, 4]  # 2 of step 4's files, then 2 of step 2's, each rank
     assert "f6.distcp does not match its checksum" in results[0][2][0] and "step-00000004" in results[0][2][0]
     assert ckpt.verify(tmp_path / "step-00000004") and ckpt.verify(tmp_path / "step-00000002") is None
+
+
+def test_bench_verify_times_one_rank_against_several(tmp_path):
+    from longtrain.benchmarks.verify import main
+
+    docs = tmp_path / "bench.md"
+    assert main(["--gib", "0.01", "--files", "4", "--ranks", "2", "--rounds", "1", "--write-docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert "bench:verify:begin" in text and "| 0.01 GiB | 4 |" in text and "2 ranks / 1 rank" in text
