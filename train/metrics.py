@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_mib", "eval_loss", "eval_bpb", "eval_acc",
+SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_mib", "step_s", "tflops_per_device", "mfu",
+           "data_wait_s", "moe_load_max_over_mean", "eval_loss", "eval_bpb", "eval_acc",
            "eval_key_acc")
 
 

@@ -24,6 +24,7 @@ from longtrain.config.device import job_device_type, local_device
 from longtrain.config.hf import hf_path
 from longtrain.models.hf import load_weights
 from longtrain.train.host_memory import map_large_blocks
+from longtrain.train.throughput import StepStats, log_fields, moe_stats
 from longtrain.train.stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
 from longtrain.config.train import TrainConfig, check_vocabulary
 from longtrain.train.trainer import NonFiniteLoss, Trainer
@@ -186,23 +187,23 @@ def _save(cfg: TrainConfig, trainer: Trainer, saver: ckpt.Saver, root: Path, say
     return _saved(cfg, saver, root, say) if wait or not saver.asynchronous else None
 
 
-def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None,
-               save_estimate_s: float = 0.0) -> tuple[list[float], int, float, bool]:
+def rank_peaks(device: torch.device, mesh, stop: StopRequest | None = None, save_estimate_s: float = 0.0,
+               extra: tuple[float, ...] = ()) -> tuple[list[float], int, float, bool, list[list[float]]]:
     """(every rank's peak memory (MiB) since the previous call in rank order, the stop signal
     any rank was asked for (0: none), the longest save any rank expects, whether any rank was
-    asked to grow the layout), the same on every rank: the job's peak is the maximum, imbalance
-    shows in the list, and a stop (`stopping`) rides on the same gather instead of a collective
-    of its own."""
+    asked to grow the layout, every rank's `extra` values), the same on every rank: the job's
+    peak is the maximum, imbalance shows in the list, and a stop (`stopping`) and the per-rank
+    step figures ride on the same gather instead of collectives of their own."""
     from longtrain.parallel.comm import all_gather_cat
 
     from longtrain.train.metrics import peak_memory_mib
 
     mine = torch.tensor([[peak_memory_mib(device), stop.signum if stop else 0, save_estimate_s,
-                          float(stop.grow) if stop else 0.0]], dtype=torch.float64, device=device)
+                          float(stop.grow) if stop else 0.0, *extra]], dtype=torch.float64, device=device)
     mine = all_gather_cat(mine, mesh.group("world"), dim=0)
     mine = mine.cpu()
     return ([round(float(p), 1) for p in mine[:, 0]], int(mine[:, 1].max()), float(mine[:, 2].max()),
-            bool(mine[:, 3].max() > 0))
+            bool(mine[:, 3].max() > 0), mine[:, 4:].tolist())
 
 
 def _sent(mesh) -> dict[str, int]:
@@ -262,6 +263,7 @@ class _RankRun:
     rank0: bool
     metrics: object | None  # rank 0's MetricsLog
     stop: StopRequest | None
+    stats: StepStats | None = None  # rank 0's throughput accounting
     save_s: float | None = None  # seconds a save takes on this rank (estimated until one is measured)
     save_rate: float | None = None  # bytes/s the checkpoint resumed from was written at (its marker)
     rows: list[dict] = field(default_factory=list)  # rank 0's metric rows
@@ -278,11 +280,12 @@ def _start_rank(cfg: TrainConfig, log, stop: StopRequest | None) -> _RankRun:
     resumed = _resume_or_init(cfg, trainer, root, say)
     rate = ckpt.save_rate(resumed) if resumed is not None else None  # how fast this storage took a save
     metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
+    stats = StepStats(cfg, device) if rank0 else None
     if stop is not None:
         stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
     _sent(mesh)  # set-up and resume are not the first step's
     return _RankRun(cfg=cfg, device=device, mesh=mesh, trainer=trainer, root=root, saver=saver, log=log, say=say,
-                    rank0=rank0, metrics=metrics, stop=stop, save_rate=rate)
+                    rank0=rank0, metrics=metrics, stop=stop, save_rate=rate, stats=stats)
 
 
 def _step(run: _RankRun) -> bool:
@@ -302,12 +305,18 @@ def _step(run: _RankRun) -> bool:
     sent = _sent(run.mesh)  # this step's collectives (rank 0's count), before peaks adds its own
     if run.save_s is None:  # before a save was measured: a guess from the state's size (its moments exist now)
         run.save_s = first_save_estimate(_state_bytes(trainer), run.save_rate)
-    peaks, stopping, save_estimate, growing = rank_peaks(run.device, run.mesh, stop, run.save_s)
+    moe = moe_stats(trainer.model)
+    peaks, stopping, save_estimate, growing, each = rank_peaks(run.device, run.mesh, stop, run.save_s,
+                                                               (r.busy_s, r.data_s, moe.get("moe_dropped", 0)))
     row = {"step": r.step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
            "label_tokens": r.tokens, "tokens_per_s": cfg.tokens_per_step / max(r.seconds, 1e-9),
            "peak_mem_mib": max(peaks), "peak_mem_mib_ranks": peaks, "bytes_sent": sent,
            "optim_state_mib": _optim_bytes(trainer) / 2**20,
            "skipped": r.skipped, "time": time.time()}
+    if run.stats is not None:
+        row.update(run.stats.row(r.step + 1, r.seconds, [e[0] for e in each], [e[1] for e in each]))
+    if moe:
+        row.update(moe_load_max_over_mean=moe["moe_load_max_over_mean"], moe_dropped=int(sum(e[2] for e in each)))
     evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0 and not stopping
     if evaluated:
         row.update(evaluate(trainer, held_out_loader(cfg, run.mesh), cfg.eval_batches, cfg.data.source == "passkey"))
@@ -357,7 +366,8 @@ def _report(run: _RankRun, row: dict, plot: bool) -> None:
     if cfg.log_every and run.trainer.step % cfg.log_every == 0:
         extra = "".join(f" {k} {row[k]:.4f}" for k in ("eval_loss", "eval_acc", "eval_key_acc") if k in row)
         run.log(f"step {row['step']:>6} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} lr {row['lr']:.2e} "
-                f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}")
+                f"{row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mib']:.0f} MiB{extra}"
+                + (log_fields(row) if "step_s" in row else ""))
 
 
 def eval_rank(cfg: TrainConfig, batches: int, checkpoint: str | None = None) -> dict:

@@ -66,6 +66,8 @@ class StepResult:
     tokens: int
     seconds: float
     skipped: bool = False
+    busy_s: float = 0.0  # this rank's own work: the step until its closing gradient reduction
+    data_s: float = 0.0  # of that, waiting for the loader's batches
 
 
 class Trainer:
@@ -108,6 +110,7 @@ class Trainer:
         t0 = time.perf_counter()
         cfg = self.cfg
         micro = [self.local_batch(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
+        data_s = time.perf_counter() - t0
         count = global_count(sum(int(labeled(m["labels"]).sum()) for m in micro), self._group(), self.device)
         total = torch.zeros((), dtype=torch.float64)
         autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
@@ -126,6 +129,7 @@ class Trainer:
             loss = step_loss(out.loss_sum, count)
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
+        busy_s = time.perf_counter() - t0  # what follows waits for the other ranks' gradients
         if self.sync is not None:
             grads = self.sync.finish()  # whole gradients, or this rank's ZeRO-2 chunks
         else:
@@ -152,7 +156,8 @@ class Trainer:
             self.opt.step(grads) if isinstance(self.opt, ZeroAdamW) else self.opt.step()
         self.model.end_step(apply=not skipped)
         self.opt.zero_grad(set_to_none=True)
-        result = StepResult(self.step, mean, float(norm), lr, int(count.item()), time.perf_counter() - t0, skipped)
+        result = StepResult(self.step, mean, float(norm), lr, int(count.item()), time.perf_counter() - t0, skipped,
+                            busy_s, data_s)
         self.step += 1
         return result
 
