@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also print the traceback of errors in the input (data, config, checkpoint) raised in a rank")
     args = ap.parse_args(argv)
     try:
-        runs = expand_stages(load_tree(args.config, args.overrides))
+        runs = [cfg.absolute() for cfg in expand_stages(load_tree(args.config, args.overrides))]
         from longtrain.train.run import preflight
 
         for cfg in runs:

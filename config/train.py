@@ -255,6 +255,24 @@ class TrainConfig:
 
         return dataclasses.replace(self, device=job_device_type(self.device, gpus))
 
+    def absolute(self, cwd: str | None = None) -> "TrainConfig":
+        """A copy whose paths (data, eval data, out_dir, checkpoint dir, init_from, an "hf:"
+        folder included) are absolute, resolved against `cwd` (default: this process's): a
+        launcher's relative paths must not be resolved again on each node."""
+        import dataclasses
+        import os
+
+        def at(path: str | None) -> str | None:
+            return None if path is None else os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(path)))
+
+        init = self.checkpoint.init_from
+        hf = init.startswith("hf:") if init else False
+        return dataclasses.replace(
+            self, out_dir=at(self.out_dir),
+            data=dataclasses.replace(self.data, path=at(self.data.path), eval_path=at(self.data.eval_path)),
+            checkpoint=dataclasses.replace(self.checkpoint, dir=at(self.checkpoint.dir),
+                                           init_from=("hf:" + at(init[3:])) if hf else at(init)))
+
     @property
     def checkpoint_root(self) -> str:
         """Where this run's checkpoints go: checkpoint.dir, or <out_dir>/checkpoints."""

@@ -82,3 +82,38 @@ def test_moe_rows_say_the_expert_load(data_dir, tmp_path):
     rows = train_rank(cfg, log=lambda *_: None)
     assert all(r["moe_load_max_over_mean"] >= 1 and r["moe_dropped"] >= 0 for r in rows)
     assert any(r["moe_dropped"] > 0 for r in rows)  # capacity 1.0 with an uneven load drops some
+
+
+def _one_rank_elsewhere(data_dir, work: str, other: str):
+    """Train with relative paths from `work`; rank 2 runs from `other`, where they lead nowhere
+    (as on a node that does not mount the same file system)."""
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    from longtrain.train.run import train_rank
+
+    if dist.get_rank() == 0:
+        shutil.copytree(data_dir, os.path.join(work, "data"), dirs_exist_ok=True)
+    dist.barrier()
+    here = os.getcwd()
+    os.chdir(other if dist.get_rank() == 2 else work)
+    try:
+        cfg = _cfg("data", "run", 1, {"dp": 4}, eval_every=0)
+        train_rank(cfg, log=lambda *_: None)
+    except ValueError as e:
+        return str(e)
+    finally:
+        os.chdir(here)
+    return None
+
+
+def test_a_rank_that_cannot_see_the_folders_stops_the_job_before_training(data_dir, tmp_path, pool4):
+    work, other = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    other.mkdir()
+    said = pool4.run(_one_rank_elsewhere, data_dir, str(work), str(other))
+    assert len(set(said)) == 1 and said[0] is not None  # the same one line on every rank
+    assert said[0].startswith("rank 2 on node ") and "cannot see out_dir" in said[0] and str(other / "run") in said[0]
+    assert not (work / "run" / "metrics.jsonl").exists()  # before the first step

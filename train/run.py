@@ -24,6 +24,7 @@ from longtrain.config.device import job_device_type, local_device
 from longtrain.config.hf import hf_path
 from longtrain.models.hf import load_weights
 from longtrain.train.host_memory import map_large_blocks
+from longtrain.train.shared_fs import check_shared_folders
 from longtrain.train.throughput import StepStats, log_fields, moe_stats
 from longtrain.train.stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
 from longtrain.config.train import TrainConfig, check_vocabulary
@@ -144,6 +145,7 @@ def _setup(cfg: TrainConfig):
     device = local_device(job_device_type(cfg.device))
     if device.type == "cpu":
         map_large_blocks(cfg.host_mmap_mib)  # the resident set follows the live tensors
+    check_shared_folders(cfg)  # before any other collective: every rank sees the same data and out_dir
     timeout = timedelta(seconds=cfg.launch.collective_timeout_s)
     mesh = build_mesh(cfg.parallel, device_type=device.type, sequence_parallel=cfg.sequence_parallel,
                       timeout=timeout) if dist.is_initialized() else ParallelMesh.single(device.type)
