@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .batch import IGNORE
-from .shards import DataError, open_dataset
+from .shards import DataError, bytes_per_token, open_dataset
 
 ORDER = "documents+windows"  # what is shuffled; a loader state from another order cannot resume
 
@@ -63,6 +63,7 @@ class PackedLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.document_mask = document_mask
         self.eos = int(self.manifest["tokenizer"]["eos_id"])
+        self.bytes_per_token = bytes_per_token(self.manifest)  # None: not recorded by `prepare`
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         # global document table: (shard, index in shard), length including the end token
         self._doc_shard = np.concatenate([np.full(s.documents, i, np.int32) for i, s in enumerate(self.shards)])

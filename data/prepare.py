@@ -95,13 +95,20 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str | None = None, text_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        token_docs = (tok.encode(d) for d in documents(inputs, text_field, limit_bytes))
-        token_docs = (t for t in token_docs if len(t))
+        text_bytes = [0]  # of the documents kept (those with any token), for bits per byte
+
+        def encoded():
+            for d in documents(inputs, text_field, limit_bytes):
+                t = tok.encode(d)
+                if len(t):
+                    text_bytes[0] += len(d) if isinstance(d, bytes) else len(d.encode("utf-8", errors="surrogatepass"))
+                    yield t
+
         entries = [write_shard(tmp / f"shard-{i:05d}.arrow", group, tok.vocab_size)
-                   for i, group in enumerate(batched(token_docs, shard_tokens))]
+                   for i, group in enumerate(batched(encoded(), shard_tokens))]
         if not entries:
             raise DataError(f"no text found in {inputs}; nothing to prepare")
-        manifest = write_manifest(tmp, entries, tok.describe(), " ".join(inputs))
+        manifest = write_manifest(tmp, entries, tok.describe(), " ".join(inputs), text_bytes[0])
         _into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -67,9 +67,23 @@ def write_shard(path: Path, docs: list[np.ndarray], vocab_size: int) -> dict:
             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def write_manifest(out_dir: Path, shards: list[dict], tokenizer: dict, source: str) -> dict:
+def bytes_per_token(manifest: dict) -> float | None:
+    """UTF-8 bytes of text per predicted token (each document's tokens and its end-of-document
+    token), from what `prepare` recorded; None for a dataset prepared without it."""
+    text, tokens, docs = manifest.get("text_bytes"), manifest.get("tokens"), manifest.get("documents")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (text, tokens, docs)):
+        return None
+    return text / (tokens + docs)
+
+
+def write_manifest(out_dir: Path, shards: list[dict], tokenizer: dict, source: str,
+                   text_bytes: int | None = None) -> dict:
+    """`text_bytes`: the UTF-8 bytes of the documents' text, so bits per byte can be reported
+    for any tokenizer (`bytes_per_token`)."""
     manifest = {"format": FORMAT, "tokenizer": tokenizer, "source": source, "shards": shards,
                 "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
+    if text_bytes is not None:
+        manifest["text_bytes"] = int(text_bytes)
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out_dir / MANIFEST)

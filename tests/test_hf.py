@@ -319,6 +319,12 @@ def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(t
     (tmp_path / "src" / "a.txt").write_text(" ".join(f"w{i % 98}" for i in range(3000)))
     manifest = prepare([str(tmp_path / "src")], str(tmp_path / "data"), tokenizer=str(tmp_path / "tok" / "tokenizer.json"))
     assert manifest["tokenizer"]["vocab_size"] == 100 and manifest["tokenizer"]["eos_id"] == 0  # no extra id
+    # bits per byte need the text's bytes per token: words "w17 " are 3.7 bytes each here
+    from longtrain.data.shards import bytes_per_token
+
+    text = (tmp_path / "src" / "a.txt").read_bytes()
+    assert manifest["text_bytes"] == len(text)
+    assert bytes_per_token(manifest) == pytest.approx(len(text) / (3000 + 1))
     assert padded_vocab(100, 2) == 128 and padded_vocab(128, 2) == 128
     cfg = build(TrainConfig, {"model": {"vocab_size": 64, "dim": 32, "n_heads": 2, "n_layers": 1},
                               "data": {"path": str(tmp_path / "data"), "seq_len": 64}, "parallel": {"tp": 2}})

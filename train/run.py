@@ -57,9 +57,10 @@ def held_out_loader(cfg: TrainConfig, mesh):
 
 @torch.no_grad()
 def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> dict:
-    """Held-out loss per token, bits per byte (byte tokenizer: 1 token = 1 byte) and the
-    accuracy of the labeled tokens (argmax); for the passkey task also the fraction of keys
-    retrieved whole (every answer digit right)."""
+    """Held-out loss per token, bits per byte (for text whose bytes per token the dataset
+    recorded: `data.shards.bytes_per_token`; left out otherwise) and the accuracy of the labeled
+    tokens (argmax); for the passkey task also the fraction of keys retrieved whole (every answer
+    digit right)."""
     from longtrain.parallel.comm import all_reduce
 
     model, mesh = trainer.model, trainer.mesh
@@ -77,7 +78,10 @@ def evaluate(trainer: Trainer, loader, batches: int, passkey: bool = False) -> d
     total = all_reduce(total, mesh.group("dp"))
     model.train()
     loss = (total[0] / total[1].clamp(min=1)).item()
-    row = {"eval_loss": loss, "eval_bpb": loss / math.log(2), "eval_acc": (total[2] / total[1].clamp(min=1)).item()}
+    row = {"eval_loss": loss, "eval_acc": (total[2] / total[1].clamp(min=1)).item()}
+    per_token = getattr(loader, "bytes_per_token", None)
+    if per_token:  # nats per token -> bits per byte of the text
+        row["eval_bpb"] = loss / math.log(2) / per_token
     if passkey:
         row["eval_key_acc"] = (total[4] / total[3].clamp(min=1)).item()
     return row
