@@ -60,7 +60,10 @@ def _as_saved(tree):
 
 
 def run_identity(cfg) -> dict:
-    return _as_saved({"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data)})
+    """What a checkpoint belongs to: the model config and the data (compared on resume), and how
+    it was trained (its precision and context: `longtrain export`'s defaults; never compared)."""
+    return _as_saved({"model": dataclasses.asdict(cfg.model), "data": data_identity(cfg.data),
+                      "trained": {"precision": cfg.precision, "seq_len": cfg.data.seq_len, "data_path": cfg.data.path}})
 
 
 def differences(saved: dict, mine: dict, resume: bool) -> list[str]:

@@ -108,12 +108,31 @@ def prepare(inputs: list[str], out_dir: str, tokenizer: str | None = None, text_
                    for i, group in enumerate(batched(encoded(), shard_tokens))]
         if not entries:
             raise DataError(f"no text found in {inputs}; nothing to prepare")
-        manifest = write_manifest(tmp, entries, tok.describe(), " ".join(inputs), text_bytes[0])
+        copied = _copy_tokenizer(tokenizer, tmp)
+        manifest = write_manifest(tmp, entries, tok.describe(), " ".join(inputs), text_bytes[0], copied)
         _into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _copy_tokenizer(spec: str | None, into: Path) -> list[str]:
+    """A HF tokenizer's files (the JSON file given, and beside it its config and special tokens
+    map) copied into the dataset, so the dataset says how to read it back and `longtrain
+    export` can hand the tokenizer on with the model. Nothing for the byte tokenizer."""
+    if spec in (None, "", "bytes"):
+        return []
+    source = Path(spec)
+    copied = []
+    for name, path in [("tokenizer.json", source)] + [(n, source.parent / n) for n in TOKENIZER_FILES[1:]]:
+        if path.is_file() and not path.is_symlink():
+            shutil.copyfile(path, into / name)
+            copied.append(name)
+    return copied
 
 
 def _target(out: Path, overwrite: bool) -> Path:
@@ -135,7 +154,8 @@ def _target(out: Path, overwrite: bool) -> Path:
         raise DataError(f"--out {out} is not a longtrain dataset ({e}); --overwrite replaces only a dataset "
                         "folder: choose another --out") from None
     shards = manifest.get("shards") if manifest.get("format") == FORMAT else None
-    ours = {MANIFEST} | {e.get("file") for e in shards or [] if isinstance(e, dict)}
+    ours = {MANIFEST} | {e.get("file") for e in shards or [] if isinstance(e, dict)} | \
+        {n for n in manifest.get("tokenizer_files") or [] if n in TOKENIZER_FILES}
     others = sorted(p.name for p in out.iterdir() if p.name not in ours)
     if shards is None or others:
         what = f"it also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}" if others \

@@ -77,13 +77,16 @@ def bytes_per_token(manifest: dict) -> float | None:
 
 
 def write_manifest(out_dir: Path, shards: list[dict], tokenizer: dict, source: str,
-                   text_bytes: int | None = None) -> dict:
+                   text_bytes: int | None = None, tokenizer_files: list[str] | None = None) -> dict:
     """`text_bytes`: the UTF-8 bytes of the documents' text, so bits per byte can be reported
-    for any tokenizer (`bytes_per_token`)."""
+    for any tokenizer (`bytes_per_token`); `tokenizer_files`: the tokenizer's files copied into
+    the dataset folder (a HF tokenizer's)."""
     manifest = {"format": FORMAT, "tokenizer": tokenizer, "source": source, "shards": shards,
                 "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
     if text_bytes is not None:
         manifest["text_bytes"] = int(text_bytes)
+    if tokenizer_files:
+        manifest["tokenizer_files"] = list(tokenizer_files)
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out_dir / MANIFEST)

@@ -285,9 +285,10 @@ def test_train_from_hf_extend_and_export(tmp_path):
         expand_stages({**tree, "model": {"dim": 128}})
     rows = spawn_local(train_rank, 2, cfg)[0]
     assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
-    assert cli(["export", str(tmp_path / "run" / "checkpoints"), "--hf", str(tmp_path / "out"),
-                "--max-position-embeddings", "128"]) == 0
+    assert cli(["export", str(tmp_path / "run" / "checkpoints"), "--hf", str(tmp_path / "out")]) == 0
     assert read_config(tmp_path / "out")[0].rope_scaling == cfg.model.rope_scaling
+    written = json.loads((tmp_path / "out" / "config.json").read_text())  # defaults: the trained context, fp32
+    assert written["max_position_embeddings"] == 128 and written["dtype"] == "float32"
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
     ours = build_model(cfg.model, ParallelMesh.single())
     ckpt.load(ckpt.find(tmp_path / "run" / "checkpoints"), ours, None, ours.mesh)
@@ -325,6 +326,14 @@ def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(t
     text = (tmp_path / "src" / "a.txt").read_bytes()
     assert manifest["text_bytes"] == len(text)
     assert bytes_per_token(manifest) == pytest.approx(len(text) / (3000 + 1))
+    # the tokenizer travels with the dataset, and `longtrain export` hands it on with the model
+    from longtrain.cli.export import copy_tokenizer
+
+    assert manifest["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    (tmp_path / "exported").mkdir()
+    assert copy_tokenizer(str(tmp_path / "data"), tmp_path / "exported") == ["tokenizer.json", "tokenizer_config.json"]
+    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert copy_tokenizer(str(tmp_path / "nowhere"), tmp_path / "exported") == []
     assert padded_vocab(100, 2) == 128 and padded_vocab(128, 2) == 128
     cfg = build(TrainConfig, {"model": {"vocab_size": 64, "dim": 32, "n_heads": 2, "n_layers": 1},
                               "data": {"path": str(tmp_path / "data"), "seq_len": 64}, "parallel": {"tp": 2}})

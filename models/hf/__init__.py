@@ -96,12 +96,13 @@ def _no_unused(reader: Reader, model, path) -> None:
 def save_pretrained(model, path: str | os.PathLike, *, kind: str | None = None, max_position_embeddings: int | None = None,
                     dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
     """Write `model` (any layout; every rank calls this) as a HF model folder: config.json and
-    safetensors. `kind`: llama / mistral / qwen2 (default: the architecture it was loaded from,
+    safetensors. `kind`: llama / mistral / qwen2 / mixtral (default: the architecture it was loaded from,
     else chosen from the config). Refuses an existing non-empty `path` unless `overwrite`."""
     import torch.distributed as dist
 
     cfg, src = model.cfg, getattr(model, "hf_source", {})
-    kind = kind or src.get("kind") or ("qwen2" if cfg.qkv_bias else "mistral" if any(cfg.windows) else "llama")
+    kind = kind or src.get("kind") or ("mixtral" if cfg.moe is not None else "qwen2" if cfg.qkv_bias
+                                       else "mistral" if any(cfg.windows) else "llama")
     hf = to_hf_config(cfg, kind, max_position_embeddings or src.get("max_position_embeddings") or 4096)
     dtype = dtype or src.get("dtype") or "float32"
     if dtype not in _DTYPES:
