@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import ray
+import torch
 
 from longtrain.data.shards import DataError
 
@@ -80,12 +81,10 @@ class RankActor:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def run(self, cfg: TrainConfig, master: tuple[str, int], stop_at: int | None = None,
-            debug: bool = False) -> list[dict]:
+    def _join(self, cfg: TrainConfig, master: tuple[str, int]) -> None:
         import torch
 
         from .dist_env import init_distributed
-        from longtrain.train.run import train_rank
 
         # cfg.device is already "cpu" or "cuda" (decided once for the job); an actor given a GPU
         # sees only that one, so its local index is 0 whatever its global rank (device.py)
@@ -93,6 +92,22 @@ class RankActor:
                           MASTER_PORT=str(master[1]), LOCAL_RANK="0")
         torch.set_num_threads(self.threads)
         init_distributed(cfg.device, timedelta(seconds=cfg.launch.collective_timeout_s))
+
+    def evaluate(self, cfg: TrainConfig, master: tuple[str, int], batches: int, checkpoint: str | None):
+        """`train.run.eval_rank` on this rank (`longtrain eval --launcher ray`)."""
+        from longtrain.train.run import eval_rank
+
+        self._join(cfg, master)
+        try:
+            return capture(self.rank, eval_rank, cfg, batches, checkpoint)
+        finally:
+            torch.distributed.destroy_process_group()
+
+    def run(self, cfg: TrainConfig, master: tuple[str, int], stop_at: int | None = None,
+            debug: bool = False) -> list[dict]:
+        from longtrain.train.run import train_rank
+
+        self._join(cfg, master)
         try:
             log = print if self.rank == 0 else (lambda *_: None)
             return capture(self.rank, train_rank, cfg, log=log, stop_at=stop_at, debug=debug,

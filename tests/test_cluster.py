@@ -70,3 +70,24 @@ def test_the_sbatch_template_is_a_valid_script():
     for needed in ("#SBATCH --nodes", "#SBATCH --ntasks-per-node", "MASTER_ADDR", "MASTER_PORT", "srun",
                    "--launcher env", "NCCL_"):
         assert needed in text, needed
+
+
+def test_eval_runs_through_every_launcher_alike(tmp_path):
+    """`longtrain eval` of the same checkpoint on local processes, under torchrun, and as Ray
+    actors (embedded) gives the same row."""
+    cfg = _config(tmp_path, "run")
+    train = subprocess.run([sys.executable, "-m", "longtrain.cli.main", "train", str(cfg), "--launcher", "local"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+
+    def row(launch: list[str], launcher: str) -> dict:
+        p = subprocess.run([*launch, "eval", str(cfg), "--batches", "2", "--launcher", launcher],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    cli = [sys.executable, "-m", "longtrain.cli.main"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), "-m", "longtrain.cli.main"]
+    local = row(cli, "local")
+    assert local == row(torchrun, "env") == row(cli, "ray") and local["step"] == 2
