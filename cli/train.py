@@ -13,6 +13,7 @@ with no Ray; ``env`` is this process as one rank of a job started by torchrun or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from datetime import timedelta
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         from longtrain.train.metrics import ProgressFollower
 
         try:
-            with ProgressFollower(cfg.out_dir, cfg.steps):
+            with ProgressFollower(cfg.out_dir, cfg.steps, follow_file=args.launcher != "ray") as bar:
                 if args.launcher == "ray":
                     from longtrain.launch.ray_launcher import launch
 
                     launch(cfg, address=args.address, max_restarts=args.max_restarts, debug=args.debug,
                            placement_wait_s=args.placement_wait or cfg.launch.placement_wait_s,
-                           min_world=(cfg.launch.min_world or 1) if args.elastic else None)
+                           min_world=(cfg.launch.min_world or 1) if args.elastic else None, on_report=bar.push)
                 else:
                     from longtrain.launch.spawn import spawn_local
 
@@ -126,9 +127,13 @@ def _env_rank(runs: list[TrainConfig], debug: bool = False) -> int:
     try:
         from longtrain.train.run import train_rank
 
+        from longtrain.train.metrics import ProgressFollower
+
         for cfg in runs:
-            out = capture(rank, train_rank, cfg, log=print if rank == 0 else (lambda *_: None), debug=debug,
-                          stop=stop)
+            # rank 0's own terminal shows the bar (it follows the metrics rank 0 writes itself)
+            with ProgressFollower(cfg.out_dir, cfg.steps) if rank == 0 else contextlib.nullcontext():
+                out = capture(rank, train_rank, cfg, log=print if rank == 0 else (lambda *_: None), debug=debug,
+                              stop=stop)
             if isinstance(out, RankFailure):  # one line from this rank; torchrun / srun stop the others
                 print(f"longtrain train: {cfg.out_dir} failed: {out}", file=sys.stderr, flush=True)
                 return 1

@@ -71,6 +71,10 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def report(self) -> dict | None:
+        """Rank 0's last metrics row (None before the first step), for the launcher's progress bar."""
+        return self.stop.report
+
     def address(self, loopback: bool) -> tuple[str, int]:
         """The rendezvous: this node's IP, or 127.0.0.1 when every rank is on this machine (an
         embedded Ray), so that nothing of the job listens beyond loopback."""
@@ -185,6 +189,13 @@ def _reason(e: BaseException, actors: list, nodes: list[str]) -> str:
     return f"{who}{where}: {kind}: {what[:300]}"
 
 
+def _report(actor) -> dict | None:
+    try:
+        return ray.get(actor.report.remote(), timeout=1.0)
+    except RAY_FAILURES:  # a busy or lost actor: the watchdog and the failure path deal with it
+        return None
+
+
 def _dead_nodes(nodes: list[str]) -> dict[str, list[int]]:
     """The nodes of this attempt's ranks (`nodes[rank]`) that are no longer alive: {node id: [ranks]}."""
     alive, out = alive_nodes(), {}
@@ -219,10 +230,11 @@ def _diagnose(e: BaseException, refs: list, actors: list, nodes: list[str], sett
 
 def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 3, debug: bool = False,
            stop_at: int | None = None, on_start=None, placement_wait_s: float = PLACEMENT_WAIT_S,
-           watch_every_s: float = 2.0, min_world: int | None = None) -> list[dict]:
+           watch_every_s: float = 2.0, min_world: int | None = None, on_report=None) -> list[dict]:
     """Run the job on Ray; returns rank 0's metric rows of the last (successful) attempt.
     `on_start(actors, attempt)` is called after each start (tests use it to kill a worker or a
-    node). Any failure of the cluster inside an attempt (an actor that dies or cannot start,
+    node); `on_report(row)`, every `watch_every_s`, with rank 0's last metrics row, fetched from
+    its actor (a progress bar that needs no shared file system). Any failure of the cluster inside an attempt (an actor that dies or cannot start,
     a lost node, a handshake that times out) goes through one restart path: one line naming the
     rank, node and cause; a wait (at most `placement_wait_s`) for the placement group to hold
     every bundle again; a back-off; and all ranks start again from the newest valid checkpoint.
@@ -239,6 +251,7 @@ def launch(cfg: TrainConfig, *, address: str | None = None, max_restarts: int = 
     cfg = first_layout(place, full, layouts, min_world)
     job = _Job(full, layouts, place, embedded=embedded, gpus=gpus, max_restarts=max_restarts, stop_at=stop_at,
                debug=debug, on_start=on_start, watch_every_s=watch_every_s)
+    job.on_report = on_report
     job.stopped, restore = on_signals(job.request_stop, job.stop_now)
     try:
         return job.run(cfg)
@@ -272,6 +285,7 @@ class _Job:
         self.stopped: list[int] = []  # the signals the launcher received (`on_signals`)
         self.placed: list[str] | None = None  # the nodes of the last placement printed
         self.restarts = 0
+        self.on_report = None  # called with rank 0's last metrics row while the ranks run
 
     def request_stop(self, signum: int) -> None:  # a first signal to the launcher
         for a in self.current:
@@ -344,6 +358,8 @@ class _Job:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)  # signals run between waits
             if time.time() - watched >= self.watch_every_s and not self.stopped:
+                if self.on_report is not None:  # progress from the ranks: no shared file system needed
+                    self.on_report(_report(ranks.actors[0]))
                 if cfg.hang_timeout_s > 0:
                     _watch(ranks.actors, watchdog, ranks.nodes)
                 if not ranks.growing and self.place.can_grow():

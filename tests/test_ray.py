@@ -64,8 +64,12 @@ def runs(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("ray")
     data = str(root / "data")
     prepare(["stdlib"], data, limit_bytes=150_000)
-    full = {r["step"]: r["loss"] for r in launch(_cfg(data, root / "full", 6))}
+    reported = []  # what a progress bar gets from rank 0's actor, with no file system shared
+    full = {r["step"]: r["loss"] for r in launch(_cfg(data, root / "full", 6), watch_every_s=0.2,
+                                                 on_report=reported.append)}
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    rows = [r for r in reported if r is not None]
+    assert rows and all(r["loss"] == full[r["step"]] for r in rows)
     assert (root / "full" / "loss.png").stat().st_size > 0 and any((root / "full" / "tensorboard").iterdir())
     return data, full
 

@@ -156,14 +156,22 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
 
 
 class ProgressFollower:
-    """A tqdm bar in the launching process that follows rank 0's metrics.jsonl (only on an
-    interactive terminal; otherwise rank 0's log lines are the progress report)."""
+    """A tqdm bar in the launching process (only on an interactive terminal; otherwise rank 0's
+    log lines are the progress report). It follows rank 0's metrics.jsonl, or, with
+    `follow_file=False`, the rows pushed to it (`push`: the Ray launcher fetches them from rank
+    0's actor, so the bar needs no file system shared with the ranks)."""
 
-    def __init__(self, out_dir: str | Path, total: int, poll: float = 0.5):
+    def __init__(self, out_dir: str | Path, total: int, poll: float = 0.5, follow_file: bool = True):
         self.path, self.total, self.poll = Path(out_dir) / "metrics.jsonl", total, poll
+        self.follow_file, self.pushed = follow_file, None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.enabled = sys.stderr.isatty()
+
+    def push(self, row: dict | None) -> None:
+        """The newest row (one reference swap: read by the bar's thread)."""
+        if row is not None:
+            self.pushed = row
 
     def __enter__(self):
         if self.enabled:
@@ -183,7 +191,11 @@ class ProgressFollower:
         try:
             while True:
                 finished = self.stop.wait(self.poll)
-                if self.path.exists():
+                if not self.follow_file:
+                    row = self.pushed
+                    if row is not None and row is not last:
+                        last, last_eval = row, row if "eval_loss" in row else last_eval
+                elif self.path.exists():
                     if self.path.stat().st_size < offset:  # rewritten on resume
                         offset = 0
                     with open(self.path) as f:

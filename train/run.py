@@ -367,6 +367,8 @@ def _report(run: _RankRun, row: dict, plot: bool) -> None:
     cfg = run.cfg
     run.rows.append(row)
     run.metrics.write(row)
+    if run.stop is not None:
+        run.stop.report = row
     if plot:
         run.metrics.plot()
     if cfg.log_every and run.trainer.step % cfg.log_every == 0:

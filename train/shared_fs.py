@@ -22,18 +22,21 @@ class FolderNotShared(ValueError):
     """A rank does not see the run's data or out_dir (not on a file system every node shares)."""
 
 
-def _problem(cfg, nonce: str) -> str | None:
-    token = Path(cfg.out_dir) / TOKEN
+def _problems(cfg, nonce: str) -> tuple[str | None, str | None]:
+    """(what is wrong with this rank's view of out_dir, of the data), None where nothing is."""
+    token, out = Path(cfg.out_dir) / TOKEN, None
     try:
         if token.read_text() != nonce:
-            return f"out_dir {Path(cfg.out_dir).resolve()} holds another launch's token"
+            out = f"out_dir {Path(cfg.out_dir).resolve()} holds another launch's token"
     except OSError:
-        return f"cannot see out_dir {Path(cfg.out_dir).resolve()} (the token rank 0 wrote there is missing)"
+        out = f"cannot see out_dir {Path(cfg.out_dir).resolve()} (the token rank 0 wrote there is missing)"
+    data = None
     if cfg.data.source == "shards":
         for path in dict.fromkeys(p for p in (cfg.data.path, cfg.data.eval_path) if p):
             if not (Path(path) / "manifest.json").is_file():
-                return f"cannot see the data at {Path(path).resolve()} (no manifest.json)"
-    return None
+                data = f"cannot see the data at {Path(path).resolve()} (no manifest.json, which rank 0 sees)"
+                break
+    return out, data
 
 
 def check_shared_folders(cfg) -> None:
@@ -52,8 +55,11 @@ def check_shared_folders(cfg) -> None:
         os.replace(tmp, Path(cfg.out_dir) / TOKEN)
     dist.broadcast_object_list(box, src=0)
     said: list = [None] * dist.get_world_size()
-    dist.all_gather_object(said, (socket.gethostname(), _problem(cfg, box[0])))
-    bad = [(rank, host, problem) for rank, (host, problem) in enumerate(said) if problem]
+    dist.all_gather_object(said, (socket.gethostname(), *_problems(cfg, box[0])))
+    # data that rank 0 does not see either is missing, not unshared: the loader says so itself
+    shared_data = said[0][2] is None
+    bad = [(rank, host, out or (data if shared_data else None)) for rank, (host, out, data) in enumerate(said)]
+    bad = [b for b in bad if b[2]]
     if bad:
         rank, host, problem = bad[0]
         others = f" (and {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""

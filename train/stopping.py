@@ -57,6 +57,7 @@ class StopRequest:
     heartbeat: str | None = None  # a file the launcher reads ("step time"), for local ranks
     step: int = -1  # the last step this rank completed (-1: still setting up)
     beat: float = field(default_factory=time.time)  # when it did
+    report: dict | None = None  # rank 0's last metrics row: the launcher's progress bar, with no shared file
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def progress(self, step: int) -> None:
