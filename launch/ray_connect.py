@@ -10,6 +10,7 @@ nor SIGTERM interrupts. So before the launcher joins:
    `JOIN_S`; the launcher only waits on the child, so Ctrl-C and SIGTERM work throughout.
 
 A failure is one line naming the address, what did not answer, and what to do instead.
+`start_ray` joins an address so, or starts an embedded instance of this user's own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import socket
 import subprocess
 import sys
+
+import ray
 
 CONNECT_S = 5.0  # a TCP connection to the cluster's head
 JOIN_S = 30.0  # a trial join from this machine
@@ -84,3 +87,25 @@ def check_address(address: str, connect_s: float = CONNECT_S, join_s: float = JO
     if done.returncode:
         last = next((line for line in reversed(done.stderr.strip().splitlines()) if line.strip()), "no output")
         raise ClusterUnreachable(f"could not join the Ray cluster at {address}: {last.strip()[:300]}")
+
+
+def start_ray(address: str | None, world: int) -> bool:
+    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local instance of our
+    own (never one found on the machine), its token private to this user (`ray_auth`). Returns
+    whether every node is this machine."""
+    from .ray_auth import private_token, warn_if_unauthenticated
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return len(ray.nodes()) == 1 and not address
+    if address:
+        check_address(address)  # within seconds, and interruptible, unlike ray.init's own wait
+        ray.init(address=address, log_to_driver=True)
+        warn_if_unauthenticated(address)
+        return False
+    private_token()
+    # "local": always a new private instance. With no address Ray would join the newest cluster
+    # whose address file sits in its temporary folder, which any local user can write.
+    ray.init(address="local", num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True)
+    return True

@@ -3,22 +3,19 @@ trained on, one per rank of the config's layout, placed as training places them.
 
 from __future__ import annotations
 
-import os
-
 import ray
 
 from longtrain.config.train import TrainConfig
 
 from .failures import RankFailure
-from .ray_launcher import RANK_ENV, START_S, RankActor, start_ray
+from .ray_connect import start_ray
+from .ray_launcher import START_S, place_actors
 from .ray_placement import Placement
 
 
 def evaluate_on_ray(cfg: TrainConfig, batches: int, checkpoint: str | None = None, address: str | None = None) -> dict:
     """Rank 0's evaluation row (every rank computes the same); RankFailure or RuntimeError if a
     rank fails or the cluster cannot hold the layout within `launch.placement_wait_s`."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     embedded = start_ray(address, cfg.parallel.world_size)
     cfg = cfg.resolved(gpus=int(ray.cluster_resources().get("GPU", 0)))
     gpus = 1 if cfg.device == "cuda" else 0
@@ -26,11 +23,7 @@ def evaluate_on_ray(cfg: TrainConfig, batches: int, checkpoint: str | None = Non
     world, actors = cfg.parallel.world_size, []
     try:
         place.acquire([cfg])
-        threads = max(1, (os.cpu_count() or 1) // world)
-        actors = [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV,
-                                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                        placement_group=place.pg, placement_group_bundle_index=r // place.local))
-                  .remote(r, world, threads) for r in range(world)]
+        actors = place_actors(place, world, gpus)
         master = ray.get(actors[0].address.remote(embedded), timeout=START_S)
         rows = ray.get([a.evaluate.remote(cfg, master, batches, checkpoint) for a in actors])
     finally:

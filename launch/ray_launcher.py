@@ -31,7 +31,7 @@ from longtrain.data.shards import DataError
 from .failures import RankFailure, capture
 from longtrain.train.host_memory import THP_ENV
 from .elastic import describe, smaller_layouts
-from .ray_connect import check_address
+from .ray_connect import start_ray  # noqa: F401  (the launcher's, and tests')
 from .ray_placement import (PLACEMENT_WAIT_S, Placement, alive_nodes, first_layout, layout_after_failure,
                             layout_to_grow)
 from longtrain.train.stopping import GROW, StopRequest, Stopped, Watchdog, on_signals, stall_message
@@ -120,26 +120,16 @@ class RankActor:
             torch.distributed.destroy_process_group()
 
 
-def start_ray(address: str | None, world: int) -> bool:
-    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local instance of our
-    own (never one found on the machine), its token private to this user (`ray_auth`). Returns
-    whether every node is this machine."""
-    from .ray_auth import private_token, warn_if_unauthenticated
+def place_actors(place: Placement, world: int, gpus: int) -> list:
+    """One `RankActor` per rank, in its bundle of `place`'s placement group (a tp x Ulysses
+    group's ranks share a bundle, hence a node)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return len(ray.nodes()) == 1 and not address
-    if address:
-        check_address(address)  # within seconds, and interruptible, unlike ray.init's own wait
-        ray.init(address=address, log_to_driver=True)
-        warn_if_unauthenticated(address)
-        return False
-    private_token()
-    # "local": always a new private instance. With no address Ray would join the newest cluster
-    # whose address file sits in its temporary folder, which any local user can write.
-    ray.init(address="local", num_cpus=max(world, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True)
-    return True
+    threads = max(1, (os.cpu_count() or 1) // world)
+    return [RankActor.options(num_cpus=1, num_gpus=gpus, runtime_env=RANK_ENV, scheduling_strategy=
+                              PlacementGroupSchedulingStrategy(placement_group=place.pg,
+                                                               placement_group_bundle_index=r // place.local))
+            .remote(r, world, threads) for r in range(world)]
 
 
 START_S = 300.0  # how long placed actors may take to start (a process, imports) and answer
@@ -323,14 +313,7 @@ class _Job:
     def _start(self, cfg: TrainConfig, ranks: _Ranks, attempt: int) -> None:
         """One actor per rank in its bundle; says where they run (at the start, and when a restart
         moved them), then starts every rank's training."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        world, local = cfg.parallel.world_size, self.place.local
-        threads = max(1, (os.cpu_count() or 1) // world)
-        ranks.actors = [RankActor.options(num_cpus=1, num_gpus=self.gpus, runtime_env=RANK_ENV,
-                                          scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=self.place.pg, placement_group_bundle_index=r // local)).remote(r, world, threads)
-            for r in range(world)]
+        ranks.actors = place_actors(self.place, cfg.parallel.world_size, self.gpus)
         self.current[:] = ranks.actors
         try:
             ranks.nodes = ray.get([a.node.remote() for a in ranks.actors], timeout=START_S)

@@ -163,20 +163,16 @@ class ParallelDims:
             raise KeyError(f"the layout has no group {name!r}; its groups are {list(GROUPS)}")
         return self.axis_groups(name)
 
-    def size(self, name: str) -> int:
-        """Ranks in the group of `name` that `rank` belongs to (1 outside any: the middle
-        pipeline stages have no ``pp_ends`` group)."""
-        return 1 if name == "pp_ends" and self.pp == 1 else len(self.rank_lists(name)[0])
-
-    def index(self, name: str, rank: int) -> int:
-        """`rank`'s place in its group of `name` (its rank in that process group)."""
-        return _places(self, name).get(rank, 0)
+    def place(self, name: str, rank: int) -> tuple[int, int]:
+        """(`rank`'s index in its group of `name`, that group's size); (0, 1) outside any group
+        (the middle pipeline stages have no ``pp_ends`` group)."""
+        return _places(self, name).get(rank, (0, 1))
 
 
 @functools.lru_cache(maxsize=64)
-def _places(dims: ParallelDims, name: str) -> dict[int, int]:
-    """Each rank's place in its group of `name` (computed once per layout: models ask per layer)."""
-    return {r: i for ranks in dims.rank_lists(name) for i, r in enumerate(ranks)}
+def _places(dims: ParallelDims, name: str) -> dict[int, tuple[int, int]]:
+    """Each rank's (index, group size) for `name`, computed once per layout: models ask per layer."""
+    return {r: (i, len(ranks)) for ranks in dims.rank_lists(name) for i, r in enumerate(ranks)}
 
 
 @dataclass(eq=False)
@@ -242,13 +238,11 @@ class ParallelMesh:
 
     def size(self, name: str) -> int:
         """Ranks in this rank's group of `name` (an axis, or one of `GROUPS`)."""
-        if name == "pp_ends" and self.dims.pp > 1 and self.coord("pp") not in (0, self.dims.pp - 1):
-            return 1
-        return self.dims.size(name)
+        return self.dims.place(name, self.rank)[1]
 
     def index(self, name: str) -> int:
         """This rank's place in its group of `name`: which slice it holds of what is cut over it."""
-        return self.dims.index(name, self.rank)
+        return self.dims.place(name, self.rank)[0]
 
     def coord(self, axis: str) -> int:
         return self.dims.coords(self.rank)[axis]

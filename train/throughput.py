@@ -97,9 +97,9 @@ def moe_stats(model) -> dict:
     """The MoE layers' expert load in the last micro-batch (global over the tokens) and this
     rank's dropped assignments; {} for a dense model."""
     layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-    loads = [m.last.load.float() for m in layers if m.last.load is not None and m.last.load.numel()]
     if not layers:
         return {}
+    loads = [m.last.load.float() for m in layers if m.last.load is not None and m.last.load.numel()]
     worst = max((float(x.max() / x.mean().clamp(min=1e-9)) for x in loads), default=1.0)
     return {"moe_load_max_over_mean": worst, "moe_dropped": sum(int(m.last.dropped) for m in layers)}
 

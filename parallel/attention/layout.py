@@ -50,11 +50,6 @@ def sp_groups(mesh) -> tuple[ProcessGroup | None, ProcessGroup | None, CommStats
     return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.stats
 
 
-def sp_all_groups(mesh):
-    """As `sp_groups`, plus the group of all sequence-parallel ranks (ring x Ulysses)."""
-    return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.group("cp"), mesh.stats
-
-
 def sequence_positions(seq_len: int, mesh, device=None, layout: str = "zigzag") -> torch.Tensor:
     """Global positions of this rank's tokens for a sequence of `seq_len` tokens."""
     uly, ring, _ = sp_groups(mesh)

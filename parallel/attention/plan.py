@@ -23,7 +23,7 @@ from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, all_gather_cat, check_agreement, group_size
 from .blocks import LAYOUTS
-from .layout import check_sequence_length, sp_all_groups
+from .layout import check_sequence_length, sp_groups
 from .ring import ring_plan
 from .ringplan import RingPlan
 from .ulysses import check_ulysses_heads
@@ -117,7 +117,7 @@ def plan_attention(mesh, q_shape, kv_heads: int, *, causal: bool = True, window:
     Collectives: one metadata all-gather over the sequence-parallel ranks, and with documents
     one gather per sequence-parallel axis. Then calls issue none of their own.
     """
-    uly, ring, cp, stats = sp_all_groups(mesh)
+    (uly, ring, stats), cp = sp_groups(mesh), mesh.group("cp")
     allowed = frozenset([window, *windows])
     meta = _validate(tuple(q_shape), kv_heads, causal, window, allowed, doc_ids, dtype,
                      group_size(uly), group_size(ring), layout)
