@@ -46,7 +46,8 @@ def data_dir(tmp_path_factory):
 
 
 def _slowed(data_dir, out_dir, slow_rank: int):
-    """Train 3 steps on 4 data-parallel replicas, rank `slow_rank`'s forward 0.3 s slower; rank 0's rows."""
+    """Train 3 steps on 4 data-parallel replicas, rank `slow_rank`'s forward 0.6 s slower; rank 0's rows.
+    No checkpoint: a background save's writer on rank 0 would compete for this machine's two cores."""
     import time
 
     import torch.distributed as dist
@@ -56,9 +57,9 @@ def _slowed(data_dir, out_dir, slow_rank: int):
 
     real = LongLM.forward
     if dist.get_rank() == slow_rank:
-        LongLM.forward = lambda self, *a, **k: time.sleep(0.3) or real(self, *a, **k)
+        LongLM.forward = lambda self, *a, **k: time.sleep(0.6) or real(self, *a, **k)
     try:
-        cfg = _cfg(data_dir, out_dir, 3, {"dp": 4}, eval_every=0)
+        cfg = _cfg(data_dir, out_dir, 3, {"dp": 4}, eval_every=0, checkpoint={"every": 0})
         return train_rank(cfg, log=lambda *_: None)
     finally:
         LongLM.forward = real
