@@ -120,6 +120,25 @@ class LaunchConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard (the `wandb` extra: pip install -e ".[wandb]"),
+    off unless `project` is set. Rank 0 logs every metrics row; a resumed run continues the same
+    W&B run (its id is kept in <out_dir>/wandb_id)."""
+
+    project: str = ""  # W&B project; empty: W&B off
+    entity: str | None = None  # team or user (default: the logged-in user's)
+    name: str | None = None  # run name (default: out_dir's folder name)
+    # "online" (needs `wandb login` or WANDB_API_KEY on rank 0's node) | "offline" (written under
+    # <out_dir>/wandb; upload later with `wandb sync`)
+    mode: str = "online"
+    tags: list[str] = field(default_factory=list)  # labels to filter runs by in the W&B UI
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline"):
+            raise ValueError(f"wandb.mode={self.mode!r} must be \"online\" or \"offline\"")
+
+
+@dataclass(kw_only=True)
 class PipelineConfig:
     """How `parallel.pp > 1` runs (parallel/pipeline.py): the schedule over the step's grad_accum
     micro-batches, stages per rank (interleaved), and layers per stage (default: balanced)."""
@@ -158,6 +177,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     steps: int = 100
     grad_accum: int = 1
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights)

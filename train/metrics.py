@@ -5,6 +5,7 @@
   resumed step (written by an attempt that died before its next checkpoint) are dropped, so
   the file is the history of the committed run, one row per step.
 - ``tensorboard/``: the same scalars as TensorBoard events (purged past the resumed step).
+- W&B, when `[wandb] project` is set (train/wandb_log.py): the same scalars under the same names.
 - ``loss.png``: training loss (raw and smoothed) and eval loss against the step, redrawn at
   each evaluation, checkpoint and at the end, so a killed run still has its curve.
 - a tqdm progress bar that follows ``metrics.jsonl`` from the launching process (Ray actors
@@ -65,7 +66,7 @@ PLOT_EVERY_S = 300.0  # loss.png is redrawn at evaluations and saves at most thi
 class MetricsLog:
     """Rank 0's writer: JSONL + TensorBoard + loss plot. `start_step` is the resumed step."""
 
-    def __init__(self, out_dir: str | Path, start_step: int, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, start_step: int, tensorboard: bool = True, wandb=None):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "metrics.jsonl"
@@ -79,6 +80,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+        self.wandb = wandb  # a WandbLog, or None
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -87,6 +89,8 @@ class MetricsLog:
             for k in SCALARS:
                 if k in row and row[k] is not None and math.isfinite(row[k]):
                     self.tb.add_scalar(k if k.startswith("eval") else f"train/{k}", row[k], row["step"])
+        if self.wandb is not None:
+            self.wandb.log(row)
 
     def plot(self, wait: bool = False) -> None:
         """Redraw loss.png in a background thread, at most every PLOT_EVERY_S: drawing takes
@@ -116,6 +120,8 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         self.plot(wait=True)  # the final curve, complete
 
 

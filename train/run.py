@@ -29,6 +29,7 @@ from longtrain.train.throughput import StepStats, log_fields, moe_stats
 from longtrain.train.stopping import GROW, StopRequest, first_save_estimate, save_on_stop, signal_name
 from longtrain.config.train import TrainConfig, check_vocabulary
 from longtrain.train.trainer import NonFiniteLoss, Trainer
+from longtrain.train import wandb_log
 
 
 HELD_OUT_SEED = 10_000  # offset of the held-out stream's seed from the training data's
@@ -94,6 +95,7 @@ def preflight(cfg: TrainConfig) -> None:
     is opened as the ranks will open it (shards verified, enough tokens for a global batch, a
     vocabulary the model holds), so a data problem is said here once, not by every rank."""
     _check_data(cfg)
+    wandb_log.check(cfg)
     found = ckpt.newest_usable(cfg.checkpoint_root, quick=True)
     if found is not None:
         identity.check(ckpt.saved_identity(found), cfg, cfg.checkpoint_root)
@@ -285,7 +287,7 @@ def _start_rank(cfg: TrainConfig, log, stop: StopRequest | None) -> _RankRun:
     saver = _saver(cfg)
     resumed = _resume_or_init(cfg, trainer, root, say)
     rate = ckpt.save_rate(resumed) if resumed is not None else None  # how fast this storage took a save
-    metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard) if rank0 else None
+    metrics = MetricsLog(cfg.out_dir, trainer.step, tensorboard=cfg.tensorboard, wandb=wandb_log.open_for(cfg)) if rank0 else None
     stats = StepStats(cfg, device) if rank0 else None
     if stop is not None:
         stop.progress(trainer.step)  # set up and resumed: the watchdog's clock starts here
