@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import enum
 import functools
+import typing
 from dataclasses import dataclass, field
+
+if typing.TYPE_CHECKING:
+    from .doclayout import DocumentLayout
 
 
 
@@ -77,12 +81,15 @@ class Block:
 
 
 LAYOUTS = ("zigzag", "contiguous")
+Layout = typing.Union[str, "DocumentLayout"]  # one of LAYOUTS, or a batch's doclayout.DocumentLayout
 
 
-def ring_segments(seq_len: int, ring_size: int, ring_rank: int, layout: str = "zigzag") -> list[Segment]:
+def ring_segments(seq_len: int, ring_size: int, ring_rank: int, layout: Layout = "zigzag") -> list[Segment]:
     """Zigzag layout: 2P chunks, rank r holds chunks r and 2P-1-r (balanced causal work).
     Contiguous: rank r holds the r-th P-th of the sequence (unbalanced under a causal mask;
-    fewest hops for sliding windows)."""
+    fewest hops for sliding windows). A `doclayout.DocumentLayout`: the batch's own pieces."""
+    if not isinstance(layout, str):  # a per-batch layout (doclayout.DocumentLayout) says it itself
+        return layout.segments(ring_rank)
     if ring_size == 1:
         return [Segment(0, seq_len, 0)]
     if layout == "contiguous":
@@ -147,7 +154,7 @@ def plan_blocks(qs: list[Segment], ks: list[Segment], causal: bool, window: int 
 
 @functools.lru_cache(maxsize=256)
 def hop_plan(seq_len: int, ring_size: int, causal: bool, window: int | None,
-             layout: str = "zigzag") -> tuple[int, int]:
+             layout: Layout = "zigzag") -> tuple[int, int]:
     """Number of ring hops in the forward (receive from r-s) and backward (from r+s) directions.
 
     A hop s is needed if some rank has a non-empty block against the shard of rank r-s.
@@ -158,6 +165,8 @@ def hop_plan(seq_len: int, ring_size: int, causal: bool, window: int | None,
     r_ = ring_size
     if r_ == 1:
         return 0, 0
+    if not isinstance(layout, str):  # a document layout: hops only where documents span ranks
+        return layout.traffic(window, causal)[0]
     segs = [ring_segments(seq_len, r_, r, layout) for r in range(r_)]
     needed = set()
     for s in range(1, r_):
@@ -166,11 +175,17 @@ def hop_plan(seq_len: int, ring_size: int, causal: bool, window: int | None,
             if any(classify(a, b, causal, window) is not Kind.EMPTY for a in segs[r] for b in src):
                 needed.add(s)
                 break
+    return fewest_hops(needed, r_)
+
+
+def fewest_hops(needed: set[int], ring_size: int) -> tuple[int, int]:
+    """(forward, backward) hops that reach every needed distance s (forward: s hops; backward:
+    ring_size - s hops), relayed one hop at a time, in the fewest steps."""
     if not needed:
         return 0, 0
     best = (max(needed), 0)
     for k1 in range(max(needed) + 1):
-        rest = [r_ - s for s in needed if s > k1]
+        rest = [ring_size - s for s in needed if s > k1]
         k2 = max(rest) if rest else 0
         if k1 + k2 < sum(best):
             best = (k1, k2)

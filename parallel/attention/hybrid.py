@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import Layout
 from .layout import sp_groups
 from .plan import AttentionPlan, plan_attention
 from .ring import ring_attention
@@ -34,7 +35,7 @@ def _check_qkv(q, k, v) -> None:
 
 def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh, causal: bool = True,
                                 window: int | None = None, doc_ids: torch.Tensor | None = None,
-                                scale: float | None = None, layout: str = "zigzag",
+                                scale: float | None = None, layout: Layout = "zigzag",
                                 plan: AttentionPlan | None = None) -> torch.Tensor:
     """Exact attention over the whole sequence split across the mesh's sequence-parallel ranks.
 

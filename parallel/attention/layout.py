@@ -15,18 +15,22 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, gather_along, group_rank, group_size
-from .blocks import LAYOUTS, ring_segments
+from .blocks import LAYOUTS, Layout, ring_segments
 
 
-def sequence_divisor(ring: int, ulysses: int, layout: str = "zigzag") -> int:
+def sequence_divisor(ring: int, ulysses: int, layout: Layout = "zigzag") -> int:
     """What a sequence length must be a multiple of to split over ring x Ulysses: the zigzag
-    ring cuts 2 x cp_ring chunks, Ulysses splits each ring rank's share cp_ulysses ways."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown sequence layout {layout!r}; use one of {LAYOUTS}")
+    ring cuts 2 x cp_ring chunks, Ulysses splits each ring rank's share cp_ulysses ways. A
+    document layout (`doclayout.DocumentLayout`) gives every ring rank seq / cp_ring tokens."""
+    if isinstance(layout, str) and layout not in LAYOUTS:
+        raise ValueError(f"unknown sequence layout {layout!r}; use one of {LAYOUTS} or a DocumentLayout")
     return (2 * ring if ring > 1 and layout == "zigzag" else ring) * ulysses
 
 
-def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str = "zigzag") -> None:
+def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: Layout = "zigzag") -> None:
+    if not isinstance(layout, str) and (layout.seq_len != seq_len or layout.ring != ring):
+        raise ValueError(f"the document layout is for {layout.seq_len} tokens on {layout.ring} ring ranks; "
+                         f"the sequence has {seq_len} tokens on {ring}: lay out each batch for its own ring")
     need = sequence_divisor(ring, ulysses, layout)
     zig = ring > 1 and layout == "zigzag"
     if seq_len % need:
@@ -37,7 +41,7 @@ def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str = "
 
 
 def local_positions(seq_len: int, ring: int, ring_rank: int, ulysses: int, ulysses_rank: int,
-                    device=None, layout: str = "zigzag") -> torch.Tensor:
+                    device=None, layout: Layout = "zigzag") -> torch.Tensor:
     """Global positions [s_local] of the tokens held by (ring_rank, ulysses_rank)."""
     check_sequence_length(seq_len, ring, ulysses, layout)
     ring_pos = torch.cat([torch.arange(s.start, s.end, device=device)
@@ -50,14 +54,14 @@ def sp_groups(mesh) -> tuple[ProcessGroup | None, ProcessGroup | None, CommStats
     return mesh.group("cp_ulysses"), mesh.group("cp_ring"), mesh.stats
 
 
-def sequence_positions(seq_len: int, mesh, device=None, layout: str = "zigzag") -> torch.Tensor:
+def sequence_positions(seq_len: int, mesh, device=None, layout: Layout = "zigzag") -> torch.Tensor:
     """Global positions of this rank's tokens for a sequence of `seq_len` tokens."""
     uly, ring, _ = sp_groups(mesh)
     return local_positions(seq_len, group_size(ring), group_rank(ring), group_size(uly), group_rank(uly),
                            device, layout)
 
 
-def shard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+def shard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: Layout = "zigzag") -> torch.Tensor:
     """This rank's part of a full sequence `x` (identical on every rank), in the attention layout."""
     if mesh.size("cp") == 1:
         return x
@@ -65,7 +69,7 @@ def shard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: str = "zigzag") 
     return x.index_select(dim, idx)
 
 
-def unshard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+def unshard_sequence(x: torch.Tensor, mesh, dim: int = 1, layout: Layout = "zigzag") -> torch.Tensor:
     """Reassemble the full sequence on every rank from the local parts (inverse of
     `shard_sequence`). Differentiable; backward keeps the local slice, assuming the
     consumer of the full sequence is replicated across the sequence-parallel ranks."""

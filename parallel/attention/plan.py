@@ -22,7 +22,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, all_gather_cat, check_agreement, group_size
-from .blocks import LAYOUTS
+from .blocks import LAYOUTS, Layout
 from .layout import check_sequence_length, sp_groups
 from .ring import ring_plan
 from .ringplan import RingPlan
@@ -44,12 +44,12 @@ class AttentionPlan:
     shape: tuple[int, int, int, int, int]  # batch, seq_local, heads, kv_heads, head_dim on this rank
     causal: bool
     windows: frozenset  # every window a call may use (None: no window)
-    layout: str
+    layout: Layout
     dtype: torch.dtype | None  # None: whatever each call brings (autocast), q/k/v alike
     doc_ids: torch.Tensor | None  # as given: a call may pass this very tensor again
     ring: RingPlan  # gathered document ids and cached ring block lists
 
-    def check(self, q, k, v, mesh, causal: bool, window: int | None, layout: str,
+    def check(self, q, k, v, mesh, causal: bool, window: int | None, layout: Layout,
               doc_ids: torch.Tensor | None = None) -> None:
         """Raise ValueError unless this call matches the plan. Python only: no collective, no sync."""
         b, s, h, hkv, d = self.shape
@@ -76,7 +76,7 @@ def _window_key(w: int | None) -> int:
 
 
 def _validate(q_shape, kv_heads: int, causal: bool, window, windows: frozenset, doc_ids, dtype,
-              uly: int, ring: int, layout: str) -> list[int]:
+              uly: int, ring: int, layout: Layout) -> list[int]:
     """Local checks of everything the ranks must agree on; returns the vector they compare."""
     if len(q_shape) != 4:
         raise ValueError(f"q must be [batch, seq_local, heads, head_dim]; got {tuple(q_shape)}")
@@ -93,7 +93,12 @@ def _validate(q_shape, kv_heads: int, causal: bool, window, windows: frozenset, 
                          f"got {tuple(doc_ids.shape)}")
     digest = zlib.crc32(repr(sorted(_window_key(w) for w in windows)).encode())
     return [b, s, h, kv_heads, d, int(causal), _window_key(window), digest, int(doc_ids is not None),
-            -1 if dtype is None else _DTYPES.get(dtype, 9), LAYOUTS.index(layout)]
+            -1 if dtype is None else _DTYPES.get(dtype, 9), layout_code(layout)]
+
+
+def layout_code(layout) -> int:
+    """The sequence layout as a number the ranks compare: a document layout by its pieces' checksum."""
+    return LAYOUTS.index(layout) if isinstance(layout, str) else len(LAYOUTS) + layout.key
 
 
 def _device(mesh, doc_ids) -> torch.device | str:
@@ -106,7 +111,7 @@ def _device(mesh, doc_ids) -> torch.device | str:
 
 def plan_attention(mesh, q_shape, kv_heads: int, *, causal: bool = True, window: int | None = None,
                    windows: Iterable[int | None] = (), doc_ids: torch.Tensor | None = None,
-                   layout: str = "zigzag", dtype: torch.dtype | None = None,
+                   layout: Layout = "zigzag", dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> AttentionPlan:
     """Plan one batch of `sequence_parallel_attention` calls: validate, agree, gather documents.
 

@@ -22,7 +22,7 @@ from torch.distributed import ProcessGroup
 
 from ..comm import CommStats, RingP2P, all_gather_cat, group_rank, group_size
 from .bands import add_band_keys, band_keys, band_lse, band_rows, unband_lse, unband_rows
-from .blocks import Block, ring_segments
+from .blocks import Block, Layout, ring_segments
 from .local import block_backward, block_forward, merge_
 from .ringplan import BlockList, RingPlan
 
@@ -280,7 +280,7 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup | None, *,
                    causal: bool = True, window: int | None = None, doc_ids: torch.Tensor | None = None,
                    scale: float | None = None, stats: CommStats | None = None,
-                   layout: str = "zigzag", plan: RingPlan | None = None) -> torch.Tensor:
+                   layout: Layout = "zigzag", plan: RingPlan | None = None) -> torch.Tensor:
     """Exact attention for the ring-local shard q [b, s, h, d], k/v [b, s, h_kv, d].
 
     The shard must be in the `ring_segments` `layout` of `group`. `doc_ids` [b, s] are this
@@ -300,7 +300,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Pro
 
 
 def ring_plan(doc_ids: torch.Tensor | None, group: ProcessGroup | None, seq_local: int,
-              stats: CommStats | None = None, layout: str = "zigzag") -> RingPlan:
+              stats: CommStats | None = None, layout: Layout = "zigzag") -> RingPlan:
     """The ring's per-batch plan: one gather of document ids [b, seq_local] (if any) over `group`."""
     doc_full = None if doc_ids is None else _global_docs(doc_ids, group, stats, layout)
     p = group_size(group)

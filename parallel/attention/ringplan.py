@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from .blocks import Block, Kind, hop_plan, plan_blocks, ring_segments
+from .blocks import Block, Kind, Layout, hop_plan, plan_blocks, ring_segments
 from .tiles import Tiling, doc_runs, doc_tiles, position_tiles
 
 BlockList = list  # of (Block, Kind, q_doc [b, rows] | None, k_doc [b, rows] | None)
@@ -55,7 +55,7 @@ def group_bands(tiles: list, max_rows: int = BAND_ROWS) -> list[tuple]:
 
 @functools.lru_cache(maxsize=4096)
 def _segment_pairs(seq_len: int, size: int, rank: int, src: int, causal: bool, window: int | None,
-                   layout: str) -> tuple[Block, ...]:
+                   layout: Layout) -> tuple[Block, ...]:
     """Non-empty (segment, segment) blocks, unmerged: what documents refine."""
     return tuple(plan_blocks(ring_segments(seq_len, size, rank, layout), ring_segments(seq_len, size, src, layout),
                              causal, window, merge=False))
@@ -63,7 +63,7 @@ def _segment_pairs(seq_len: int, size: int, rank: int, src: int, causal: bool, w
 
 @functools.lru_cache(maxsize=4096)
 def _position_blocks(seq_len: int, size: int, rank: int, src: int, causal: bool, window: int | None,
-                     layout: str, tiling: Tiling) -> tuple[Block, ...]:
+                     layout: Layout, tiling: Tiling) -> tuple[Block, ...]:
     """Blocks of ring rank `rank` against the shard of `src`, merged where they can be, with
     every MASKED block cut into tiles (`tiles.position_tiles`). Pure, so cached across batches."""
     out = []
@@ -80,12 +80,14 @@ def _position_blocks(seq_len: int, size: int, rank: int, src: int, causal: bool,
 
 @functools.lru_cache(maxsize=4096)
 def message_rows(seq_len: int, size: int, src: int, shift: int, causal: bool, window: int | None,
-                 layout: str, tiling: Tiling = Tiling()) -> tuple[int, int]:
+                 layout: Layout, tiling: Tiling = Tiling()) -> tuple[int, int]:
     """Rows [lo, hi) of ring rank `src`'s K/V that travel in direction `shift` (+1: to the next
     ranks, -1: to the previous): every key some rank on that relay path uses. Without a window
     that is the whole shard; with one, only the keys within the window of the receivers (one
     shard of a 1M-token ring is 256K tokens, a window 4K). At least one row: the message of a
     hop that carries nothing still keeps the ring's rhythm."""
+    if not isinstance(layout, str):  # a document layout: only rows of documents that span ranks travel
+        return layout.message(src, shift, causal, window)
     hops = hop_plan(seq_len, size, causal, window, layout)[0 if shift > 0 else 1]
     lo, hi = seq_len, 0
     for h in range(1, hops + 1):
@@ -108,7 +110,7 @@ def _shifted(blocks: BlockList, lo: int) -> BlockList:
 class RingPlan:
     """Per source ring rank, the (block, kind, q_doc, k_doc) list of the local queries."""
 
-    def __init__(self, seq_len: int, size: int, rank: int, layout: str = "zigzag",
+    def __init__(self, seq_len: int, size: int, rank: int, layout: Layout = "zigzag",
                  doc_full: torch.Tensor | None = None, tiling: Tiling = Tiling()):
         self.seq_len, self.size, self.rank, self.layout = seq_len, size, rank, layout
         self.seq_local = seq_len // size
@@ -137,8 +139,11 @@ class RingPlan:
         """The blocks against `src`'s shard, with key rows counted in the message it sent."""
         key = (src % self.size, shift, bool(causal), window)
         if key not in self._msgs:
-            lo = self.message(src, shift, causal, window)[0]
+            lo, hi = self.message(src, shift, causal, window)
             self._msgs[key] = _shifted(self.blocks(causal, window)[src % self.size], lo)
+            if any(b.k.start < 0 or b.k.stop > hi - lo for b, *_ in self._msgs[key]):  # a planning bug, not input
+                raise AssertionError(f"ring plan: rank {self.rank}'s blocks against rank {src % self.size} need K/V "
+                                     f"rows outside the message [{lo}, {hi}) in direction {shift}")
         return self._msgs[key]
 
     def _source(self, src: int, causal: bool, window: int | None) -> BlockList:
