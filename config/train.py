@@ -227,6 +227,9 @@ class TrainConfig:
             problems.append(f"hang_timeout_s={self.hang_timeout_s:g} must be below launch.collective_timeout_s="
                             f"{self.launch.collective_timeout_s:g}: the watchdog must notice a stalled rank before "
                             "the others' collectives time out")
+        if self.parallel.cp_layout == "documents" and not self.data.document_mask:
+            problems.append("parallel.cp_layout=\"documents\" lays out each batch by its documents; it needs "
+                            "data.document_mask = true (or use cp_layout = \"zigzag\")")
         if not 0 <= self.host_mmap_mib <= MAX_THRESHOLD_MIB:
             problems.append(f"host_mmap_mib={self.host_mmap_mib} must be in [0, {MAX_THRESHOLD_MIB}] (MiB; 0 leaves "
                             "glibc's threshold adaptive)")

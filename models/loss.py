@@ -64,8 +64,9 @@ def logits_loss(logits, labels, mesh):
     return (loss * mask).sum()
 
 
-def logits_correct(logits, labels, mesh) -> torch.Tensor:
-    """Per sequence: labeled positions whose label is the argmax of the vocab-parallel logits."""
+def logits_correct(logits, labels, mesh, per_token: bool = False) -> torch.Tensor:
+    """Per sequence: labeled positions whose label is the argmax of the vocab-parallel logits
+    (`per_token`: whether each position is one, [b, s])."""
     logits = logits.float()
     mask = labeled(labels)
     local_v = logits.shape[-1]
@@ -76,7 +77,8 @@ def logits_correct(logits, labels, mesh) -> torch.Tensor:
     if group_size(mesh.group("tp")) > 1:
         best = all_reduce(best, mesh.group("tp"), op=torch.distributed.ReduceOp.MAX)
         label_logit = all_reduce(label_logit, mesh.group("tp"))
-    return ((label_logit >= best) & mask).sum(1)
+    hit = (label_logit >= best) & mask
+    return hit if per_token else hit.sum(1)
 
 
 def _chunk_loss(h, weight, labels, mesh, norm=None, norm_weight=None):

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longtrain.data.batch import labeled
 from longtrain.parallel.attention import AttentionPlan, plan_attention, sequence_positions
+from longtrain.parallel.attention.blocks import Layout
 from longtrain.parallel.sharding import retag, sharding_of, tied_name
 from longtrain.parallel.mesh import ParallelMesh
 from longtrain.parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp
@@ -151,18 +152,22 @@ class LongLM(nn.Module):
         if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
             self.head.weight = self.embed.weight
 
-    def batch_context(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> "BatchContext":
+    def batch_context(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      layout: Layout = "zigzag") -> "BatchContext":
         """What every layer needs for one micro-batch, made once per batch, not per layer:
         rotary tables at the global positions of this rank's tokens, and the attention plan
         (validation across the sequence-parallel ranks, the document-id gathers). Attention
-        sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first."""
+        sees [b, s_local, heads/tp, hd]: under TP-SP the block gathers over tp first. `layout`:
+        the sequence layout the batch was sharded in (a `DocumentLayout` lays a batch's rows end
+        to end: rotary positions restart at each row)."""
         mesh, cfg, tp = self.mesh, self.cfg, self.mesh.size("tp")
         seq_len = input_ids.shape[1] * mesh.size("cp")
-        pos = sequence_positions(seq_len, mesh, device=input_ids.device)  # global, in the shard layout
-        cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len)
+        pos = sequence_positions(seq_len, mesh, device=input_ids.device, layout=layout)  # global, in the layout
+        row_len = seq_len if isinstance(layout, str) else layout.row_len or seq_len
+        cos, sin = rope_tables(pos % row_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, row_len)
         plan = plan_attention(mesh, (input_ids.shape[0], input_ids.shape[1], cfg.n_heads // tp, cfg.head_dim),
                               cfg.n_kv_heads // tp, causal=True, window=cfg.layer_window(0),
-                              windows=cfg.windows, doc_ids=doc_ids, device=input_ids.device)
+                              windows=cfg.windows, doc_ids=doc_ids, layout=layout, device=input_ids.device)
         return BatchContext(cos, sin, plan)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -177,14 +182,16 @@ class LongLM(nn.Module):
             aux = aux + a
         return x, aux
 
-    def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, norm: bool = True):
+    def hidden(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, norm: bool = True,
+               layout: Layout = "zigzag"):
         """(final hidden states [b, s_local(/tp with TP-SP), dim], normed unless `norm=False`,
         summed balance losses)."""
-        x, aux = self.run_layers(self.embed_tokens(input_ids), self.batch_context(input_ids, doc_ids))
+        x, aux = self.run_layers(self.embed_tokens(input_ids), self.batch_context(input_ids, doc_ids, layout))
         return (self.norm(x) if norm else x), aux
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> LossOutput:
-        h, aux = self.hidden(input_ids, doc_ids, norm=False)  # the final norm runs per loss chunk
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                layout: Layout = "zigzag") -> LossOutput:
+        h, aux = self.hidden(input_ids, doc_ids, norm=False, layout=layout)  # the final norm runs per loss chunk
         out = self.lm_loss(h, labels)
         out.aux = aux
         return out
@@ -194,26 +201,39 @@ class LongLM(nn.Module):
         return chunked_lm_loss(enter_tp(h, self.mesh), self.head, labels, self.cfg.loss_chunk, self.mesh, self.norm)
 
     @torch.no_grad()
-    def eval_counts(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                    doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def eval_counts(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                    layout: Layout = "zigzag", rows: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward pass for evaluation on this rank's slice: (loss sum, per-sequence count of
         labeled tokens [b], per-sequence count of those predicted exactly [b]: argmax over the
         whole, possibly vocab-parallel, vocabulary equals the label). Sum over the cp group for
-        whole sequences; every tp rank returns the same numbers."""
-        h, _ = self.hidden(input_ids, doc_ids)
-        return self.head_counts(h, labels)
+        whole sequences; every tp rank returns the same numbers. A batch in a `DocumentLayout`
+        (its rows end to end in one) gives `rows`, each token's row, and counts per row of it."""
+        h, _ = self.hidden(input_ids, doc_ids, layout=layout)
+        return self.head_counts(h, labels, None if rows is None else (rows, layout.rows))
 
     @torch.no_grad()
-    def head_counts(self, h: torch.Tensor, labels: torch.Tensor):
-        """`eval_counts` from the normed final hidden states (the last pipeline stage's part)."""
+    def head_counts(self, h: torch.Tensor, labels: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None):
+        """`eval_counts` from the normed final hidden states (the last pipeline stage's part);
+        `rows`: (each token's row [1, s], rows) when a batch's rows lie end to end."""
         h = enter_tp(h, self.mesh)
         loss = h.new_zeros((), dtype=torch.float32)
-        correct = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-        for hc, lc in zip(h.split(self.cfg.loss_chunk, dim=1), labels.split(self.cfg.loss_chunk, dim=1)):
+        n = labels.shape[0] if rows is None else rows[1]
+        tokens = labels if rows is None else rows[0]
+        correct = torch.zeros(n, dtype=torch.long, device=labels.device)
+        labeled_rows = torch.zeros(n, dtype=torch.long, device=labels.device)
+        for hc, lc, rc in zip(h.split(self.cfg.loss_chunk, dim=1), labels.split(self.cfg.loss_chunk, dim=1),
+                              tokens.split(self.cfg.loss_chunk, dim=1)):
             logits = torch.nn.functional.linear(hc, self.head.weight)  # once per chunk, for both
             loss += logits_loss(logits, lc, self.mesh)
-            correct += logits_correct(logits, lc, self.mesh)
-        return loss, labeled(labels).sum(1), correct
+            if rows is None:
+                correct += logits_correct(logits, lc, self.mesh)
+                labeled_rows += labeled(lc).sum(1)
+            else:
+                correct.index_add_(0, rc.reshape(-1), logits_correct(logits, lc, self.mesh, per_token=True)
+                                   .reshape(-1).long())
+                labeled_rows.index_add_(0, rc.reshape(-1), labeled(lc).reshape(-1).long())
+        return loss, labeled_rows, correct
 
     def moe_layers(self) -> list:
         return [layer.mlp for layer in self.layers if layer.moe]

@@ -43,6 +43,9 @@ COMPOSITE: dict[str, tuple[str, ...]] = {
 GROUPS: tuple[str, ...] = (*AXES, *COMPOSITE, "edp", "pp_ends", "ep", "world")
 
 
+CP_LAYOUTS = ("zigzag", "documents")
+
+
 class LayoutError(ValueError):
     """A parallel layout that cannot work; the message says what to change."""
 
@@ -57,9 +60,17 @@ class ParallelDims:
     cp_ulysses: int = 1
     cp_ring: int = 1
     ep: int = 1
+    # where each token of a sequence lives on the ring ranks: "zigzag" (2 x cp_ring chunks, balanced
+    # for a causal mask over the whole sequence) or "documents" (per batch, from its packed documents:
+    # short ones whole on one rank, long ones head-and-tail over all; parallel/attention/doclayout.py)
+    cp_layout: str = "zigzag"
 
     def __post_init__(self) -> None:
+        if self.cp_layout not in CP_LAYOUTS:
+            raise LayoutError(f"cp_layout={self.cp_layout!r} must be one of {CP_LAYOUTS}")
         for f in dataclasses.fields(self):
+            if f.name == "cp_layout":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LayoutError(f"ParallelDims.{f.name} must be a positive integer, got {v!r}")

@@ -119,7 +119,7 @@ def test_config_show_is_the_run_and_loads_back(tmp_path, capsys):
     assert build(TrainConfig, tomllib.loads(shown)) == want and "lr = 0.002" in shown
     assert main(["config", "show", cfg, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parallel"] == {"dp": 1, "pp": 1, "tp": 2, "cp_ulysses": 1,
-                                                               "cp_ring": 2, "ep": 1}
+                                                               "cp_ring": 2, "ep": 1, "cp_layout": "zigzag"}
     assert main(["config", "show", cfg, "--set", "optim.lrr=1"]) == 2
     assert "unknown key(s) optim.lrr" in capsys.readouterr().err
 

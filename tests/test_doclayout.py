@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from longtrain.benchmarks.balance import main as bench_main
 from longtrain.benchmarks.balance import parse_lengths
@@ -176,3 +177,164 @@ def test_attention_in_the_document_layout_is_exact(pool4, degrees, shape, window
             assert_matches(pos, layers[i], expect, TOL["fp32"])
     for _, _, planned, during in res:
         assert planned.get("agreement") == 1 and during == {"agreement": 0, "doc_ids": 0, "host_copies": 0}
+
+
+# ---------------------------------------------------------------- the model in the document layout
+
+def _doc_batch(kind: str, b: int, s: int, vocab: int, seed: int):
+    """ids, labels, doc ids [b, s]: "one" (one document, longer than the sequence), "tiny" (many
+    documents of 1 to 4 tokens), "mixed" (lengths from 1 to half the sequence)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    doc = torch.zeros(b, s, dtype=torch.long)
+    for row in range(b):
+        pos, d = 0, 0
+        while pos < s and kind != "one":
+            n = int(torch.randint(1, 5 if kind == "tiny" else s // 2, (1,), generator=g))
+            doc[row, pos:pos + n] = d
+            pos, d = pos + n, d + 1
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = torch.where(doc[:, 1:] == doc[:, :-1], ids[:, 1:], -100)
+    return ids, labels, doc
+
+
+def _reference(cfg_kw, kind, b, s, seed):
+    from longtrain.models.config import ModelConfig
+    from longtrain.models.transformer import build_model
+    from longtrain.parallel.mesh import ParallelMesh
+
+    cfg = ModelConfig(**cfg_kw)
+    model = build_model(cfg, ParallelMesh.single(), seed=seed)
+    ids, labels, doc = _doc_batch(kind, b, s, cfg.vocab_size, seed)
+    out = model(ids, labels, doc)
+    loss = out.loss_sum / out.tokens
+    (loss + out.aux).backward()
+    with torch.no_grad():
+        counts = model.eval_counts(ids, labels, doc)
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, [c.tolist() for c in counts[1:]]
+
+
+def _doc_model_step(degrees, cfg_kw, kind, b, s, seed):
+    """One forward/backward of the model on a batch sharded by `trainer.shard_batch` in the
+    document layout: (mean loss, full gradients, per-row eval counts summed over cp, layouts)."""
+    from longtrain.models.config import ModelConfig
+    from longtrain.models.loss import global_loss
+    from longtrain.models.transformer import build_model
+    from longtrain.parallel.comm import all_reduce
+    from longtrain.parallel.grads import sync_gradients
+    from longtrain.parallel.sharding import full_tensor
+    from longtrain.train.trainer import Trainer, shard_batch
+    from tests.dist import mesh_for
+
+    mesh = mesh_for(**degrees, cp_layout="documents")
+    cfg = ModelConfig(**cfg_kw)
+    model = build_model(cfg, mesh.with_sequence_parallel(True), seed=seed)
+    ids, labels, doc = _doc_batch(kind, b, s, cfg.vocab_size, seed)
+    dp, dpr = mesh.size("dp"), mesh.coord("dp")
+    rows = slice(dpr * b // dp, (dpr + 1) * b // dp)
+    local = shard_batch({"input_ids": ids[rows], "labels": labels[rows], "doc_ids": doc[rows]}, mesh, cfg.windows)
+    assert not isinstance(local["layout"], str)
+    out = model(local["input_ids"], local["labels"], **Trainer.model_inputs(local))
+    loss, mean = global_loss(out, mesh.group("dp_cp"))
+    loss.backward()
+    sync_gradients(model.parameters(), mesh)
+    grads = {n: full_tensor(p, mesh, p.grad) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        _, labeled, correct = model.eval_counts(local["input_ids"], local["labels"], rows=local["rows"],
+                                                **Trainer.model_inputs(local))
+    per_row = all_reduce(torch.stack([labeled, correct]).double(), mesh.group("cp"))
+    return mean.item(), grads, per_row.tolist(), dpr
+
+
+MODEL_CFG = dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96)
+MODEL_CASES = [  # (degrees, model variant, batch kind)
+    (dict(cp_ring=2, dp=2), {}, "mixed"),
+    (dict(cp_ring=4), {}, "tiny"),
+    (dict(cp_ring=4), {}, "one"),
+    (dict(cp_ring=2, cp_ulysses=2), dict(n_kv_heads=4), "mixed"),
+    (dict(tp=2, cp_ring=2), dict(window=8, global_layers=[1]), "mixed"),  # the MASFormer pattern
+    (dict(cp_ring=2, dp=2), dict(moe={"num_experts": 4, "top_k": 2}), "mixed"),
+]
+
+
+@pytest.mark.parametrize("degrees,variant,kind", MODEL_CASES,
+                         ids=["ring2-dp2", "ring4-tiny", "ring4-one-long", "ring2xulysses2", "tp2xring2-masformer",
+                              "ring2-moe"])
+def test_model_in_the_document_layout_equals_one_process(pool4, degrees, variant, kind):
+    cfg = dict(MODEL_CFG, **variant)
+    b, s, seed = 2, 64, 5
+    ref_loss, ref_grads, ref_counts = _reference(cfg, kind, b, s, seed)
+    for loss, grads, per_row, dpr in pool4.run(_doc_model_step, degrees, cfg, kind, b, s, seed):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for n, g in grads.items():
+            want = ref_grads[n]
+            err = (torch.from_numpy(g) - want).abs().max().item()
+            assert err <= 1e-5 * want.abs().max().item() + 1e-8, f"{n}: max error {err:.3g}"
+        dp = degrees.get("dp", 1)
+        rows = slice(dpr * b // dp, (dpr + 1) * b // dp)
+        assert per_row == [ref_counts[0][rows], ref_counts[1][rows]]
+
+
+# ---------------------------------------------------------------- training runs in the document layout
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from longtrain.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("doclayoutdata")
+    prepare(["stdlib"], str(out), limit_bytes=200_000)
+    return str(out)
+
+
+def test_training_in_the_document_layout_matches_one_process_and_resumes_across_layouts(data_dir, tmp_path, pool4):
+    """Losses and evaluation of a run on ring 2 x Ulysses 2 in the document layout equal one
+    process; a run saved in the zigzag layout resumes in the document layout (and back) with
+    the same losses as the uninterrupted run."""
+    from tests.test_run import _job
+
+    docs = {"cp_ring": 2, "cp_ulysses": 2, "cp_layout": "documents"}
+    rows = pool4.run(_job, data_dir, str(tmp_path / "a"), 4, docs, None, True)[0]
+    one = _job(data_dir, str(tmp_path / "one"), 4, None, rows=True)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    for k in ("eval_loss", "eval_acc"):
+        assert rows[2][k] == pytest.approx(one[2][k], rel=1e-5), k
+    zig = {**docs, "cp_layout": "zigzag"}
+    first = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, zig, 2)[0]
+    rest = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, docs)[0]
+    assert first + rest == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+
+
+def test_documents_layout_needs_document_masks():
+    from longtrain.config.loading import ConfigError, build
+    from longtrain.config.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="cp_layout=\"documents\" .* data.document_mask = true"):
+        build(TrainConfig, {"parallel": {"cp_ring": 2, "cp_layout": "documents"}, "data": {"document_mask": False}})
+    with pytest.raises(ConfigError, match="cp_layout='diagonal' must be one of"):
+        build(TrainConfig, {"parallel": {"cp_ring": 2, "cp_layout": "diagonal"}})
+
+
+def test_pipeline_stages_in_the_document_layout(data_dir, tmp_path, pool4):
+    """pp 2 x ring 2: every stage builds its batch context from the micro-batch's layout."""
+    from tests.test_run import _job
+
+    par = {"pp": 2, "cp_ring": 2, "cp_layout": "documents"}
+    rows = pool4.run(_job, data_dir, str(tmp_path / "a"), 3, par, None, True, grad_accum=2)[0]
+    one = _job(data_dir, str(tmp_path / "one"), 3, None, rows=True, grad_accum=2)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert rows[2]["eval_loss"] == pytest.approx(one[2]["eval_loss"], rel=1e-5)
+
+
+def test_quantized_activations_in_the_document_layout(pool4):
+    """int8 saved activations (per-token scales): the loss is exact and the gradients differ
+    from the exact ones by what the format implies, as in one process."""
+    from tests.test_actquant import BOUNDS, _rel
+
+    cfg = dict(MODEL_CFG, act_quant={"dtype": "int8"})
+    exact_loss, exact, _ = _reference(MODEL_CFG, "mixed", 2, 64, 5)
+    _, one, _ = _reference(cfg, "mixed", 2, 64, 5)
+    err_one = _rel(one, exact)
+    for loss, grads, _, _ in pool4.run(_doc_model_step, dict(cp_ring=4), cfg, "mixed", 2, 64, 5):
+        assert loss == pytest.approx(exact_loss, rel=1e-5)
+        err = _rel({n: torch.from_numpy(g) for n, g in grads.items()}, exact)
+        assert 0 < err < BOUNDS["int8"] and err < 2 * err_one + 1e-3, (err, err_one)

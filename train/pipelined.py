@@ -82,8 +82,8 @@ class Pipelined:
         token-loss sum over `count` (only the last stage's ranks hold one; 0 elsewhere)."""
         if tuple(micro[0]["input_ids"].shape) != self.ids_shape:
             self._build(tuple(micro[0]["input_ids"].shape))
-        self.inputs.micro = [Micro(self.model.batch_context(m["input_ids"], m.get("doc_ids")), m["labels"])
-                             for m in micro]
+        self.inputs.micro = [Micro(self.model.batch_context(m["input_ids"], m.get("doc_ids"),
+                                                            m.get("layout", "zigzag")), m["labels"]) for m in micro]
         self.inputs.count = count
         ids = torch.cat([m["input_ids"] for m in micro]) if 0 in self.mine else None
         target = torch.cat([m["labels"] for m in micro])
@@ -103,7 +103,7 @@ class Pipelined:
     def eval_counts(self, batch: dict):
         """`LongLM.eval_counts` through the stages: every pipeline rank gets the last stage's
         (loss sum, labeled [b], correct [b])."""
-        ctx = self.model.batch_context(batch["input_ids"], batch.get("doc_ids"))
+        ctx = self.model.batch_context(batch["input_ids"], batch.get("doc_ids"), batch.get("layout", "zigzag"))
         b, s = batch["input_ids"].shape
         group, pp = self.mesh.group("pp"), self.mesh.size("pp")
         x = None
@@ -116,10 +116,11 @@ class Pipelined:
             x = self.modules[self.mine.index(k)].eval_forward(x, batch["input_ids"], ctx)
             if k < self.num_stages - 1:
                 dist.send(x.contiguous(), group=group, group_dst=(k + 1) % pp)
-        b = batch["labels"].shape[0]
+        rows = None if "rows" not in batch else (batch["rows"], batch["layout"].rows)
+        b = batch["labels"].shape[0] if rows is None else rows[1]
         out = torch.zeros(1 + 2 * b, dtype=torch.float64, device=self.device)
         if self.last:
-            loss, labeled, correct = self.model.head_counts(x, batch["labels"])
+            loss, labeled, correct = self.model.head_counts(x, batch["labels"], rows)
             out = torch.cat([loss.double().reshape(1), labeled.double(), correct.double()])
         dist.broadcast(out, group=group, group_src=(self.num_stages - 1) % pp)
         return out[0], out[1:1 + b].long(), out[1 + b:].long()

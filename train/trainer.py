@@ -19,7 +19,7 @@ from longtrain.data.batch import labeled
 from longtrain.models.memtrim import trim
 from longtrain.models.loss import global_count, step_loss
 from longtrain.models.transformer import build_model
-from longtrain.parallel.attention import shard_sequence
+from longtrain.parallel.attention import doclayout, shard_sequence
 from longtrain.parallel.comm import all_reduce
 from longtrain.parallel.grads import BUCKET_BYTES, GradSync, global_grad_norm
 from longtrain.parallel.fsdp import shard_blocks
@@ -70,6 +70,25 @@ class StepResult:
     data_s: float = 0.0  # of that, waiting for the loader's batches
 
 
+def shard_batch(batch: dict, mesh, windows) -> dict:
+    """This rank's slice of a batch of full sequences, in the sequence layout. With
+    `parallel.cp_layout = "documents"` on a ring, the layout is solved from the batch's own
+    documents (the same on every rank: no collective; `windows`: every layer's, which weigh the
+    work) and the batch's rows lie end to end in it; the slice then carries "layout" and "rows"
+    (each token's row) for the model."""
+    layout = "zigzag"
+    if mesh.dims.cp_layout == "documents" and mesh.size("cp_ring") > 1 and "doc_ids" in batch:
+        b, n = batch["input_ids"].shape
+        layout, ids = doclayout.for_batch(batch["doc_ids"], mesh.size("cp_ring"), doclayout.model_masks(windows))
+        batch = {k: v.reshape(1, b * n) for k, v in batch.items()}
+        batch["doc_ids"] = ids
+        batch["rows"] = torch.arange(b, device=ids.device).repeat_interleave(n)[None]
+    out = {k: shard_sequence(v, mesh, dim=1, layout=layout) for k, v in batch.items()}
+    if layout != "zigzag":
+        out["layout"] = layout
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, mesh: ParallelMesh, loader, device: str = "cpu"):
         mesh = mesh.with_sequence_parallel(cfg.sequence_parallel)  # where the config meets the layout
@@ -96,12 +115,13 @@ class Trainer:
         self.nan_skips = 0
 
     def local_batch(self, batch: dict) -> dict:
-        """This rank's slice of a batch of full sequences (sequence-parallel layout)."""
-        out = {}
-        for k, v in batch.items():
-            v = v.to(self.device)
-            out[k] = shard_sequence(v, self.mesh, dim=1)
-        return out
+        """This rank's slice of a batch of full sequences, in the sequence layout (`shard_batch`)."""
+        return shard_batch({k: v.to(self.device) for k, v in batch.items()}, self.mesh, self.cfg.model.windows)
+
+    @staticmethod
+    def model_inputs(m: dict) -> dict:
+        """The model's keyword inputs besides input_ids and labels, from a `local_batch`."""
+        return {"doc_ids": m.get("doc_ids"), "layout": m.get("layout", "zigzag")}
 
     def _group(self):
         return self.mesh.group("dp_cp")
@@ -124,7 +144,7 @@ class Trainer:
             if self.sync is not None and i == len(micro) - 1:
                 self.sync.arm()  # the last backward: its gradient hooks start the reduction
             with autocast:
-                out = self.model(m["input_ids"], m["labels"], m.get("doc_ids"))
+                out = self.model(m["input_ids"], m["labels"], **self.model_inputs(m))
             trim()  # the forward's freed temporaries: give their heap pages back before backward (CPU)
             loss = step_loss(out.loss_sum, count)
             (loss + out.aux / cfg.grad_accum).backward()
@@ -165,7 +185,8 @@ class Trainer:
         """`LongLM.eval_counts` on this rank's slice of a batch, through the pipeline if any."""
         if self.pipe is not None:
             return self.pipe.eval_counts(batch)
-        return self.model.eval_counts(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
+        return self.model.eval_counts(batch["input_ids"], batch["labels"], rows=batch.get("rows"),
+                                      **self.model_inputs(batch))
 
     def _on_nonfinite(self, loss: float, norm: float) -> None:
         policy = self.cfg.nan_policy

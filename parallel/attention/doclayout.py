@@ -73,6 +73,7 @@ class DocumentLayout:
 
     seq_len: int
     ranks: tuple[tuple[Piece, ...], ...]
+    row_len: int = 0  # a batch's rows laid end to end (`for_batch`): tokens per row (0: one row)
     _memo: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -80,7 +81,7 @@ class DocumentLayout:
         if "key" not in self._memo:
             flat = [(p.doc, p.doc_start, p.start, p.length, p.spans) for ps in self.ranks for p in ps + (None,)
                     if p is not None] + [len(ps) for ps in self.ranks]
-            self._memo["key"] = zlib.crc32(repr((self.seq_len, flat)).encode())
+            self._memo["key"] = zlib.crc32(repr((self.seq_len, self.row_len, flat)).encode())
         return self._memo["key"]
 
     def __hash__(self) -> int:
@@ -88,11 +89,17 @@ class DocumentLayout:
 
     def __eq__(self, other) -> bool:
         return self is other or (isinstance(other, DocumentLayout) and self.key == other.key
-                                 and self.seq_len == other.seq_len and self.ranks == other.ranks)
+                                 and (self.seq_len, self.row_len, self.ranks) == (other.seq_len, other.row_len,
+                                                                                  other.ranks))
 
     @property
     def ring(self) -> int:
         return len(self.ranks)
+
+    @property
+    def rows(self) -> int:
+        """Sequences laid end to end in this layout."""
+        return self.seq_len // (self.row_len or self.seq_len)
 
     def segments(self, rank: int) -> list[Segment]:
         """The rank's pieces as `blocks.Segment`s (neighbours contiguous in both local order and
@@ -320,3 +327,24 @@ def lengths_of(doc_ids) -> list[int]:
     import torch
 
     return torch.unique_consecutive(torch.as_tensor(doc_ids).reshape(-1), return_counts=True)[1].tolist()
+
+
+def model_masks(windows) -> Masks:
+    """A model's masks with their layer counts, from every layer's window (None: full causal)."""
+    counts: dict = {}
+    for w in windows:
+        counts[w] = counts.get(w, 0) + 1
+    return tuple(counts.items())
+
+
+def for_batch(doc_ids, ring: int, masks: Masks = ((None, 1),)):
+    """(layout, ids) for a micro-batch's document ids [b, S] (a tensor): its rows laid end to end
+    as one sequence of b x S tokens (the ring then balances all of them together; no document
+    crosses a row), and the ids made distinct across rows, [1, b x S]."""
+    import torch
+
+    b, n = doc_ids.shape
+    ids = doc_ids - doc_ids.amin()
+    ids = (ids + torch.arange(b, device=ids.device)[:, None] * (ids.amax() + 1)).reshape(1, b * n)
+    layout = solve(lengths_of(ids), ring, masks)
+    return DocumentLayout(layout.seq_len, layout.ranks, row_len=n), ids

@@ -35,14 +35,15 @@ def _check_qkv(q, k, v) -> None:
 
 def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh, causal: bool = True,
                                 window: int | None = None, doc_ids: torch.Tensor | None = None,
-                                scale: float | None = None, layout: Layout = "zigzag",
+                                scale: float | None = None, layout: Layout | None = None,
                                 plan: AttentionPlan | None = None) -> torch.Tensor:
     """Exact attention over the whole sequence split across the mesh's sequence-parallel ranks.
 
     q [b, s_local, h, d], k/v [b, s_local, h_kv, d] and doc_ids [b, s_local] (or [s_local],
     shared by the batch) must be in the
     layout of `shard_sequence`. `window=W`: a query sees keys less than W positions away
-    (W keys including itself when causal). `layout` must match the one used to shard.
+    (W keys including itself when causal). `layout` must match the one used to shard (default:
+    the plan's, else "zigzag").
     `plan` (from `plan_attention`, once per batch, holding the doc ids) makes the call skip
     validation across ranks and the document gathers; without it each call does them.
     Returns [b, s_local, h, d].
@@ -50,9 +51,9 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if plan is None:  # a one-off plan: validation, agreement and document gathers on this call
         _check_qkv(q, k, v)
         plan = plan_attention(mesh, q.shape, k.shape[2], causal=causal, window=window, doc_ids=doc_ids,
-                              layout=layout, dtype=q.dtype, device=q.device)
+                              layout="zigzag" if layout is None else layout, dtype=q.dtype, device=q.device)
     else:
-        plan.check(q, k, v, mesh, causal, window, layout, doc_ids)
+        plan.check(q, k, v, mesh, causal, window, plan.layout if layout is None else layout, doc_ids)
 
     def attend(q_, k_, v_):
         return ring_attention(q_, k_, v_, plan.ring_group, causal=causal, window=window, scale=scale,
