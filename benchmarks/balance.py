@@ -9,8 +9,15 @@ over `--batches` sequences. Document lengths come from `--lengths` (lognormal:ME
 or a fixed comma-separated list packed over and over) or a prepared dataset's own windows
 (`--data PATH`). Pure arithmetic on lengths: no model runs.
 
+With `--measure N` it also runs, on local gloo ranks of the first ring size (one thread per
+rank), attention forward + backward over N of the sequences in both layouts, alternating which
+goes first, and with `--step` a model's forward + backward (`--model-dim`, 4 layers): the
+slowest rank's seconds, and checks that both layouts give the same results (attention: the
+sums of out x dout and of the gradients x inputs; the model: the loss).
+
     longtrain bench balance --lengths lognormal:3072:1.0 --seq 131072 --ring 2,4,8,16
     longtrain bench balance --data runs/data --seq 16384 --json
+    longtrain bench balance --seq 131072 --ring 2 --measure 3 --step --write-docs docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import math
 import random
 import shlex
 import sys
+import time
 
 KV_BYTES = 2 * 8 * 128 * 2  # K and V of one token in one layer: 8 KV heads x 128 dims in bf16 (Llama-3-8B)
 
@@ -104,6 +112,129 @@ def measure(sequences: list[list[int]], ring: int, window: int | None, kv_bytes:
     return out
 
 
+def _batch(lengths: list[int], heads: int, head_dim: int, seed: int):
+    """q, k, v, dout [1, S, heads, head_dim] and document ids [1, S] of one packed sequence."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    seq = sum(lengths)
+    qkvo = [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    return qkvo, doc
+
+
+def _layout(name: str, lengths: list[int], ring: int, masks):
+    from longtrain.parallel.attention import doclayout
+
+    return "zigzag" if name == "zigzag" else doclayout.solve(lengths, ring, masks)
+
+
+def _timed(fn) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _attention_rank(sequences: list[list[int]], heads: int, head_dim: int, window: int | None) -> list[dict]:
+    """One ring rank: per sequence and layout, seconds of attention forward + backward and the
+    layout-independent sums (over the ring) of out x dout and of each gradient x its input."""
+    import torch
+
+    from longtrain.parallel import ParallelDims, build_mesh
+    from longtrain.parallel.attention import plan_attention, sequence_parallel_attention, shard_sequence
+    from longtrain.parallel.comm import all_reduce
+
+    mesh = build_mesh(ParallelDims(cp_ring=torch.distributed.get_world_size()), device_type="cpu")
+    out = []
+    for i, lengths in enumerate(sequences):
+        (q, k, v, dout), doc = _batch(lengths, heads, head_dim, seed=i)
+        for name in (LAYOUT_NAMES if i % 2 == 0 else LAYOUT_NAMES[::-1]):
+            layout = _layout(name, lengths, mesh.size("cp_ring"), ((window, 1),))
+            ql, kl, vl = (shard_sequence(t, mesh, layout=layout).requires_grad_() for t in (q, k, v))
+            dl, docl = shard_sequence(dout, mesh, layout=layout), shard_sequence(doc, mesh, layout=layout)
+            plan = plan_attention(mesh, ql.shape, heads, window=window, doc_ids=docl, layout=layout)
+            res = {}
+
+            def step():
+                res["out"] = sequence_parallel_attention(ql, kl, vl, mesh, window=window, plan=plan)
+                res["out"].backward(dl)
+
+            seconds = _timed(step)
+            sums = torch.stack([(res["out"].double() * dl).sum()] + [(t.grad.double() * t).sum() for t in (ql, kl, vl)])
+            out.append({"batch": i, "layout": name, "seconds": seconds,
+                        "sums": all_reduce(sums, mesh.group("cp_ring")).tolist()})
+    return out
+
+
+def _step_rank(sequences: list[list[int]], dim: int, heads: int, window: int | None) -> list[dict]:
+    """One ring rank: per sequence and layout, seconds of a model's forward + backward and its loss."""
+    import torch
+
+    from longtrain.data.batch import IGNORE
+    from longtrain.models.config import ModelConfig
+    from longtrain.models.transformer import build_model
+    from longtrain.parallel import ParallelDims, build_mesh
+    from longtrain.train.trainer import shard_batch
+
+    out = []
+    cfg = ModelConfig(vocab_size=320, dim=dim, n_layers=4, n_heads=heads, n_kv_heads=heads, ffn_hidden=dim * 8 // 3,
+                      window=window)
+    for name in LAYOUT_NAMES:
+        mesh = build_mesh(ParallelDims(cp_ring=torch.distributed.get_world_size(), cp_layout=name), device_type="cpu")
+        model = build_model(cfg, mesh, seed=0)
+        for i, lengths in [(-1, sequences[0])] + list(enumerate(sequences)):  # -1: a warm-up, not reported
+            g = torch.Generator().manual_seed(max(i, 0))
+            ids = torch.randint(0, cfg.vocab_size, (1, sum(lengths)), generator=g)
+            doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+            labels = torch.full_like(ids, IGNORE)
+            labels[:, :-1] = torch.where(doc[:, 1:] == doc[:, :-1], ids[:, 1:], IGNORE)
+            local = shard_batch({"input_ids": ids, "labels": labels, "doc_ids": doc}, mesh, cfg.windows)
+            res = {}
+            seconds = _timed(lambda: _forward_backward(model, local, mesh, res))
+            model.zero_grad(set_to_none=True)
+            if i >= 0:
+                out.append({"batch": i, "layout": name, "seconds": seconds, "loss": res["loss"]})
+    return out
+
+
+def _forward_backward(model, local: dict, mesh, res: dict) -> None:
+    from longtrain.models.loss import global_loss
+    from longtrain.train.trainer import Trainer
+
+    loss, mean = global_loss(model(local["input_ids"], local["labels"], **Trainer.model_inputs(local)),
+                             mesh.group("cp"))
+    loss.backward()
+    res["loss"] = mean.item()
+
+
+LAYOUT_NAMES = ("zigzag", "documents")
+
+
+def run_measured(sequences: list[list[int]], ring: int, args) -> dict:
+    """Per layout: seconds per batch (slowest rank) of attention, and of the model step with `args.step`."""
+    from longtrain.launch.spawn import spawn_local
+
+    runs = {"attention": spawn_local(_attention_rank, ring, sequences, args.heads, args.head_dim, args.window,
+                                     threads=1)}
+    if args.step:
+        runs["step"] = spawn_local(_step_rank, ring, sequences, args.model_dim, args.heads, args.window, threads=1)
+    out = {}
+    for what, ranks in runs.items():
+        per = {name: [] for name in LAYOUT_NAMES}
+        checks = {name: [] for name in LAYOUT_NAMES}
+        for rows in zip(*ranks):  # the same (batch, layout) on every rank
+            per[rows[0]["layout"]].append(max(r["seconds"] for r in rows))
+            checks[rows[0]["layout"]].append(rows[0].get("sums") or [rows[0]["loss"]])
+        same = all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(*checks.values())
+                   for a, b in zip(x, y))
+        out[what] = {"seconds": {n: sum(v) / len(v) for n, v in per.items()}, "same_results": same,
+                     "speedup": sum(per["zigzag"]) / sum(per["documents"]), "per_batch": per, "checks": checks}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtrain bench balance", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -117,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-bytes", type=int, default=KV_BYTES,
                     help=f"bytes of one token's K and V in one layer (default {KV_BYTES}: 8 KV heads x 128 in bf16)")
+    ap.add_argument("--measure", type=int, default=0, metavar="N",
+                    help="also time attention forward + backward on N sequences, both layouts, on local ranks of the "
+                         "first ring size (one thread each)")
+    ap.add_argument("--step", action="store_true", help="with --measure: also a model's forward + backward")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--model-dim", type=int, default=256, help="--step: the model's width (4 layers, heads x head-dim "
+                    "is not used: head_dim = model-dim / heads)")
     ap.add_argument("--json", action="store_true", help="print {ring: {zigzag: {...}, documents: {...}}} "
                     "(one ring size: {zigzag: ..., documents: ...})")
     ap.add_argument("--write-docs", metavar="PATH", help="rewrite this benchmark's section of PATH")
@@ -137,10 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longtrain bench balance: {e}", file=sys.stderr)
         return 2
     results = {r: measure(sequences, r, args.window, args.kv_bytes) for r in rings}
+    timed = run_measured(sequences[:args.measure], rings[0], args) if args.measure else None
+    if timed:
+        results[rings[0]]["measured"] = timed
     if args.json:
         print(json.dumps(results[rings[0]] if len(rings) == 1 else results))
     else:
         print(table(results))
+        if timed:
+            print(timed_table(timed, rings[0]))
     if args.write_docs:
         from .report import replace_section
 
@@ -150,11 +294,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"({docs:.0f} documents each on average; source: {args.data or args.lengths}"
                 f"{f', window {args.window}' if args.window else ''}). Work: query-key pairs under causal attention "
                 f"within documents; bytes: K/V sent by the ring per layer's forward pass at {args.kv_bytes} bytes "
-                f"per token. Every rank holds seq / ring tokens in both layouts.\n\n{table(results)}\n")
+                f"per token. Every rank holds seq / ring tokens in both layouts.\n\n{table(results)}\n"
+                + (f"\nMeasured on {rings[0]} local gloo ranks, one thread each, {args.measure} of the sequences "
+                   f"(attention: {args.heads} heads x {args.head_dim}; step: a {args.model_dim}-wide 4-layer model), "
+                   f"side by side in one run:\n\n{timed_table(timed, rings[0])}\n" if timed else ""))
         what = "dataset" if args.data else args.lengths
-        replace_section(args.write_docs, f"balance-{'data' if args.data else args.lengths.split(':')[0]}",
-                        f"Ring balance on packed documents ({what})", body)
+        key = f"balance-{'data' if args.data else args.lengths.split(':')[0]}{'-measured' if timed else ''}"
+        replace_section(args.write_docs, key, f"Ring balance on packed documents ({what}"
+                        f"{', measured on ' + str(rings[0]) + ' ranks' if timed else ''})", body)
     return 0
+
+
+def timed_table(timed: dict, ring: int) -> str:
+    rows = [f"| ring {ring}, forward + backward | zigzag s/batch | documents s/batch | speed-up | same results |",
+            "|---|---|---|---|---|"]
+    for what, r in timed.items():
+        rows.append(f"| {what} | {r['seconds']['zigzag']:.2f} | {r['seconds']['documents']:.2f} | "
+                    f"{r['speedup']:.2f}x | {'yes' if r['same_results'] else 'NO'} |")
+    return "\n".join(rows)
 
 
 def table(results: dict) -> str:

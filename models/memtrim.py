@@ -7,6 +7,13 @@ the memory actually live (measured: a 128K-token tp2 x ring2 step peaked at 1145
 for about 715 MiB live). `malloc_trim(0)` releases the free pages wherever they are in the
 heap; called once per layer of the backward pass it costs milliseconds, not a mapped
 allocation per tensor (a lower mmap threshold cost 14% of the step time). No-op elsewhere.
+
+It pays only on long shards, though: every page given back is faulted in and zeroed again by
+the next allocation that reuses it, and on short sequences, whose freed temporaries are reused
+as they are by the next layer and the next step, that cost 17% (2K tokens) and 10% (8K) of a
+one-process step and bought nothing. So trimming is for shards whose residual stream (tokens x
+width, fp32) holds at least `TRIM_MIN_MIB`: the long-context runs it was made for (the cpu_1m
+config's shard holds 256 MiB) trim as before; short ones never do.
 """
 
 from __future__ import annotations
@@ -43,9 +50,19 @@ def trim() -> None:
         fn(0)
 
 
+TRIM_MIN_MIB = 32  # a residual stream at least this large is a long shard, worth trimming after
+
+
+def worth_trimming(residual_bytes: int) -> bool:
+    """Does a shard whose residual stream holds `residual_bytes` trim (`TRIM_MIN_MIB`)?"""
+    return residual_bytes >= TRIM_MIN_MIB * 2**20
+
+
 def trim_after_backward(x: torch.Tensor) -> None:
-    """Trim once the gradient of `x` is computed (a block's backward is done), on CPU."""
-    if x.requires_grad and x.device.type == "cpu" and _malloc_trim() is not None:
+    """Trim once the gradient of `x` (a block's input: the residual stream) is computed, on
+    CPU, for a long shard."""
+    if x.requires_grad and x.device.type == "cpu" and _malloc_trim() is not None and \
+            worth_trimming(x.numel() * x.element_size()):
         x.register_hook(_hook)
 
 

@@ -24,12 +24,19 @@ def test_trim_returns_freed_heap_pages():
     assert _rss_mib() < before - 50, "freed heap pages stayed resident"
 
 
-def test_hook_fires_after_the_gradient_and_keeps_it():
-    x = torch.randn(4, 3, requires_grad=True)
-    y = x * 2
-    trim_after_backward(y)
-    (y * 3).sum().backward()
-    assert torch.equal(x.grad, torch.full((4, 3), 6.0))
+def test_hook_fires_after_the_gradient_and_keeps_it(monkeypatch):
+    from longtrain.models import memtrim
+
+    fired = []
+    monkeypatch.setattr(memtrim, "trim", lambda: fired.append(1))
+    for rows, trims in ((1024, 0), (65536, 1)):  # a 1 MiB residual stream: short, not trimmed; 64 MiB: long
+        x = torch.randn(rows, 256, requires_grad=True)
+        y = x * 2
+        trim_after_backward(y)
+        (y * 3).sum().backward()
+        assert torch.equal(x.grad, torch.full((rows, 256), 6.0))
+        assert len(fired) == trims or _malloc_trim() is None
+        fired.clear()
 
 
 _FRAGMENT = """

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from longtrain.data.batch import labeled
-from longtrain.models.memtrim import trim
+from longtrain.models.memtrim import trim, worth_trimming
 from longtrain.models.loss import global_count, step_loss
 from longtrain.models.transformer import build_model
 from longtrain.parallel.attention import doclayout, shard_sequence
@@ -145,7 +145,8 @@ class Trainer:
                 self.sync.arm()  # the last backward: its gradient hooks start the reduction
             with autocast:
                 out = self.model(m["input_ids"], m["labels"], **self.model_inputs(m))
-            trim()  # the forward's freed temporaries: give their heap pages back before backward (CPU)
+            if worth_trimming(m["input_ids"].numel() * cfg.model.dim * 4):  # a long shard (memtrim.py)
+                trim()  # the forward's freed temporaries: give their heap pages back before backward (CPU)
             loss = step_loss(out.loss_sum, count)
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
