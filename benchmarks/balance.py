@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"(attention: {args.heads} heads x {args.head_dim}; step: a {args.model_dim}-wide 4-layer model), "
                    f"side by side in one run:\n\n{timed_table(timed, rings[0])}\n" if timed else ""))
         what = "dataset" if args.data else args.lengths
-        key = f"balance-{'data' if args.data else args.lengths.split(':')[0]}{'-measured' if timed else ''}"
+        source = "data" if args.data else "".join(c if c.isalnum() else "-" for c in args.lengths)[:40]
+        key = f"balance-{source}{'-measured' if timed else ''}"
         replace_section(args.write_docs, key, f"Ring balance on packed documents ({what}"
                         f"{', measured on ' + str(rings[0]) + ' ranks' if timed else ''})", body)
     return 0
