@@ -49,6 +49,8 @@ def _args(argv):
     ap.add_argument("--baseline-mib", type=float, help="a rank's resident baseline (default: measured, CPU)")
     ap.add_argument("--rate-gflops", type=float, help="FLOP rate per rank (default: measured fp32 matmul, CPU)")
     ap.add_argument("--link-gbps", type=float, default=10.0, help="GB/s a rank sends at (step-time bound)")
+    ap.add_argument("--data", metavar="PATH", help="a prepared dataset whose document lengths the plan uses (attention "
+                    "work, ring balance); default: the config's data.path")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     return ap.parse_args(argv)
 
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = expand_stages(load_tree(args.config, args.overrides))[-1]
+        if args.data:
+            import dataclasses
+
+            if not os.path.isfile(os.path.join(args.data, "manifest.json")):
+                raise ValueError(f"--data {args.data}: no manifest.json there (prepare it with longtrain prepare)")
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=os.path.abspath(args.data)))
         if args.world is not None and args.world < 1:
             raise ValueError(f"--world {args.world} must be >= 1")
     except (ConfigError, ValueError) as e:

@@ -57,3 +57,31 @@ def pairs_per_sequence(cfg: TrainConfig) -> tuple[list[float], str]:
     per_window = {w: sum(kept_pairs(n, w) for s in samples for n in s) / len(samples) for w in set(windows)}
     return ([per_window[w] for w in windows],
             f"documents of the data ({mean_docs:.1f} per sequence, mean over {len(samples)} sampled sequences)")
+
+
+BALANCE_SAMPLES = 64  # sampled windows the ring balance is averaged over
+
+
+def ring_balance(cfg: TrainConfig) -> dict | None:
+    """Each ring rank's attention work (query-key pairs per sequence, every layer's mask) under
+    the zigzag and the document layout, over sampled windows of the data, and which layout the
+    config uses; None without a ring or without documents in the data."""
+    from longtrain.parallel.attention import doclayout
+
+    ring, samples = cfg.parallel.cp_ring, document_lengths(cfg)
+    if ring == 1 or samples is None:
+        return None
+    masks = doclayout.model_masks(cfg.model.windows)
+    picks = samples[:: max(1, len(samples) // BALANCE_SAMPLES)][:BALANCE_SAMPLES]
+    out = {"cp_layout": cfg.parallel.cp_layout, "samples": len(picks)}
+    for name in ("zigzag", "documents"):
+        work, ratios = [0.0] * ring, []
+        for lengths in picks:
+            layout = doclayout.zigzag_layout(list(lengths), ring) if name == "zigzag" else \
+                doclayout.solve(list(lengths), ring, masks)
+            w = layout.work(masks)
+            ratios.append(doclayout.imbalance(w))
+            work = [a + b / len(picks) for a, b in zip(work, w)]
+        out[name] = {"work_per_rank": [round(x) for x in work], "work_max_over_mean": sum(ratios) / len(ratios),
+                     "work_max_over_mean_worst": max(ratios)}
+    return out

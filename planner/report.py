@@ -5,6 +5,7 @@ from __future__ import annotations
 from longtrain.config.train import TrainConfig
 
 from .comm import step_bytes
+from .documents import ring_balance
 from .memory import MIB, MemoryPlan
 from .search import Candidate
 from .shapes import local_sizes
@@ -32,6 +33,7 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
                   "attention_over": fl.attention_basis},
         "bytes_per_step": {k: round(v) for k, v in cand.sent.items()},  # the busiest ring rank
         "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0, 0).items()},  # what metrics.jsonl counts
+        "ring_balance": ring_balance(cfg),  # attention work per ring rank on the data's documents
         "step_seconds_min": round(cand.seconds, 3),
         "rate_flops_per_rank": rate,
         "source": source,
@@ -67,6 +69,13 @@ def plan_text(obj: dict, mem: MemoryPlan) -> str:
     lines += ["", f"FLOPs per step: model {f['model_per_step']:.3g}, with recomputation {f['hardware_per_step']:.3g} "
                   f"({f['per_rank']:.3g} per rank; attention over {f['attention_over']})",
               f"step time >= {obj['step_seconds_min']:.2f} s at {obj['rate_flops_per_rank'] / 1e9:,.0f} GFLOP/s per rank"]
+    bal = obj.get("ring_balance")
+    if bal:
+        used = bal[bal["cp_layout"]]
+        lines += ["", f"ring balance over {bal['samples']} sampled sequences of the data (attention work per ring rank, "
+                      f"query-key pairs): parallel.cp_layout = \"{bal['cp_layout']}\" gives max / mean "
+                      f"{used['work_max_over_mean']:.3f} (worst {used['work_max_over_mean_worst']:.2f}); zigzag "
+                      f"{bal['zigzag']['work_max_over_mean']:.3f}, documents {bal['documents']['work_max_over_mean']:.3f}"]
     return "\n".join(lines)
 
 

@@ -338,3 +338,21 @@ def test_quantized_activations_in_the_document_layout(pool4):
         assert loss == pytest.approx(exact_loss, rel=1e-5)
         err = _rel({n: torch.from_numpy(g) for n, g in grads.items()}, exact)
         assert 0 < err < BOUNDS["int8"] and err < 2 * err_one + 1e-3, (err, err_one)
+
+
+def test_plan_reports_the_ring_balance_of_the_data(data_dir, capsys):
+    """`longtrain plan --data PATH`: each ring rank's attention work on the data's own documents,
+    under the layout the config uses and both layouts, beside memory."""
+    from longtrain.cli.plan import main as plan_main
+
+    sets = ["--set", "parallel.cp_ring=4", "--set", "parallel.cp_layout=\"documents\"", "--set", "data.seq_len=4096",
+            "--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_heads=4", "--baseline-mib", "100",
+            "--rate-gflops", "10"]
+    assert plan_main([*sets, "--data", data_dir, "--json"]) == 0
+    bal = json.loads(capsys.readouterr().out)["ring_balance"]
+    assert bal["cp_layout"] == "documents" and bal["samples"] >= 1 and len(bal["documents"]["work_per_rank"]) == 4
+    assert bal["documents"]["work_max_over_mean"] <= 1.05 <= bal["zigzag"]["work_max_over_mean_worst"]
+    assert plan_main([*sets, "--data", data_dir]) == 0
+    assert "ring balance over" in capsys.readouterr().out
+    assert plan_main([*sets, "--data", str(data_dir) + "-missing"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
