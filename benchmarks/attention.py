@@ -214,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-docs", metavar="PATH", help="record the table in this markdown file")
     ap.add_argument("--masks", nargs="+", choices=["window", "docs", "window+docs"],
                     help="measure these masks (kept pairs only) against the fused causal kernel instead")
-    ap.add_argument("--window", type=int, default=2048, help="keys per query of the window masks")
-    ap.add_argument("--docs", type=int, default=8, help="documents packed into a sequence (docs masks)")
+    ap.add_argument("--window", type=int, nargs="+", default=[2048],
+                    help="keys per query of the window masks (several: a row per window)")
+    ap.add_argument("--docs", type=int, nargs="+", default=[8],
+                    help="documents packed into a sequence (docs masks; several: a row per count)")
     ap.add_argument("--ref-seq", type=int, default=8192, help="sequence length of the fused causal reference")
     args = ap.parse_args(argv)
     if args.masks:

@@ -72,8 +72,9 @@ def main_masked(args, command: str, measure, LAYOUTS: dict) -> int:
 
     layouts = args.layouts or ["longtrain (1 process)", "zigzag ring"]
     reference = ("sdpa (1 process)", args.ref_seq, ("causal", 0, 0))
-    masked = [(name, seq, (mask, args.window, args.docs)) for seq in args.seq for mask in args.masks
-              for name in layouts]
+    masked = [(name, seq, (mask, w, d)) for seq in args.seq for mask in args.masks
+              for w in (args.window if "window" in mask else args.window[:1])
+              for d in (args.docs if "docs" in mask else args.docs[:1]) for name in layouts]
     cases = [c for case in masked for c in (reference, case)] + [reference]
     print(HEADER, flush=True)
     measured = measure(cases, args.heads, args.head_dim, args.iters, args.dtype, args.rounds)
@@ -87,7 +88,9 @@ def main_masked(args, command: str, measure, LAYOUTS: dict) -> int:
     print(lines[0], flush=True)
     for (name, seq, (mask, w, d)), m in zip(masked, measured[1::2]):
         window, doc = mask_args(mask, seq, w, d)
-        line, _ = _row(name, mask, seq, LAYOUTS[name][0], m, kept_pairs(seq, window, doc), args.heads,
+        label = " ".join([mask] + ([f"W={w}"] if window else []) + ([f"{d} docs (mean {seq // d})"] if doc is not None
+                                                                     else []))
+        line, _ = _row(name, label, seq, LAYOUTS[name][0], m, kept_pairs(seq, window, doc), args.heads,
                        args.head_dim, ref)
         lines.append(line)
         print(line, flush=True)
@@ -96,8 +99,8 @@ def main_masked(args, command: str, measure, LAYOUTS: dict) -> int:
     if args.write_docs:
         from .report import replace_section
 
-        note = (f"b=1, h={args.heads}, d={args.head_dim}, {args.dtype}, causal; window {args.window}; "
-                f"{args.docs} documents of random lengths (fixed seed) per sequence. GFLOP/s count only the "
+        note = (f"b=1, h={args.heads}, d={args.head_dim}, {args.dtype}, causal; windows W and documents of random "
+                f"lengths (fixed seed, the count per sequence in each row). GFLOP/s count only the "
                 f"(query, key) pairs the mask keeps (forward 4*h*d per pair, backward 2.5x). The first row is "
                 f"the fused causal kernel (SDPA, one process), run before every masked row and once after "
                 f"the last ({len(refs)} runs: fwd / fwd+bwd GFLOP/s ranged {spread}); it shows their median, "
@@ -105,6 +108,8 @@ def main_masked(args, command: str, measure, LAYOUTS: dict) -> int:
                 f"by the ranks; per run the median of {args.iters} steps after one warm-up, then the median "
                 f"over {args.rounds} interleaved runs.")
         body = "\n".join([f"Command: `{command}`", "", note, "", HEADER] + lines)
-        replace_section(args.write_docs, "masked", "Masked attention (window, documents) vs the fused kernel",
-                        body)
+        sweep = len(args.window) > 1 or len(args.docs) > 1
+        replace_section(args.write_docs, "masked-sweep" if sweep else "masked",
+                        "Masked attention against window and document length" if sweep else
+                        "Masked attention (window, documents) vs the fused kernel", body)
     return 0

@@ -121,6 +121,8 @@ class RingPlan:
         self._msgs: dict[tuple, BlockList] = {}
 
     def hops(self, causal: bool, window: int | None) -> tuple[int, int]:
+        if not isinstance(self.layout, str):  # a batch's document layout caches its own (no global cache entry)
+            return self.layout.traffic(window, causal)[0]
         return hop_plan(self.seq_len, self.size, causal, window, self.layout)
 
     def blocks(self, causal: bool, window: int | None) -> tuple[BlockList, ...]:
@@ -132,6 +134,8 @@ class RingPlan:
 
     def message(self, src: int, shift: int, causal: bool, window: int | None) -> tuple[int, int]:
         """Rows of `src`'s K/V (its local rows) sent in direction `shift` (`message_rows`)."""
+        if not isinstance(self.layout, str):
+            return self.layout.message(src % self.size, shift, bool(causal), window)
         return message_rows(self.seq_len, self.size, src % self.size, shift, bool(causal), window, self.layout,
                             self.tiling)
 
@@ -152,7 +156,8 @@ class RingPlan:
                                       self.tiling)
             return [(b, b.kind, None, None) for b in blocks]
         out = []
-        for blk in _segment_pairs(self.seq_len, self.size, self.rank, src, causal, window, self.layout):
+        pairs = _segment_pairs if isinstance(self.layout, str) else _segment_pairs.__wrapped__  # per batch: not cached
+        for blk in pairs(self.seq_len, self.size, self.rank, src, causal, window, self.layout):
             out.extend(self._doc_blocks(blk, causal, window))
         return out
 
