@@ -52,7 +52,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(world: int, moe: bool) -> list[ParallelDims]:
+def layouts(world: int, moe: bool, cp_layout: str = "zigzag") -> list[ParallelDims]:
     out = []
     for pp in _divisors(world):
         for tp in _divisors(world // pp):
@@ -60,7 +60,8 @@ def layouts(world: int, moe: bool) -> list[ParallelDims]:
                 for cr in _divisors(world // (pp * tp * cu)):
                     dp = world // (pp * tp * cu * cr)
                     for ep in (_divisors(dp * cu * cr) if moe else [1]):
-                        out.append(ParallelDims(pp=pp, tp=tp, cp_ulysses=cu, cp_ring=cr, dp=dp, ep=ep))
+                        out.append(ParallelDims(pp=pp, tp=tp, cp_ulysses=cu, cp_ring=cr, dp=dp, ep=ep,
+                                                cp_layout=cp_layout))
     return out
 
 
@@ -83,7 +84,7 @@ def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: fl
            link: float) -> tuple[list[Candidate], list[tuple[ParallelDims, str]]]:
     """(layouts that fit, best first; [(layout, why not)] for the others)."""
     fits, rejected = [], []
-    for dims in layouts(world, cfg.model.moe is not None):
+    for dims in layouts(world, cfg.model.moe is not None, cfg.parallel.cp_layout):
         try:
             c = dataclasses.replace(cfg, parallel=dims)
         except ValueError as e:
