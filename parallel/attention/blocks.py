@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import enum
 import functools
-import typing
 from dataclasses import dataclass, field
-
-if typing.TYPE_CHECKING:
-    from .doclayout import DocumentLayout
 
 
 
@@ -81,7 +77,9 @@ class Block:
 
 
 LAYOUTS = ("zigzag", "contiguous")
-Layout = typing.Union[str, "DocumentLayout"]  # one of LAYOUTS, or a batch's doclayout.DocumentLayout
+# a sequence layout: one of LAYOUTS, or a batch's doclayout.DocumentLayout (which imports this module,
+# so it is not named here: anything not a str is asked for its own segments and traffic)
+Layout = object
 
 
 def ring_segments(seq_len: int, ring_size: int, ring_rank: int, layout: Layout = "zigzag") -> list[Segment]:
