@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import random
-import shlex
 import sys
 import time
 
@@ -286,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         if timed:
             print(timed_table(timed, rings[0]))
     if args.write_docs:
-        from .report import replace_section
+        from .report import command_line, replace_section
 
-        command = "longtrain bench balance " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = command_line("balance", argv)
         docs = sum(len(s) for s in sequences) / len(sequences)
         body = (f"Command: `{command}`\n\n{len(sequences)} packed sequences of {args.seq:,} tokens "
                 f"({docs:.0f} documents each on average; source: {args.data or args.lengths}"

@@ -20,3 +20,11 @@ def replace_section(path: str, key: str, title: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def command_line(bench: str, argv: list[str] | None) -> str:
+    """The command that produced a figure: `longtrain bench NAME` and its arguments, quoted."""
+    import shlex
+    import sys
+
+    return f"longtrain bench {bench} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 
@@ -124,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(table)
     print(text)
     if args.write_docs:
-        from .report import replace_section
+        from .report import command_line, replace_section
 
-        command = "longtrain bench step " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = command_line("step", argv)
         body = (f"Command: `{command}`\n\nOne process, {args.threads} threads, fp32: a {args.layers}-layer Llama "
                 f"(width {args.dim}, {args.heads} heads, SwiGLU {args.ffn}, vocabulary {args.vocab}) with the same "
                 f"weights in longtrain (its Trainer's whole step) and transformers' LlamaForCausalLM (SDPA, "

@@ -16,8 +16,6 @@ import argparse
 import hashlib
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         n=args.ranks, gib=size / 2**30, files=args.files, one=r["one_s"], many=r["many_s"], ratio=r["ratio"])
     print(table)
     if args.write_docs:
-        from .report import replace_section
+        from .report import command_line, replace_section
 
-        command = "longtrain bench verify " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = command_line("verify", argv)
         body = (f"Command: `{command}`\n\nResume verification (`checkpoint.store.latest_valid`): every rank checks "
                 f"every file's size and hashes its share of the files; best of {args.rounds}, from the page cache, "
                 f"the slowest rank's time. Hashing is CPU-bound: on {os.cpu_count()} cores the bound is "

@@ -203,6 +203,16 @@ def plan_layers_case(degrees, shape, causal, windows, docs, seed, layout="zigzag
     return sequence_positions(s, mesh, layout=layout), layers, planned, during
 
 
+def check_layers(res, shape, windows, docs, seed) -> None:
+    """Every rank's layers of `plan_layers_case` against the float64 reference, one window each."""
+    doc = make_inputs(*shape, docs, seed)[-1]
+    for i, window in enumerate(windows):
+        q, k, v, dout, _ = make_inputs(*shape, docs, seed + 1 + i)
+        expect = reference_results(q, k, v, dout, doc, True, window)
+        for pos, layers, _, _ in res:
+            assert_matches(pos, layers[i], expect, TOL["fp32"])
+
+
 @pytest.mark.parametrize("degrees,shape,windows,docs,layout,gathers", [
     (dict(cp_ring=2, cp_ulysses=2), (2, 128, 4, 2, 16), (None, 24, None), 4, "zigzag", 2),
     (dict(cp_ring=4), (1, 128, 4, 1, 16), (20, 40), 3, "contiguous", 1),
@@ -213,12 +223,7 @@ def test_plan_reused_across_layers(pool4, degrees, shape, windows, docs, layout,
     backward) copying a tensor to the host."""
     seed = 8
     res = pool4.run(plan_layers_case, degrees, shape, True, windows, docs, seed, layout)
-    doc = make_inputs(*shape, docs, seed)[-1]
-    for i, window in enumerate(windows):
-        q, k, v, dout, _ = make_inputs(*shape, docs, seed + 1 + i)
-        expect = reference_results(q, k, v, dout, doc, True, window)
-        for pos, layers, _, _ in res:
-            assert_matches(pos, layers[i], expect, TOL["fp32"])
+    check_layers(res, shape, windows, docs, seed)
     for _, _, planned, during in res:
         assert planned.get("agreement") == 1 and planned.get("doc_ids") == gathers, planned
         assert during == {"agreement": 0, "doc_ids": 0, "host_copies": 0}, during

@@ -162,19 +162,13 @@ DOC_CASES = [  # (degrees, (b, S, h, h_kv, d), windows, docs)
 def test_attention_in_the_document_layout_is_exact(pool4, degrees, shape, windows, docs):
     """Outputs and gradients of every layer (one window each) equal the float64 single-process
     reference; the plan's collectives stay one agreement and the document-id gathers."""
-    from tests.test_attention import TOL, assert_matches, make_inputs, reference_results
+    from tests.test_attention import check_layers
 
     seed, masks = 11, tuple((w, 1) for w in windows)
-    pool = pool4
     ranks = degrees.get("cp_ring", 1) * degrees.get("cp_ulysses", 1)
-    res = pool.run(_doc_case, {**degrees, "dp": 4 // ranks} if ranks < 4 else degrees, shape, True, windows, docs,
-                   seed, masks)
-    doc = make_inputs(*shape, docs, seed)[-1]
-    for i, window in enumerate(windows):
-        q, k, v, dout, _ = make_inputs(*shape, docs, seed + 1 + i)
-        expect = reference_results(q, k, v, dout, doc, True, window)
-        for pos, layers, _, _ in res:
-            assert_matches(pos, layers[i], expect, TOL["fp32"])
+    res = pool4.run(_doc_case, {**degrees, "dp": 4 // ranks} if ranks < 4 else degrees, shape, True, windows, docs,
+                    seed, masks)
+    check_layers(res, shape, windows, docs, seed)
     for _, _, planned, during in res:
         assert planned.get("agreement") == 1 and during == {"agreement": 0, "doc_ids": 0, "host_copies": 0}
 
