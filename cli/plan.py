@@ -45,7 +45,11 @@ def _args(argv):
     ap.add_argument("--device-memory", type=_size, metavar="SIZE",
                     help="memory per rank (default on CPU: this machine's memory shared by the ranks)")
     ap.add_argument("--gpu", choices=["h100", "h200", "a100", "l40s"],
-                    help="plan for this GPU: datasheet bf16 rate, allocator peak (no process baseline)")
+                    help="plan for this GPU: its memory less 10%% headroom (unless --device-memory), the CUDA context "
+                         "and NCCL buffers counted, host memory (checkpoint staging) apart, the datasheet bf16 rate "
+                         "(planner/gpus.py)")
+    ap.add_argument("--gpus-per-node", type=int, metavar="N",
+                    help="GPUs per node: offer only layouts whose tp x cp_ulysses groups fit inside a node")
     ap.add_argument("--baseline-mib", type=float, help="a rank's resident baseline (default: measured, CPU)")
     ap.add_argument("--rate-gflops", type=float, help="FLOP rate per rank (default: measured fp32 matmul, CPU)")
     ap.add_argument("--link-gbps", type=float, default=10.0, help="GB/s a rank sends at (step-time bound)")
@@ -61,9 +65,13 @@ def _machine(cfg, args, ranks_here: int) -> tuple[float, float, float | None, st
     from longtrain.planner.machine import matmul_rate
 
     if args.gpu or cfg.device == "cuda":
-        gpu = args.gpu or "h100"
-        rate = (args.rate_gflops or 0) * 1e9 or DATASHEET[gpu]
-        return (args.baseline_mib or 0) * MIB, rate, args.device_memory, f"{gpu} datasheet (unverified on GPU)"
+        from longtrain.planner.gpus import GPUS, HEADROOM
+
+        gpu = GPUS[args.gpu or "h100"]
+        rate = (args.rate_gflops or 0) * 1e9 or DATASHEET[args.gpu or "h100"]
+        limit = args.device_memory if args.device_memory is not None else gpu.usable
+        room = "" if args.device_memory is not None else f", {gpu.memory / 2**30:.1f} GiB less {HEADROOM:.0%} headroom"
+        return (args.baseline_mib or 0) * MIB, rate, limit, f"{gpu.name} datasheet{room} (unverified on GPU)"
     threads = max(1, (os.cpu_count() or 1) // ranks_here)
     rate = (args.rate_gflops or 0) * 1e9 or matmul_rate(threads)
     if args.baseline_mib is not None:
@@ -86,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = expand_stages(load_tree(args.config, args.overrides))[-1]
+        if args.gpu:  # planned as a GPU job: device memory apart from host memory
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, device="cuda")
+        if args.gpus_per_node is not None and args.gpus_per_node < 1:
+            raise ValueError(f"--gpus-per-node {args.gpus_per_node} must be >= 1")
         if args.data:
             import dataclasses
 
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.world is not None:
         from longtrain.planner.search import search
 
-        fits, rejected = search(cfg, args.world, limit, base, rate, link)
+        fits, rejected = search(cfg, args.world, limit, base, rate, link, args.gpus_per_node)
         if args.json:
             print(json.dumps({"world": args.world, "fits": [plan_object(
                 _with(cfg, c), c, rate, source, limit) for c in fits],
@@ -115,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if fits else 1
     from longtrain.planner.search import evaluate
 
+    from longtrain.planner.gpus import placement_problem
+
     cand = evaluate(cfg, base, rate, link)
     obj = plan_object(cfg, cand, rate, source, limit)
+    obj["placement_problem"] = placement_problem(cfg.parallel, args.gpus_per_node)
     print(json.dumps(obj) if args.json else plan_text(obj, cand.memory))
     return 0
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from longtrain.config.train import TrainConfig
 
 from .documents import kept_pairs, pairs_per_sequence
+from .gpus import GPUS
 from .shapes import param_counts
 
 __all__ = ["DATASHEET", "StepFlops", "kept_pairs", "step_flops"]
 
 # dense bf16 tensor-core peaks (datasheets), FLOP/s, for GPUs the plan may be asked about
-DATASHEET = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12}
+DATASHEET = {kind: gpu.bf16 for kind, gpu in GPUS.items()}
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,17 @@ class MemoryPlan:
 
     @property
     def backward_peak(self) -> float:
-        return self.baseline + sum(self.total(g) for g in ("state", "batch", "saved", "transient"))
+        return self.baseline + sum(self.total(g) for g in ("state", "batch", "saved", "transient", "runtime"))
 
     @property
     def step_peak(self) -> float:
         state = sum(i.bytes for i in self.groups.get("state", []) if i.name not in self.not_at_step)
-        return self.baseline + state + self.total("batch") + self.total("sync")
+        return self.baseline + state + self.total("batch") + self.total("sync") + self.total("runtime")
+
+    @property
+    def host(self) -> float:
+        """Bytes in the node's memory, apart from the device's (GPU: a checkpoint's staging copy)."""
+        return self.total("host")
 
     @property
     def peak(self) -> float:
@@ -267,8 +272,23 @@ def memory_plan(cfg: TrainConfig, baseline_bytes: float = 0.0) -> MemoryPlan:
     plans = []
     for r, part in enumerate(pipeline_parts(cfg)):
         n = param_counts(cfg.model, cfg.parallel, cfg.sequence_parallel, part)
-        plans.append(MemoryPlan({"state": _state(cfg, n), "batch": _batch(cfg, loc), "saved": _saved(cfg, loc, part, r),
-                                 "transient": _transient(cfg, loc), "sync": _sync(cfg, n)}, baseline_bytes, r,
-                                ("gradients",) if cfg.optim.zero == 2 else ()))
+        groups = {"state": _state(cfg, n), "batch": _batch(cfg, loc), "saved": _saved(cfg, loc, part, r),
+                  "transient": _transient(cfg, loc), "sync": _sync(cfg, n)}
+        if cfg.device == "cuda":  # the staging copy is in host memory; the process holds a context and NCCL buffers
+            groups["host"] = [i for i in groups["state"] if i.name == "checkpoint staging"]
+            groups["state"] = [i for i in groups["state"] if i.name != "checkpoint staging"]
+            groups["runtime"] = _runtime(cfg)
+        plans.append(MemoryPlan(groups, baseline_bytes, r, ("gradients",) if cfg.optim.zero == 2 else ()))
     return max(plans, key=lambda plan: plan.peak)
+
+
+def _runtime(cfg: TrainConfig) -> list[Item]:
+    """What a GPU process holds beside its tensors (planner/gpus.py: estimates, stated there)."""
+    from .gpus import CUDA_CONTEXT, NCCL_PER_GROUP, communicators
+
+    groups = communicators(cfg.parallel)
+    return [Item("CUDA context", CUDA_CONTEXT, "context, cuBLAS / cuDNN workspaces (estimate)"),
+            Item("NCCL buffers", NCCL_PER_GROUP * len(groups),
+                 f"{NCCL_PER_GROUP // MIB} MiB for each of {len(groups)} communicators: {', '.join(groups) or 'none'}"
+                 " (estimate)")]
 

@@ -21,7 +21,9 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
                    **({"schedule": cfg.pipeline.schedule, "virtual_stages": cfg.pipeline.virtual_stages,
                        "planned_pp_rank": mem.pp_rank} if p.pp > 1 else {})},
         "tokens_per_rank": loc.tokens,
+        "device": cfg.device,
         "peak_mib": round(mem.peak / MIB, 1),
+        "host_mib": round(mem.host / MIB, 1),  # GPU: in the node's memory, not the card's (checkpoint staging)
         "fits": None if limit is None else mem.peak <= limit,
         "limit_mib": None if limit is None else round(limit / MIB, 1),
         "memory_mib": {"baseline": round(mem.baseline / MIB, 1),
@@ -61,7 +63,12 @@ def plan_text(obj: dict, mem: MemoryPlan) -> str:
     m = obj["memory_mib"]
     fits = "" if obj["fits"] is None else (" (fits)" if obj["fits"] else f" (does NOT fit {obj['limit_mib']:,.0f})")
     lines += [f"| **peak** | **{_mib(obj['peak_mib'])}**{fits} | max(backward {_mib(m['backward_peak'])}, "
-              f"optimizer step {_mib(m['step_peak'])}) |", "",
+              f"optimizer step {_mib(m['step_peak'])}) |", ""]
+    if obj["device"] == "cuda":
+        lines += [f"host memory per rank, apart from the GPU's: {_mib(obj['host_mib'])} MiB (checkpoint staging)", ""]
+    if obj.get("placement_problem"):
+        lines += [f"NOT PLACEABLE: {obj['placement_problem']}", ""]
+    lines += [
               f"activations: {obj['activation_bytes_per_token_per_layer']:,.0f} B per local token per layer", "",
               "| sent per step per rank | MiB |", "|---|---|"]
     lines += [f"| {k} | {v / MIB:,.2f} |" for k, v in obj["bytes_per_step"].items()]

@@ -81,10 +81,17 @@ def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float) -> Can
 
 
 def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: float, rate: float,
-           link: float) -> tuple[list[Candidate], list[tuple[ParallelDims, str]]]:
-    """(layouts that fit, best first; [(layout, why not)] for the others)."""
+           link: float, gpus_per_node: int | None = None) -> tuple[list[Candidate], list[tuple[ParallelDims, str]]]:
+    """(layouts that fit, best first; [(layout, why not)] for the others). With `gpus_per_node`
+    only layouts the launchers can place on such nodes are offered (`gpus.placement_problem`)."""
+    from .gpus import placement_problem
+
     fits, rejected = [], []
     for dims in layouts(world, cfg.model.moe is not None, cfg.parallel.cp_layout):
+        problem = placement_problem(dims, gpus_per_node)
+        if problem:
+            rejected.append((dims, problem))
+            continue
         try:
             c = dataclasses.replace(cfg, parallel=dims)
         except ValueError as e:

@@ -1,0 +1,55 @@
+"""`longtrain plan --gpu`: the card's memory less a stated headroom is the limit, the CUDA context
+and NCCL buffers are counted on the card, a checkpoint's staging copy is host memory reported
+apart, and with --gpus-per-node only layouts whose tp x Ulysses groups fit inside a node are
+offered. Pure planning: nothing runs on a GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from longtrain.cli.plan import main as plan_main
+from longtrain.planner.gpus import CUDA_CONTEXT, GPUS, HEADROOM, NCCL_PER_GROUP, placement_problem
+from longtrain.parallel.mesh import ParallelDims
+
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "gpu_8x_128k.toml")
+MIB = 2**20
+
+
+def _plan(capsys, *args) -> dict:
+    assert plan_main([CONFIG, *args, "--json"]) in (0, 1)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_gpu_plan_limit_runtime_and_host_memory(capsys):
+    gpu = _plan(capsys, "--gpu", "h100")
+    assert gpu["device"] == "cuda" and gpu["limit_mib"] == pytest.approx(GPUS["h100"].memory * (1 - HEADROOM) / MIB,
+                                                                        abs=0.1)
+    runtime = gpu["memory_mib"]["runtime"]
+    assert runtime["CUDA context"] == CUDA_CONTEXT / MIB
+    assert runtime["NCCL buffers"] == 4 * NCCL_PER_GROUP / MIB  # tp, Ulysses, ring and the gradients' dp_cp group
+    staging = gpu["memory_mib"]["host"]["checkpoint staging"]
+    assert staging > 0 and gpu["host_mib"] == staging and "checkpoint staging" not in gpu["memory_mib"]["state"]
+    cpu = _plan(capsys, "--set", "device=\"cpu\"", "--baseline-mib", "0", "--rate-gflops", "100")
+    assert cpu["host_mib"] == 0 and cpu["memory_mib"]["state"]["checkpoint staging"] == staging
+    assert "runtime" not in cpu["memory_mib"]
+    # on the card: the CPU plan's tensors less the staging copy, plus the context and NCCL buffers
+    assert gpu["peak_mib"] == pytest.approx(cpu["peak_mib"] - staging + sum(runtime.values()), abs=0.5)
+    assert plan_main([CONFIG, "--gpu", "h100"]) == 0
+    assert "host memory per rank, apart from the GPU's" in capsys.readouterr().out
+
+
+def test_only_placeable_layouts_that_fit_are_offered(capsys):
+    out = _plan(capsys, "--gpu", "h100", "--world", "16", "--gpus-per-node", "4")
+    assert out["fits"], out["rejected"][:3]
+    limit = GPUS["h100"].usable / MIB
+    for c in out["fits"]:
+        lay = c["layout"]
+        assert 4 % (lay["tp"] * lay["cp_ulysses"]) == 0 and c["peak_mib"] <= limit
+    spans = [r for r in out["rejected"] if "inside a node of 4 GPUs" in r["why"]]
+    assert spans and all("tp x cp_ulysses = 8" in r["why"] or "= 16" in r["why"] for r in spans)
+    assert placement_problem(ParallelDims(tp=2, cp_ulysses=2, cp_ring=2), 8) is None
+    assert "does not fit inside a node of 2 GPUs" in placement_problem(ParallelDims(tp=2, cp_ulysses=2), 2)
+    assert _plan(capsys, "--gpu", "h100", "--gpus-per-node", "2")["placement_problem"].startswith("tp x cp_ulysses = 4")
