@@ -52,7 +52,8 @@ def _args(argv):
                     help="GPUs per node: offer only layouts whose tp x cp_ulysses groups fit inside a node")
     ap.add_argument("--baseline-mib", type=float, help="a rank's resident baseline (default: measured, CPU)")
     ap.add_argument("--rate-gflops", type=float, help="FLOP rate per rank (default: measured fp32 matmul, CPU)")
-    ap.add_argument("--link-gbps", type=float, default=10.0, help="GB/s a rank sends at (step-time bound)")
+    ap.add_argument("--link-gbps", type=float, default=None,
+                    help="GB/s a rank sends at (step-time bound; default 10 on CPU; with --gpu the card's node links)")
     ap.add_argument("--data", metavar="PATH", help="a prepared dataset whose document lengths the plan uses (attention "
                     "work, ring balance); default: the config's data.path")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of tables")
@@ -68,10 +69,11 @@ def _machine(cfg, args, ranks_here: int) -> tuple[float, float, float | None, st
         from longtrain.planner.gpus import GPUS, HEADROOM
 
         gpu = GPUS[args.gpu or "h100"]
-        rate = (args.rate_gflops or 0) * 1e9 or DATASHEET[args.gpu or "h100"]
+        rate = (args.rate_gflops or 0) * 1e9 or DATASHEET[args.gpu or "h100"] * gpu.efficiency
         limit = args.device_memory if args.device_memory is not None else gpu.usable
         room = "" if args.device_memory is not None else f", {gpu.memory / 2**30:.1f} GiB less {HEADROOM:.0%} headroom"
-        return (args.baseline_mib or 0) * MIB, rate, limit, f"{gpu.name} datasheet{room} (unverified on GPU)"
+        speed = "" if args.rate_gflops else f"; kernels at {gpu.efficiency:.0%} of its bf16 datasheet rate"
+        return (args.baseline_mib or 0) * MIB, rate, limit, f"{gpu.name}{room}{speed} (unverified on GPU)"
     threads = max(1, (os.cpu_count() or 1) // ranks_here)
     rate = (args.rate_gflops or 0) * 1e9 or matmul_rate(threads)
     if args.baseline_mib is not None:
@@ -111,18 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"longtrain plan: {e}", file=sys.stderr)
         return 2
+    from longtrain.planner.flops import DATASHEET
     from longtrain.planner.report import layout_table, plan_object, plan_text
 
     ranks_here = args.world or cfg.parallel.world_size
     base, rate, limit, source = _machine(cfg, args, ranks_here)
-    link = args.link_gbps * 1e9
+    link = _links(cfg, args)
+    peak = DATASHEET[args.gpu or "h100"] if cfg.device == "cuda" else rate  # what MFU divides by
     if args.world is not None:
         from longtrain.planner.search import search
 
         fits, rejected = search(cfg, args.world, limit, base, rate, link, args.gpus_per_node)
         if args.json:
             print(json.dumps({"world": args.world, "fits": [plan_object(
-                _with(cfg, c), c, rate, source, limit) for c in fits],
+                _with(cfg, c), c, rate, source, limit, peak) for c in fits],
                 "rejected": [{"layout": str(d), "why": why} for d, why in rejected]}))
         else:
             print(layout_table(fits, rejected, limit, source))
@@ -132,10 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     from longtrain.planner.gpus import placement_problem
 
     cand = evaluate(cfg, base, rate, link)
-    obj = plan_object(cfg, cand, rate, source, limit)
+    obj = plan_object(cfg, cand, rate, source, limit, peak)
     obj["placement_problem"] = placement_problem(cfg.parallel, args.gpus_per_node)
     print(json.dumps(obj) if args.json else plan_text(obj, cand.memory))
     return 0
+
+
+def _links(cfg, args):
+    """The links collectives cross: one speed on CPU (--link-gbps, default 10 GB/s); with a GPU
+    the card's node links (NVLink inside a node, one NIC per GPU across), nodes of
+    --gpus-per-node GPUs."""
+    from longtrain.planner.search import Links
+
+    if cfg.device != "cuda" or args.link_gbps is not None:
+        speed = (args.link_gbps or 10.0) * 1e9
+        return Links(speed, speed, args.gpus_per_node)
+    from longtrain.planner.gpus import GPUS
+
+    gpu = GPUS[args.gpu or "h100"]
+    return Links(gpu.intra_node, gpu.inter_node, args.gpus_per_node)
 
 
 def _with(cfg, cand):

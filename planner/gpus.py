@@ -10,7 +10,10 @@ project yet; each says where it comes from, and `--device-memory` / `--rate-gflo
   buffers for each process group the rank communicates in (`NCCL_PER_GROUP`: NCCL_BUFFSIZE of
   4 MiB for each of up to 16 channels, sent and received, rounded);
 - host memory apart: what lives in the node's RAM, not on the card (a background checkpoint's
-  staging copy), is reported separately and not held against the card.
+  staging copy), is reported separately and not held against the card;
+- speed: the step is planned at `efficiency` of the datasheet rate, collectives at the link they
+  cross (tensor and Ulysses groups inside a node; the ring, the pipeline and the gradient
+  reductions across nodes once the layout spans more than one).
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ class Gpu:
     name: str
     memory: float  # bytes the driver reports
     bf16: float  # dense bf16 tensor-core FLOP/s (datasheet)
+    # the fraction of `bf16` a training step's kernels are assumed to sustain (the step time and
+    # tokens/s are planned at bf16 x efficiency; MFU is then efficiency less exposed communication
+    # and the pipeline bubble). Assumed, not yet held against published runs (issue 28, item 3).
+    efficiency: float
+    intra_node: float  # bytes/s a GPU sends to the others of its node (NVLink / PCIe), one direction
+    inter_node: float = 50e9  # bytes/s a GPU sends to other nodes: one 400 Gb/s NIC per GPU
 
     @property
     def usable(self) -> float:
@@ -35,10 +44,10 @@ class Gpu:
 
 
 GPUS = {
-    "h100": Gpu("H100 SXM 80 GB", 81559 * MIB, 989e12),
-    "h200": Gpu("H200 SXM 141 GB", 143771 * MIB, 989e12),
-    "a100": Gpu("A100 SXM 80 GB", 81920 * MIB, 312e12),
-    "l40s": Gpu("L40S 48 GB", 46068 * MIB, 362e12),
+    "h100": Gpu("H100 SXM 80 GB", 81559 * MIB, 989e12, 0.40, 450e9),
+    "h200": Gpu("H200 SXM 141 GB", 143771 * MIB, 989e12, 0.42, 450e9),
+    "a100": Gpu("A100 SXM 80 GB", 81920 * MIB, 312e12, 0.50, 300e9, 25e9),
+    "l40s": Gpu("L40S 48 GB", 46068 * MIB, 362e12, 0.35, 32e9, 25e9),
 }
 
 

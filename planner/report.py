@@ -11,9 +11,12 @@ from .search import Candidate
 from .shapes import local_sizes
 
 
-def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, limit: float | None = None) -> dict:
-    """The plan of `cfg` (its layout evaluated as `cand`) as one JSON-ready object."""
+def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, limit: float | None = None,
+                peak: float | None = None) -> dict:
+    """The plan of `cfg` (its layout evaluated as `cand`) as one JSON-ready object. `rate`: the
+    FLOP/s a rank is planned at; `peak`: what MFU divides by (default `rate`)."""
     p, mem, fl = cfg.parallel, cand.memory, cand.flops
+    tokens = cfg.data.seq_len * cfg.data.batch_size * p.dp * cfg.grad_accum
     loc = local_sizes(cfg.model, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
     return {
         "layout": {"tp": p.tp, "cp_ulysses": p.cp_ulysses, "cp_ring": p.cp_ring, "dp": p.dp, "ep": p.ep, "pp": p.pp,
@@ -37,6 +40,12 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
         "bytes_per_step_rank0": {k: round(v) for k, v in step_bytes(cfg, 0, 0).items()},  # what metrics.jsonl counts
         "ring_balance": ring_balance(cfg),  # attention work per ring rank on the data's documents
         "step_seconds_min": round(cand.seconds, 3),
+        "step_seconds": {"compute": round(cand.compute_seconds - cand.bubble_seconds, 3),
+                         "communication_not_hidden": round(cand.comm_seconds, 3),
+                         "pipeline_bubble": round(cand.bubble_seconds, 3)},
+        "tokens_per_s_per_rank": round(tokens / cand.seconds / p.world_size, 1),
+        "mfu": round(fl.model / cand.seconds / (p.world_size * (peak or rate)), 4),
+        "peak_flops_per_rank": peak or rate,
         "rate_flops_per_rank": rate,
         "source": source,
     }
@@ -75,7 +84,11 @@ def plan_text(obj: dict, mem: MemoryPlan) -> str:
     f = obj["flops"]
     lines += ["", f"FLOPs per step: model {f['model_per_step']:.3g}, with recomputation {f['hardware_per_step']:.3g} "
                   f"({f['per_rank']:.3g} per rank; attention over {f['attention_over']})",
-              f"step time >= {obj['step_seconds_min']:.2f} s at {obj['rate_flops_per_rank'] / 1e9:,.0f} GFLOP/s per rank"]
+              f"step time >= {obj['step_seconds_min']:.2f} s at {obj['rate_flops_per_rank'] / 1e9:,.0f} GFLOP/s per rank: "
+              f"compute {obj['step_seconds']['compute']:.2f} s, communication not hidden "
+              f"{obj['step_seconds']['communication_not_hidden']:.2f} s, pipeline bubble "
+              f"{obj['step_seconds']['pipeline_bubble']:.2f} s; {obj['tokens_per_s_per_rank']:,.0f} tokens/s per rank, "
+              f"MFU {obj['mfu']:.1%} of {obj['peak_flops_per_rank'] / 1e12:,.3g} TFLOP/s"]
     bal = obj.get("ring_balance")
     if bal:
         used = bal[bal["cp_layout"]]
@@ -88,10 +101,11 @@ def plan_text(obj: dict, mem: MemoryPlan) -> str:
 
 def layout_table(fits, rejected, limit: float | None, source: str) -> str:
     lines = [f"layouts that fit{'' if limit is None else f' in {limit / MIB:,.0f} MiB per rank'}, best first "
-             f"({source}):", "", "| layout | peak MiB | step s >= | compute s | blocking comm s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {c.name()} | {_mib(c.peak_bytes / MIB)} | {c.seconds:.2f} | {c.compute_seconds:.2f} | "
-              f"{c.comm_seconds:.2f} |" for c in fits]
+             f"({source}):", "", "| layout | peak MiB | host MiB | step s >= | compute s | comm not hidden s | bubble s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c.name()} | {_mib(c.peak_bytes / MIB)} | {_mib(c.memory.host / MIB)} | {c.seconds:.2f} | "
+              f"{c.compute_seconds - c.bubble_seconds:.2f} | {c.comm_seconds:.2f} | {c.bubble_seconds:.2f} |"
+              for c in fits]
     if rejected:
         lines += ["", "not possible:"] + [f"- {f'pp{d.pp} x ' if d.pp > 1 else ''}tp{d.tp} x ulysses{d.cp_ulysses} x "
                                           f"ring{d.cp_ring} x dp{d.dp}{f' (ep{d.ep})' if d.ep > 1 else ''}: {why}"

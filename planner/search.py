@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from longtrain.config.train import TrainConfig
 from longtrain.parallel.mesh import ParallelDims
 
-from .comm import step_bytes
+from .comm import micro_batch_bytes, step_bytes
 from .flops import StepFlops, step_flops
 from .memory import MemoryPlan, memory_plan
 
@@ -35,8 +35,9 @@ class Candidate:
     flops: StepFlops
     sent: dict[str, float]  # bytes per kind, the busiest ring rank
     seconds: float  # lower bound on the step time
-    compute_seconds: float
-    comm_seconds: float
+    compute_seconds: float  # the FLOPs at the rate, with the pipeline bubble
+    comm_seconds: float  # communication not hidden behind compute
+    bubble_seconds: float = 0.0  # of compute_seconds: the pipeline's idle share
 
     @property
     def peak_bytes(self) -> float:
@@ -65,23 +66,55 @@ def layouts(world: int, moe: bool, cp_layout: str = "zigzag") -> list[ParallelDi
     return out
 
 
-def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float) -> Candidate:
+@dataclass(frozen=True)
+class Links:
+    """Bytes/s a rank sends inside its node and to other nodes; nodes of `gpus_per_node` ranks
+    (None: one link speed for everything, as on one machine)."""
+
+    intra: float
+    inter: float
+    gpus_per_node: int | None = None
+
+
+def _comm_seconds(cfg: TrainConfig, sent: dict[str, float], links: Links) -> tuple[float, float]:
+    """(seconds of collectives that block compute, seconds of ring traffic). Tensor and Ulysses
+    collectives of the micro-batches stay inside a node; the ring, the pipeline, the expert
+    all-to-alls and the gradient reductions cross nodes once the job spans more than one."""
+    p = cfg.parallel
+    if links.gpus_per_node is None or p.world_size <= links.gpus_per_node:
+        blocking = sum(v for k, v in sent.items() if k in BLOCKING)
+        return blocking / links.intra, sum(v for k, v in sent.items() if k.startswith("ring")) / links.intra
+    micro = micro_batch_bytes(cfg)
+    intra = inter = 0.0
+    for kind, nbytes in sent.items():
+        if kind not in BLOCKING:
+            continue
+        inside = min(nbytes, micro.get(kind, 0.0) * cfg.grad_accum) if kind in ("all_to_all", "all_gather",
+                                                                             "reduce_scatter", "all_reduce") else 0.0
+        intra, inter = intra + inside, inter + nbytes - inside
+    ring_link = links.intra if p.tp * p.cp_ulysses * p.cp_ring <= links.gpus_per_node else links.inter
+    return intra / links.intra + inter / links.inter, sum(v for k, v in sent.items() if k.startswith("ring")) / ring_link
+
+
+def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float | Links) -> Candidate:
+    links = link if isinstance(link, Links) else Links(link, link)
     mem = memory_plan(cfg, baseline)
     fl = step_flops(cfg)
     sent = step_bytes(cfg)
     compute = fl.per_rank / rate
-    blocking = sum(v for k, v in sent.items() if k in BLOCKING) / link
-    ring = sum(v for k, v in sent.items() if k.startswith("ring")) / link
+    blocking, ring = _comm_seconds(cfg, sent, links)
     comm = blocking + max(0.0, ring - compute)
     p, m = cfg.parallel, cfg.grad_accum
+    bubble = 0.0
     if p.pp > 1:  # the 1F1B bubble (interleaved: divided by the stages per rank); p2p overlaps
         v = cfg.pipeline.virtual_stages
-        compute *= (m + (p.pp - 1) / (v if cfg.pipeline.schedule != "1f1b" else 1)) / m
-    return Candidate(cfg.parallel, cfg.optim.zero, mem, fl, sent, compute + comm, compute, comm)
+        bubble = compute * (p.pp - 1) / (v if cfg.pipeline.schedule != "1f1b" else 1) / m
+    return Candidate(cfg.parallel, cfg.optim.zero, mem, fl, sent, compute + bubble + comm, compute + bubble, comm,
+                     bubble)
 
 
 def search(cfg: TrainConfig, world: int, limit_bytes: float | None, baseline: float, rate: float,
-           link: float, gpus_per_node: int | None = None) -> tuple[list[Candidate], list[tuple[ParallelDims, str]]]:
+           link: float | Links, gpus_per_node: int | None = None) -> tuple[list[Candidate], list[tuple[ParallelDims, str]]]:
     """(layouts that fit, best first; [(layout, why not)] for the others). With `gpus_per_node`
     only layouts the launchers can place on such nodes are offered (`gpus.placement_problem`)."""
     from .gpus import placement_problem

@@ -53,3 +53,23 @@ def test_only_placeable_layouts_that_fit_are_offered(capsys):
     assert placement_problem(ParallelDims(tp=2, cp_ulysses=2, cp_ring=2), 8) is None
     assert "does not fit inside a node of 2 GPUs" in placement_problem(ParallelDims(tp=2, cp_ulysses=2), 2)
     assert _plan(capsys, "--gpu", "h100", "--gpus-per-node", "2")["placement_problem"].startswith("tp x cp_ulysses = 4")
+
+
+def test_step_time_split_tokens_per_second_and_mfu(capsys):
+    """The step is compute at the card's stated efficiency, communication not hidden and the
+    pipeline bubble; tokens/s and MFU follow from it. Across nodes the ring and the gradient
+    reductions run at the NIC's speed, so they hide less."""
+    gpu = GPUS["h100"]
+    one = _plan(capsys, "--gpu", "h100", "--set", "parallel.pp=2", "--set", "parallel.cp_ring=1",
+                "--set", "grad_accum=4")
+    split = one["step_seconds"]
+    assert one["step_seconds_min"] == pytest.approx(sum(split.values()), abs=2e-3) and split["pipeline_bubble"] > 0
+    assert one["rate_flops_per_rank"] == pytest.approx(gpu.bf16 * gpu.efficiency)
+    world, tokens = one["layout"]["world"], 131072 * 4
+    assert one["tokens_per_s_per_rank"] == pytest.approx(tokens / one["step_seconds_min"] / world, rel=1e-3)
+    mfu = one["flops"]["model_per_step"] / one["step_seconds_min"] / (world * gpu.bf16)
+    assert one["mfu"] == pytest.approx(mfu, abs=1e-4) and 0 < one["mfu"] < gpu.efficiency
+    wide = ["--gpu", "h100", "--set", "parallel.cp_ring=8", "--set", "data.seq_len=1048576", "--set", "parallel.tp=1",
+            "--set", "parallel.cp_ulysses=1"]
+    inside, across = _plan(capsys, *wide), _plan(capsys, *wide, "--gpus-per-node", "4")
+    assert across["step_seconds"]["communication_not_hidden"] > inside["step_seconds"]["communication_not_hidden"]
