@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 
@@ -57,7 +58,12 @@ def _args(argv):
     ap.add_argument("--data", metavar="PATH", help="a prepared dataset whose document lengths the plan uses (attention "
                     "work, ring balance); default: the config's data.path")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of tables")
-    return ap.parse_args(argv)
+    ap.add_argument("--header", action="store_true",
+                    help="the comment lines a shipped config carries about its plan (configs/*.toml; a test "
+                         "compares them with the plan)")
+    args = ap.parse_args(argv)
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--header", "--json")]
+    return args
 
 
 def _machine(cfg, args, ranks_here: int) -> tuple[float, float, float | None, str]:
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     from longtrain.config.train import expand_stages
 
     try:
-        cfg = expand_stages(load_tree(args.config, args.overrides))[-1]
+        from longtrain.config.hf import without_absent_hf
+
+        tree, absent = without_absent_hf(load_tree(args.config, args.overrides))
+        cfg = expand_stages(tree)[-1]
         if args.gpu:  # planned as a GPU job: device memory apart from host memory
             import dataclasses
 
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ranks_here = args.world or cfg.parallel.world_size
     base, rate, limit, source = _machine(cfg, args, ranks_here)
+    source += f"; {absent}" if absent else ""
     link = _links(cfg, args)
     peak = DATASHEET[args.gpu or "h100"] if cfg.device == "cuda" else rate  # what MFU divides by
     if args.world is not None:
@@ -138,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     cand = evaluate(cfg, base, rate, link)
     obj = plan_object(cfg, cand, rate, source, limit, peak)
     obj["placement_problem"] = placement_problem(cfg.parallel, args.gpus_per_node)
+    if args.header:
+        from longtrain.planner.report import header_lines
+
+        print("\n".join(header_lines(obj, "longtrain plan " + " ".join(shlex.quote(a) for a in argv_of(args)))))
+        return 0
     print(json.dumps(obj) if args.json else plan_text(obj, cand.memory))
     return 0
 
@@ -155,6 +170,11 @@ def _links(cfg, args):
 
     gpu = GPUS[args.gpu or "h100"]
     return Links(gpu.intra_node, gpu.inter_node, args.gpus_per_node)
+
+
+def argv_of(args) -> list[str]:
+    """The arguments that decide the plan, as given (the header's command: no --header, --json)."""
+    return args.argv
 
 
 def _with(cfg, cand):

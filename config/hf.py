@@ -50,3 +50,17 @@ def with_hf_model(tree: dict) -> dict:
         for k in ("window", "layer_windows", "global_layers"):
             model.pop(k, None)
     return {**tree, "model": {**model, **mine}}
+
+
+def without_absent_hf(tree: dict) -> tuple[dict, str | None]:
+    """For planning on a machine without the weights: a tree whose `init_from = "hf:PATH"` names
+    a folder that is not here, and whose `[model]` gives the whole architecture, loses the
+    init_from (the plan needs the shape, not the weights); (tree, what was dropped) or (tree, None)."""
+    import os
+
+    path = hf_path(tree.get("checkpoint", {}).get("init_from"))
+    model = tree.get("model", {})
+    if path is None or os.path.exists(os.path.join(path, "config.json")) or any(k not in model for k in ARCHITECTURE):
+        return tree, None
+    checkpoint = {k: v for k, v in tree["checkpoint"].items() if k != "init_from"}
+    return {**tree, "checkpoint": checkpoint}, f"{PREFIX}{path} is not here: planned from [model]"

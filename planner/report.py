@@ -111,3 +111,22 @@ def layout_table(fits, rejected, limit: float | None, source: str) -> str:
                                           f"ring{d.cp_ring} x dp{d.dp}{f' (ep{d.ep})' if d.ep > 1 else ''}: {why}"
                                           for d, why in rejected]
     return "\n".join(lines)
+
+
+def header_lines(obj: dict, command: str) -> list[str]:
+    """The comment lines a shipped config carries about its plan (`longtrain plan ... --header`);
+    tests/test_configs.py fails when a config's lines differ from what the plan gives now."""
+    unit = "GPU" if obj["device"] == "cuda" else "rank"
+    fits = "" if obj["fits"] is None else (f" of {obj['limit_mib']:,.0f} (fits)" if obj["fits"]
+                                           else f" of {obj['limit_mib']:,.0f} (does NOT fit)")
+    st = obj["step_seconds"]
+    lines = [f"# Plan: `{command}` (regenerate with --header)",
+             f"#   peak {obj['peak_mib']:,.0f} MiB per {unit}{fits}"
+             + (f"; host memory apart {obj['host_mib']:,.0f} MiB per rank" if obj["device"] == "cuda" else ""),
+             f"#   step >= {obj['step_seconds_min']:.2f} s: compute {st['compute']:.2f}, communication not hidden "
+             f"{st['communication_not_hidden']:.2f}, pipeline bubble {st['pipeline_bubble']:.2f}",
+             f"#   {obj['tokens_per_s_per_rank']:,.0f} tokens/s per {unit}, MFU {obj['mfu']:.1%} of "
+             f"{obj['peak_flops_per_rank'] / 1e12:,.3g} TFLOP/s"]
+    if obj.get("placement_problem"):
+        lines.append(f"#   NOT PLACEABLE: {obj['placement_problem']}")
+    return lines
