@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for cfg in runs:
             preflight(cfg)
+            if args.launcher == "local":  # the ranks' devices are this machine's: no GPU, no "cuda"
+                cfg.resolved()
     except (ConfigError, ValueError) as e:  # includes checkpoints of another model, or all corrupt
         print(f"longtrain train: {e}", file=sys.stderr)
         return 2

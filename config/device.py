@@ -27,9 +27,13 @@ def job_device_type(requested: str, gpus: int | None = None) -> str:
     can use (a Ray cluster's GPU count); None means this process's own view."""
     if requested not in DEVICES:
         raise ValueError(f"device={requested!r} must be one of {DEVICES}")
+    have = torch.cuda.device_count() if gpus is None else gpus
+    if requested == "cuda" and have == 0:
+        where = "this machine has" if gpus is None else "the cluster has"
+        raise ValueError(f"device = \"cuda\" but {where} no GPU torch can use (torch {torch.__version__}, CUDA "
+                         f"{torch.version.cuda or 'not built in'}); set device = \"cpu\" or \"auto\", or run on GPU nodes")
     if requested != "auto":
         return requested
-    have = torch.cuda.device_count() if gpus is None else gpus
     return "cuda" if have > 0 else "cpu"
 
 

@@ -1,5 +1,7 @@
 """The command line: bad configs fail before any rank starts, with the key named."""
 
+import pytest
+
 from longtrain.cli.main import main
 
 
@@ -190,3 +192,20 @@ def test_ctrl_c_while_joining_a_cluster_ends_the_launcher(tmp_path):
         _, err = p.communicate(timeout=30)
     assert time.perf_counter() - t0 < 10 and p.returncode == 130, err
     assert "stopped by SIGINT" in err and "Traceback" not in err, err
+
+
+def test_cuda_on_a_machine_without_gpus_fails_before_any_rank_starts(capsys, tmp_path):
+    """`device = "cuda"` where torch sees no GPU: one line before launch, not every rank's traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from longtrain.data.prepare import prepare
+
+    prepare(["stdlib"], str(tmp_path / "data"), limit_bytes=50_000)
+    assert main(["train", "--launcher", "local", "--set", "device=\"cuda\"", "--set", f"data.path=\"{tmp_path}/data\"",
+                 "--set", "model.vocab_size=320", "--set", "data.seq_len=64", "--set", f"out_dir=\"{tmp_path}/run\"",
+                 "--set", "tensorboard=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'device = "cuda" but this machine has no GPU' in err[0] and 'set device = "cpu"' in err[0]
+    assert not (tmp_path / "run").exists()

@@ -93,7 +93,9 @@ def test_one_device_rule(monkeypatch):
     from longtrain.config.device import job_device_type, local_device
 
     assert job_device_type("auto", gpus=0) == "cpu" and job_device_type("auto", gpus=8) == "cuda"
-    assert job_device_type("cpu", gpus=8) == "cpu"
+    assert job_device_type("cpu", gpus=8) == "cpu" and job_device_type("cuda", gpus=8) == "cuda"
+    with pytest.raises(ValueError, match='device = "cuda" but the cluster has no GPU'):
+        job_device_type("cuda", gpus=0)
     assert local_device("cpu", {"LOCAL_RANK": "5"}) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert local_device("cuda", {"LOCAL_RANK": "3", "RANK": "3"}) == torch.device("cuda", 0)
