@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("longtrain.cli.config", "the resolved config of a run (show), or every key (schema)"),
     "bench": ("", "benchmarks that write docs/benchmarks.md (longtrain bench --help)"),
 }
-BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline", "verify", "balance", "step")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline", "verify", "balance", "step", "published")
 
 
 def _version() -> str:

@@ -73,3 +73,17 @@ def test_step_time_split_tokens_per_second_and_mfu(capsys):
             "--set", "parallel.cp_ulysses=1"]
     inside, across = _plan(capsys, *wide), _plan(capsys, *wide, "--gpus-per-node", "4")
     assert across["step_seconds"]["communication_not_hidden"] > inside["step_seconds"]["communication_not_hidden"]
+
+
+def test_published_rows_have_a_verdict_and_say_what_longtrain_lacks(capsys):
+    """`longtrain bench published`: every published row planned at one efficiency; the rows
+    that depend on CPU offload say so and do not fit without it."""
+    from longtrain.benchmarks.published import ROWS, main as published
+
+    assert published([]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GPUs |" not in line]
+    assert len(rows) == len(ROWS) >= 5
+    fsdp8 = next(r for r in rows if r.startswith("| torchtitan Table 1"))
+    assert "| fits (" in fsdp8 and "| nothing |" in fsdp8
+    for r in (r for r in rows if r.startswith("| ALST")):
+        assert "does not fit" in r and "CPU offload" in r
