@@ -69,3 +69,58 @@ def test_the_llama_recipe_is_placeable_and_fits(capsys):
     assert out["fits"] and all(8 % (c["layout"]["tp"] * c["layout"]["cp_ulysses"]) == 0 for c in out["fits"])
     assert all(c["peak_mib"] <= c["limit_mib"] and c["host_mib"] > 0 and 0 < c["mfu"] < 0.4 for c in out["fits"])
     assert any("inside a node of 8 GPUs" in r["why"] for r in out["rejected"])
+
+
+def test_the_llama_recipe_at_tiny_width_runs_end_to_end(tmp_path):
+    """configs/gpu_64x_1m_llama3_8b.toml with only sizes and devices changed: initialized from a
+    (tiny) Hugging Face Llama, YaRN-extended, in the document layout on tp 2 x ring 2 with ZeRO-1,
+    selective recomputation and int8 saved activations, then exported; transformers reads the
+    export back and gives the loss longtrain computes from the checkpoint."""
+    import tomllib
+
+    import torch
+    import transformers
+
+    from longtrain.checkpoint import store as ckpt
+    from longtrain.cli.main import main as cli
+    from longtrain.config.hf import ARCHITECTURE
+    from longtrain.config.train import expand_stages
+    from longtrain.data.batch import IGNORE
+    from longtrain.data.prepare import prepare
+    from longtrain.launch.spawn import spawn_local
+    from longtrain.models.transformer import build_model
+    from longtrain.parallel.mesh import ParallelMesh
+    from longtrain.train.run import train_rank
+    from tests.test_hf import SIZES, batch, hf_loss_and_logits
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(SIZES, vocab_size=320),
+                                                                  max_position_embeddings=64))
+    base.save_pretrained(tmp_path / "base")
+    prepare(["stdlib"], str(tmp_path / "data"), limit_bytes=80_000)
+    tree = tomllib.loads((Path(__file__).resolve().parent.parent / "configs" / "gpu_64x_1m_llama3_8b.toml").read_text())
+    for key in ARCHITECTURE:  # the HF folder decides the architecture, as with the real weights
+        tree["model"].pop(key, None)
+    tree.update(device="cpu", precision="fp32", steps=2, log_every=0, eval_every=0, out_dir=str(tmp_path / "run"))
+    tree["parallel"].update(tp=2, cp_ulysses=1, cp_ring=2)
+    tree["model"].update(loss_chunk=64, mlp_chunk=64,
+                         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    tree["model"]["act_quant"]["min_elements"] = 1
+    tree["data"].update(path=str(tmp_path / "data"), seq_len=256)
+    tree["checkpoint"].update(init_from=f"hf:{tmp_path / 'base'}", every=2)
+    cfg = expand_stages(tree)[-1]
+    assert (cfg.parallel.cp_layout, cfg.optim.zero, cfg.model.checkpoint) == ("documents", 1, "selective")
+    assert cfg.model.dim == 64 and cfg.model.act_quant.dtype == "int8" and cfg.model.rope_scaling.type == "yarn"
+    rows = spawn_local(train_rank, 4, cfg)[0]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert cli(["export", str(tmp_path / "run" / "checkpoints"), "--hf", str(tmp_path / "out")]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    ours = build_model(cfg.model, ParallelMesh.single())
+    ckpt.load(ckpt.find(tmp_path / "run" / "checkpoints"), ours, None, ours.mesh)
+    ids, labels = batch(4)
+    labels = labels.masked_fill(labels < 0, IGNORE)
+    with torch.no_grad():
+        out = ours.eval()(ids, labels)
+        ref_loss, _ = hf_loss_and_logits(exported, ids, labels)
+    assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()
+
