@@ -14,16 +14,25 @@ all-gather hooks would not run.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .comm import CommStats, nbytes
 from .sharding import fsdp_slice, is_sharded, retag, shard, sharding_of
 
 
-def shard_blocks(model: nn.Module, mesh) -> None:
+def shard_blocks(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -> None:
     """`fully_shard` each block (over dp_cp) and each expert stack (over edp) of `model`;
-    every rank calls it alike (building meshes and sharding are collectives)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    every rank calls it alike (building meshes and sharding are collectives). `param_dtype`
+    (bf16 training): FSDP2's mixed-precision policy gathers the blocks' parameters in that
+    dtype for compute (half the all-gather bytes) while the sharded fp32 parameters stay the
+    master copy, and reduces gradients in fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    # inputs are left alone: autocast casts what the matmuls take, and FSDP's input cast would
+    # rebuild the attention plan (a dataclass) field by field, its CommStats included
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if param_dtype else MixedPrecisionPolicy()
 
     described = {n: sharding_of(p) for n, p in model.named_parameters()}
     # Every block is its own FSDP root (the model around them is not sharded), and FSDP keeps a
@@ -31,9 +40,10 @@ def shard_blocks(model: nn.Module, mesh) -> None:
     # would hold every block whole through the step. Each reshards after its forward instead.
     for block in model.layers:
         if getattr(block, "moe", False) and mesh.size("edp") > 1:
-            fully_shard(block.mlp.experts, mesh=mesh.device_mesh("edp")["edp"], reshard_after_forward=True)
+            fully_shard(block.mlp.experts, mesh=mesh.device_mesh("edp")["edp"], reshard_after_forward=True,
+                        mp_policy=policy)
         if mesh.size("dp_cp") > 1:
-            fully_shard(block, mesh=mesh.device_mesh("dp_cp")["dp_cp"], reshard_after_forward=True)
+            fully_shard(block, mesh=mesh.device_mesh("dp_cp")["dp_cp"], reshard_after_forward=True, mp_policy=policy)
     gather, scatter = counted_comms(mesh.stats)
     for m in model.modules():
         if isinstance(m, FSDPModule):  # sums, as the rest of the gradient sync (gloo cannot average)

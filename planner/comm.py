@@ -126,10 +126,12 @@ def step_bytes(cfg: TrainConfig, ring_rank: int | None = None, pp_rank: int | No
     dp_cp = p.dp * p.cp_ring * p.cp_ulysses
     zero = cfg.optim.zero
     groups = ((n.dense, dp_cp), (n.expert, dp_cp // p.ep))
-    if zero == 3:  # FSDP: each block gathered for forward and again for backward, gradients
-        # reduce-scattered, every micro-batch (FSDP's collectives, counted by `fsdp.counted_comms`)
+    if zero == 3:  # FSDP: each block gathered for forward and again for backward (in bf16 under bf16
+        # training: FSDP's mixed-precision policy), gradients reduce-scattered in fp32, every
+        # micro-batch (FSDP's collectives, counted by `fsdp.counted_comms`)
+        gathered = act_bytes(cfg)
         for elems, r in ((n.block_dense, dp_cp), (n.expert, dp_cp // p.ep)):
-            c["fsdp"] += cfg.grad_accum * (2 * elems * 4 / r * (r - 1) + _rs(elems * 4, r))
+            c["fsdp"] += cfg.grad_accum * (2 * elems * gathered / r * (r - 1) + _rs(elems * 4, r))
         groups = ((n.outside_blocks, dp_cp),)  # the rest as under ZeRO-2
     for elems, r in groups:
         if zero >= 2:

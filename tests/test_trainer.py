@@ -135,3 +135,31 @@ def test_expert_bias_follows_the_whole_steps_load(data_dir, pool4):
     for biases in pool4.run(_bias_run, data_dir, dict(dp=2, cp_ring=2, ep=2), 2, 1):
         for got, want in zip(biases, ref):
             assert torch.allclose(torch.as_tensor(got), want, atol=1e-7), (got, want)
+
+
+def _zero3_run(data_dir, degrees, precision):
+    """ZeRO-3 (FSDP2) losses of 3 steps, parameter and moment dtypes, and FSDP's bytes in the last step."""
+    cfg = _cfg(precision=precision, optim={"zero": 3})
+    mesh = mesh_for(**degrees)
+    loader = PackedLoader(data_dir, seq_len=64, batch_size=2 // mesh.size("dp"), seed=3, dp_rank=mesh.coord("dp"),
+                          dp_size=mesh.size("dp"))
+    trainer = Trainer(cfg, mesh, loader)
+    losses = []
+    for _ in range(3):
+        mesh.stats.reset()
+        losses.append(trainer.train_step().loss)
+    dtypes = {p.dtype for p in trainer.model.parameters()}
+    dtypes |= {v.dtype for st in trainer.opt.state.values() for v in st.values() if v.dim()}
+    return losses, sorted(str(d) for d in dtypes), mesh.stats.bytes_sent.get("fsdp", 0)
+
+
+def test_bf16_under_zero3_gathers_bf16_and_keeps_fp32_masters(data_dir, pool4):
+    """FSDP2's mixed-precision policy under bf16: the blocks' parameters are gathered in bf16
+    (the all-gathers carry half the bytes; gradients are reduce-scattered in fp32), the sharded
+    parameters and AdamW moments stay fp32, and the losses follow one process's bf16 run."""
+    one = _run(data_dir, None, {"precision": "bf16"}, 2, 3)
+    fp32 = pool4.run(_zero3_run, data_dir, dict(dp=2, cp_ring=2), "fp32")
+    bf16 = pool4.run(_zero3_run, data_dir, dict(dp=2, cp_ring=2), "bf16")
+    for (losses, dtypes, sent), (_, _, sent32) in zip(bf16, fp32):
+        assert dtypes == ["torch.float32"] and losses == pytest.approx(one, rel=2e-2)
+        assert 0.5 * sent32 < sent < 0.9 * sent32  # all-gathers halved, reduce-scatters still fp32

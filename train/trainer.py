@@ -99,7 +99,7 @@ class Trainer:
                                  part=stage_part(cfg, mesh) if piped else None)
         self.model.train()
         if cfg.optim.zero == 3:
-            shard_blocks(self.model, mesh)
+            shard_blocks(self.model, mesh, torch.bfloat16 if cfg.precision == "bf16" else None)
         self.opt = make_optimizer(self.model, cfg, mesh)
         self.chunked = self.opt.chunked_grads if isinstance(self.opt, ZeroAdamW) else {}
         # one process has nothing to reduce; FSDP reduces its own parameters' gradients
