@@ -21,10 +21,45 @@ import torch
 
 from .blocks import Kind
 
-try:  # optional GPU fast path
-    from flash_attn import flash_attn_interface as _fa  # type: ignore
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _fa = None
+# the private entry points the ring calls, as flash-attn 2.7 and later define them: a release
+# with another argument list is refused at import (one line) rather than called wrongly
+FLASH_FWD = ("q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size_left", "window_size_right", "softcap",
+             "alibi_slopes", "return_softmax")
+FLASH_BWD = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p", "softmax_scale", "causal",
+             "window_size_left", "window_size_right", "softcap", "alibi_slopes", "deterministic", "rng_state")
+
+
+def flash_attn_problem(interface) -> str | None:
+    """Why flash-attn's `flash_attn_interface` module cannot be used here, or None."""
+    import inspect
+
+    for name, want in (("_flash_attn_forward", FLASH_FWD), ("_flash_attn_backward", FLASH_BWD)):
+        fn = getattr(interface, name, None)
+        try:
+            got = tuple(inspect.signature(fn).parameters) if fn is not None else ()
+        except (TypeError, ValueError):
+            got = ()
+        if got[:len(want)] != want:
+            return f"{name} takes ({', '.join(got) or 'nothing found'}), not the ({', '.join(want)}) of flash-attn 2.7+"
+    return None
+
+
+def _load_flash_attn():
+    """flash-attn's interface when installed and of a known signature; else None (said once)."""
+    try:
+        from flash_attn import flash_attn_interface as fa  # type: ignore
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    problem = flash_attn_problem(fa)
+    if problem:
+        import sys
+
+        print(f"longtrain: flash-attn is installed but not used: {problem}", file=sys.stderr)
+        return None
+    return fa
+
+
+_fa = _load_flash_attn()  # optional GPU fast path
 
 _CHUNK_ELEMS = 1 << 24  # score elements per chunk of the torch kernel (64 MiB in fp32)
 
