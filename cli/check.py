@@ -4,6 +4,7 @@ with single-process attention over the full sequence (outputs and gradients)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -57,11 +58,33 @@ def _rank_main(world: int, seq: int) -> list[tuple[str, str, list[float]]]:
     return rows
 
 
+def kernel_table(device_type: str, dtypes=(torch.float32, torch.bfloat16)) -> list[str]:
+    """Which kernel each block kind gets on this device, per dtype (`local.kernel_name`)."""
+    from longtrain.parallel.attention.blocks import Kind
+    from longtrain.parallel.attention.local import kernel_name
+
+    lines = [f"kernels on {device_type}:"]
+    for dtype in dtypes:
+        for kind in (Kind.FULL, Kind.CAUSAL, Kind.ANTI, Kind.MASKED):
+            lines.append(f"  {str(dtype).removeprefix('torch.'):<9} {kind.value:<7} {kernel_name(kind, device_type, dtype)}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="longtrain check", description=__doc__)
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="the device whose kernels to list and check (cuda: needs a GPU here)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"longtrain check: --device cuda but this machine has no GPU torch can use (torch {torch.__version__}, "
+              f"CUDA {torch.version.cuda or 'not built in'}); run it on a GPU node", file=sys.stderr)
+        return 2
+    print("\n".join(kernel_table(args.device)), flush=True)
+    if args.device == "cuda":
+        print("longtrain check: the layouts below run on gloo (CPU); the GPU kernels are exercised by the tests "
+              "marked gpu (python -m pytest -m gpu tests)", flush=True)
     from longtrain.launch.spawn import spawn_local
 
     per_rank = spawn_local(_rank_main, args.ranks, args.ranks, args.seq)

@@ -1,6 +1,6 @@
 """The `longtrain` command.
 
-    longtrain check [--ranks 4]             exact sequence-parallel attention on local gloo ranks
+    longtrain check [--ranks 4] [--device]  the kernel each block kind gets; exact sequence-parallel attention on local gloo ranks
     longtrain prepare INPUTS --out DIR      text / JSONL / Parquet / 'stdlib' -> Arrow token shards
     longtrain check-data DIR [--quick]      verify a prepared dataset: manifest, sizes, SHA-256, contents
     longtrain train CONFIG [--set k=v]      train (embedded Ray, a cluster, torchrun/srun, or local ranks;

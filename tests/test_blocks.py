@@ -1,5 +1,6 @@
 """Block planning from positions: exact classes and hop counts (no ranks needed)."""
 
+import inspect
 import itertools
 
 import pytest
@@ -166,3 +167,51 @@ def test_flash_attn_is_used_only_with_the_signature_the_ring_calls():
         _flash_attn_backward=with_params(FLASH_BWD))
     assert "window_size" in flash_attn_problem(old) and "2.7+" in flash_attn_problem(old)
     assert "nothing found" in flash_attn_problem(types.SimpleNamespace())
+
+
+def test_which_kernel_each_block_kind_gets(monkeypatch, capsys):
+    """On CPU, without flash-attn on CUDA, with a flash-attn of an unknown signature (refused in
+    one line at import) and with a known one; `longtrain check --device cuda` without a GPU."""
+    import sys
+    import types
+
+    from longtrain.cli.check import kernel_table
+    from longtrain.parallel.attention import local
+    from longtrain.parallel.attention.blocks import Kind
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert local.kernel_name(Kind.CAUSAL, "cpu", fp32).startswith("CPU flash")
+    assert local.kernel_name(Kind.ANTI, "cpu", bf16).endswith("on reversed rows")
+    assert local.kernel_name(Kind.MASKED, "cpu", fp32) == "blockwise torch (fp32 inside)"
+    assert local.kernel_name(Kind.EMPTY, "cpu", fp32) == "none (skipped)"
+    monkeypatch.setattr(local, "_fa", None)  # a GPU machine without flash-attn
+    assert local.kernel_name(Kind.FULL, "cuda", bf16) == "blockwise torch (fp32 inside)"
+
+    def interface(fwd, bwd):
+        def with_params(names):
+            def fn(*args, **kwargs):
+                return None
+            fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                                  for n in names])
+            return fn
+        package = types.ModuleType("flash_attn")
+        package.flash_attn_interface = types.SimpleNamespace(_flash_attn_forward=with_params(fwd),
+                                                             _flash_attn_backward=with_params(bwd))
+        return package
+
+    monkeypatch.setitem(sys.modules, "flash_attn", interface(("q", "k", "v", "dropout_p"), local.FLASH_BWD))
+    assert local._load_flash_attn() is None
+    assert capsys.readouterr().err.count("\n") == 1  # one line, naming what differs
+    known = interface(local.FLASH_FWD, local.FLASH_BWD)
+    monkeypatch.setitem(sys.modules, "flash_attn", known)
+    fa = local._load_flash_attn()
+    assert fa is known.flash_attn_interface
+    assert local.kernel_name(Kind.CAUSAL, "cuda", bf16, fa) == "flash-attn"
+    assert local.kernel_name(Kind.CAUSAL, "cuda", fp32, fa) == "blockwise torch (fp32 inside)"  # flash-attn: 16-bit
+    table = "\n".join(kernel_table("cpu"))
+    assert "float32   causal  CPU flash" in table and "bfloat16  masked  blockwise torch" in table
+    if not torch.cuda.is_available():
+        from longtrain.cli.main import main
+
+        assert main(["check", "--device", "cuda"]) == 2
+        assert "--device cuda but this machine has no GPU" in capsys.readouterr().err

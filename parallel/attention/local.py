@@ -221,6 +221,22 @@ def _fused_ok(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" or _use_flash(q)
 
 
+def kernel_name(kind: Kind, device_type: str, dtype: torch.dtype, flash_attn=None) -> str:
+    """The kernel a block of `kind` runs on for q of this device type and dtype (what
+    `block_forward` / `block_backward` pick); `flash_attn`: the usable flash-attn interface
+    (default: this process's, None when it is absent or refused)."""
+    fa = _fa if flash_attn is None else flash_attn
+    if kind is Kind.EMPTY:
+        return "none (skipped)"
+    if kind is not Kind.MASKED:
+        flip = " on reversed rows" if kind is Kind.ANTI else ""
+        if device_type == "cpu":
+            return "CPU flash (aten._scaled_dot_product_flash_attention_for_cpu)" + flip
+        if device_type == "cuda" and fa is not None and dtype in (torch.float16, torch.bfloat16):
+            return "flash-attn" + flip
+    return "blockwise torch (fp32 inside)"
+
+
 def _as_masked(kind: Kind, kw: dict) -> dict:
     """FULL / CAUSAL expressed for the general kernel (devices without a fused kernel)."""
     return dict(kw, q_start=0, k_start=0, causal=kind is Kind.CAUSAL, window=None, q_doc=None, k_doc=None)
