@@ -216,9 +216,12 @@ def _anti_bwd(dout, q, k, v, out, lse, scale: float):
     return dq.flip(1), dk.flip(1), dv.flip(1)
 
 
+BLOCKWISE = "blockwise torch (fp32 inside)"
+
+
 def _fused_ok(q: torch.Tensor) -> bool:
     """FULL / CAUSAL blocks go to a fused kernel: the CPU flash kernel, or flash-attn on CUDA."""
-    return q.device.type == "cpu" or _use_flash(q)
+    return kernel_name(Kind.FULL, q.device.type, q.dtype) != BLOCKWISE
 
 
 def kernel_name(kind: Kind, device_type: str, dtype: torch.dtype, flash_attn=None) -> str:
@@ -234,7 +237,7 @@ def kernel_name(kind: Kind, device_type: str, dtype: torch.dtype, flash_attn=Non
             return "CPU flash (aten._scaled_dot_product_flash_attention_for_cpu)" + flip
         if device_type == "cuda" and fa is not None and dtype in (torch.float16, torch.bfloat16):
             return "flash-attn" + flip
-    return "blockwise torch (fp32 inside)"
+    return BLOCKWISE
 
 
 def _as_masked(kind: Kind, kw: dict) -> dict:
