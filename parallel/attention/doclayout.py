@@ -280,26 +280,41 @@ def solve(lengths: list[int], ring: int, masks: Masks = ((None, 1),), tolerance:
     return min(near, key=lambda s: (sum(sum(ring_traffic(s[2], w)[1]) * n for w, n in masks), s[1]))[2]
 
 
+def _spanning(layout: DocumentLayout) -> tuple[list[dict], list[list]]:
+    """Per rank: {doc: (first, last + 1) query position} of its pieces of documents that span
+    ranks, and [(doc, start, end, local offset)] of those pieces (whole documents are nobody
+    else's business); cached on the layout."""
+    if "spanning" not in layout._memo:
+        extents, pieces = [], []
+        for ps in layout.ranks:
+            ext, mine, offset = {}, [], 0
+            for p in ps:
+                if p.spans:
+                    a, b = ext.get(p.doc, (p.start, p.end))
+                    ext[p.doc] = (min(a, p.start), max(b, p.end))
+                    mine.append((p.doc, p.start, p.end, offset))
+                offset += p.length
+            extents.append(ext)
+            pieces.append(mine)
+        layout._memo["spanning"] = (extents, pieces)
+    return layout._memo["spanning"]
+
+
 def needed_rows(layout: DocumentLayout, src: int, dst: int, window: int | None,
                 causal: bool = True) -> tuple[int, int] | None:
     """Local rows [lo, hi) of `src`'s K/V that queries on `dst` attend to (within each document,
     causal or not, within `window`), as one range; None if none."""
+    extents, pieces = _spanning(layout)
+    ends = extents[dst]  # doc -> (first, last + 1) query position on dst
     lo, hi = None, None
-    ends: dict[int, tuple[int, int]] = {}  # doc -> (first, last + 1) query position on dst
-    for p in layout.ranks[dst]:
-        if p.spans:
-            a, b = ends.get(p.doc, (p.start, p.end))
-            ends[p.doc] = (min(a, p.start), max(b, p.end))
-    offset = 0
-    for p in layout.ranks[src]:
-        if p.doc in ends:
-            q0, q1 = ends[p.doc]
-            k0 = p.start if window is None else max(p.start, q0 - window + 1)
-            k1 = min(p.end, q1 if causal else (p.end if window is None else q1 - 1 + window))
+    for doc, start, end, offset in pieces[src]:
+        if doc in ends:
+            q0, q1 = ends[doc]
+            k0 = start if window is None else max(start, q0 - window + 1)
+            k1 = min(end, q1 if causal else (end if window is None else q1 - 1 + window))
             if k0 < k1:
-                a, b = offset + k0 - p.start, offset + k1 - p.start
+                a, b = offset + k0 - start, offset + k1 - start
                 lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
-        offset += p.length
     return None if lo is None else (lo, hi)
 
 
