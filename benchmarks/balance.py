@@ -93,13 +93,12 @@ def measure(sequences: list[list[int]], ring: int, window: int | None, kv_bytes:
         work, sent, ratios, hops = [0.0] * ring, [0.0] * ring, [], (0, 0)
         for lengths in sequences:
             seq = sum(lengths)
-            if name == "zigzag":
-                layout = doclayout.zigzag_layout(lengths, ring)
+            layout = doclayout.named(name, lengths, ring, masks)
+            if name == "zigzag":  # the shard's positional message rows, as ring.py sends them
                 hops = hop_plan(seq, ring, True, window, "zigzag")
                 rows = [sum(k * _width(message_rows(seq, ring, r, s, True, window, "zigzag")) for k, s in zip(hops, (1, -1)))
                         for r in range(ring)]
             else:
-                layout = doclayout.solve(lengths, ring, masks)
                 hops, rows = doclayout.ring_traffic(layout, window)
             w = layout.work(masks)
             ratios.append(doclayout.imbalance(w))
@@ -118,8 +117,14 @@ def _batch(lengths: list[int], heads: int, head_dim: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     seq = sum(lengths)
     qkvo = [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    return qkvo, doc
+    return qkvo, _doc_ids(lengths)
+
+
+def _doc_ids(lengths: list[int]):
+    """[1, S] document ids of a packed sequence of these lengths."""
+    import torch
+
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
 
 
 def _layout(name: str, lengths: list[int], ring: int, masks):
@@ -187,7 +192,7 @@ def _step_rank(sequences: list[list[int]], dim: int, heads: int, window: int | N
         for i, lengths in [(-1, sequences[0])] + list(enumerate(sequences)):  # -1: a warm-up, not reported
             g = torch.Generator().manual_seed(max(i, 0))
             ids = torch.randint(0, cfg.vocab_size, (1, sum(lengths)), generator=g)
-            doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+            doc = _doc_ids(lengths)
             labels = torch.full_like(ids, IGNORE)
             labels[:, :-1] = torch.where(doc[:, 1:] == doc[:, :-1], ids[:, 1:], IGNORE)
             local = shard_batch({"input_ids": ids, "labels": labels, "doc_ids": doc}, mesh, cfg.windows)

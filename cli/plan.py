@@ -62,6 +62,7 @@ def _args(argv):
                     help="the comment lines a shipped config carries about its plan (configs/*.toml; a test "
                          "compares them with the plan)")
     args = ap.parse_args(argv)
+    # the arguments that decide the plan, as given (the --header command line)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--header", "--json")]
     return args
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.header:
         from longtrain.planner.report import header_lines
 
-        print("\n".join(header_lines(obj, "longtrain plan " + " ".join(shlex.quote(a) for a in argv_of(args)))))
+        print("\n".join(header_lines(obj, "longtrain plan " + " ".join(shlex.quote(a) for a in args.argv))))
         return 0
     print(json.dumps(obj) if args.json else plan_text(obj, cand.memory))
     return 0
@@ -170,11 +171,6 @@ def _links(cfg, args):
 
     gpu = GPUS[args.gpu or "h100"]
     return Links(gpu.intra_node, gpu.inter_node, args.gpus_per_node)
-
-
-def argv_of(args) -> list[str]:
-    """The arguments that decide the plan, as given (the header's command: no --header, --json)."""
-    return args.argv
 
 
 def _with(cfg, cand):

@@ -77,9 +77,7 @@ def ring_balance(cfg: TrainConfig) -> dict | None:
     for name in ("zigzag", "documents"):
         work, ratios = [0.0] * ring, []
         for lengths in picks:
-            layout = doclayout.zigzag_layout(list(lengths), ring) if name == "zigzag" else \
-                doclayout.solve(list(lengths), ring, masks)
-            w = layout.work(masks)
+            w = doclayout.named(name, list(lengths), ring, masks).work(masks)
             ratios.append(doclayout.imbalance(w))
             work = [a + b / len(picks) for a, b in zip(work, w)]
         out[name] = {"work_per_rank": [round(x) for x in work], "work_max_over_mean": sum(ratios) / len(ratios),

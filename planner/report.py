@@ -16,7 +16,6 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
     """The plan of `cfg` (its layout evaluated as `cand`) as one JSON-ready object. `rate`: the
     FLOP/s a rank is planned at; `peak`: what MFU divides by (default `rate`)."""
     p, mem, fl = cfg.parallel, cand.memory, cand.flops
-    tokens = cfg.data.seq_len * cfg.data.batch_size * p.dp * cfg.grad_accum
     loc = local_sizes(cfg.model, p, cfg.data.seq_len, cfg.data.batch_size, cfg.sequence_parallel)
     return {
         "layout": {"tp": p.tp, "cp_ulysses": p.cp_ulysses, "cp_ring": p.cp_ring, "dp": p.dp, "ep": p.ep, "pp": p.pp,
@@ -43,7 +42,7 @@ def plan_object(cfg: TrainConfig, cand: Candidate, rate: float, source: str, lim
         "step_seconds": {"compute": round(cand.compute_seconds - cand.bubble_seconds, 3),
                          "communication_not_hidden": round(cand.comm_seconds, 3),
                          "pipeline_bubble": round(cand.bubble_seconds, 3)},
-        "tokens_per_s_per_rank": round(tokens / cand.seconds / p.world_size, 1),
+        "tokens_per_s_per_rank": round(cfg.tokens_per_step / cand.seconds / p.world_size, 1),
         "mfu": round(fl.model / cand.seconds / (p.world_size * (peak or rate)), 4),
         "peak_flops_per_rank": peak or rate,
         "rate_flops_per_rank": rate,

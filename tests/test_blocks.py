@@ -143,28 +143,29 @@ def test_ring_messages_carry_only_the_keys_their_receivers_use():
     assert message_rows(seq, size, 1, 1, True, None, "zigzag") == (0, 2 * chunk)
 
 
+def _with_params(names):
+    """A function whose signature has these parameter names (a stand-in for flash-attn's)."""
+    def fn(*args, **kwargs):
+        return None
+    fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    return fn
+
+
 def test_flash_attn_is_used_only_with_the_signature_the_ring_calls():
     """flash-attn's private entry points change between releases: an interface whose argument
     lists are not 2.7+'s is refused (with the reason), one that matches is accepted."""
-    import inspect
     import types
 
     from longtrain.parallel.attention.local import FLASH_BWD, FLASH_FWD, flash_attn_problem
 
-    def with_params(names):
-        def fn(*args, **kwargs):
-            return None
-        fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                              for n in names])
-        return fn
 
-    good = types.SimpleNamespace(_flash_attn_forward=with_params(FLASH_FWD),
-                                 _flash_attn_backward=with_params(FLASH_BWD + ("extra",)))
+    good = types.SimpleNamespace(_flash_attn_forward=_with_params(FLASH_FWD),
+                                 _flash_attn_backward=_with_params(FLASH_BWD + ("extra",)))
     assert flash_attn_problem(good) is None
     old = types.SimpleNamespace(  # 2.6: one window_size tuple
-        _flash_attn_forward=with_params(("q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size",
+        _flash_attn_forward=_with_params(("q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size",
                                          "softcap", "alibi_slopes", "return_softmax")),
-        _flash_attn_backward=with_params(FLASH_BWD))
+        _flash_attn_backward=_with_params(FLASH_BWD))
     assert "window_size" in flash_attn_problem(old) and "2.7+" in flash_attn_problem(old)
     assert "nothing found" in flash_attn_problem(types.SimpleNamespace())
 
@@ -188,15 +189,9 @@ def test_which_kernel_each_block_kind_gets(monkeypatch, capsys):
     assert local.kernel_name(Kind.FULL, "cuda", bf16) == "blockwise torch (fp32 inside)"
 
     def interface(fwd, bwd):
-        def with_params(names):
-            def fn(*args, **kwargs):
-                return None
-            fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                                  for n in names])
-            return fn
         package = types.ModuleType("flash_attn")
-        package.flash_attn_interface = types.SimpleNamespace(_flash_attn_forward=with_params(fwd),
-                                                             _flash_attn_backward=with_params(bwd))
+        package.flash_attn_interface = types.SimpleNamespace(_flash_attn_forward=_with_params(fwd),
+                                                             _flash_attn_backward=_with_params(bwd))
         return package
 
     monkeypatch.setitem(sys.modules, "flash_attn", interface(("q", "k", "v", "dropout_p"), local.FLASH_BWD))

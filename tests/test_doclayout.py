@@ -350,3 +350,11 @@ def test_plan_reports_the_ring_balance_of_the_data(data_dir, capsys):
     assert "ring balance over" in capsys.readouterr().out
     assert plan_main([*sets, "--data", str(data_dir) + "-missing"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_a_document_layout_needs_the_batchs_documents():
+    from longtrain.parallel.attention import plan_attention
+    from longtrain.parallel.mesh import ParallelMesh
+
+    with pytest.raises(ValueError, match="needs the batch's doc_ids"):
+        plan_attention(ParallelMesh.single(), (1, 8, 2, 4), 2, layout=doclayout.solve([3, 5], 1))

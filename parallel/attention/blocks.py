@@ -163,8 +163,6 @@ def hop_plan(seq_len: int, ring_size: int, causal: bool, window: int | None,
     r_ = ring_size
     if r_ == 1:
         return 0, 0
-    if not isinstance(layout, str):  # a document layout: hops only where documents span ranks
-        return layout.traffic(window, causal)[0]
     segs = [ring_segments(seq_len, r_, r, layout) for r in range(r_)]
     needed = set()
     for s in range(1, r_):

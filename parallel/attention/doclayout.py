@@ -29,7 +29,7 @@ import itertools
 import zlib
 from dataclasses import dataclass, field
 
-from .blocks import Segment, fewest_hops
+from .blocks import Segment, fewest_hops, ring_segments
 
 Masks = tuple  # ((window or None, layers), ...): the attention masks of a model and how many layers use each
 
@@ -145,19 +145,23 @@ def _starts(lengths: list[int]) -> list[int]:
 
 
 def zigzag_layout(lengths: list[int], ring: int) -> DocumentLayout:
-    """Today's zigzag layout (2R chunks; rank r holds chunks r and 2R-1-r) in pieces of documents."""
+    """Today's zigzag layout (`blocks.ring_segments`) in pieces of documents."""
     seq_len, starts = sum(lengths), _starts(lengths)
-    c = seq_len // (2 * ring)
     ranks = []
     for r in range(ring):
         pieces = []
-        for lo in (r * c, (2 * ring - 1 - r) * c):
+        for seg in ring_segments(seq_len, ring, r):
             for d, (s0, n) in enumerate(zip(starts, lengths)):
-                a, b = max(lo, s0), min(lo + c, s0 + n)
+                a, b = max(seg.start, s0), min(seg.end, s0 + n)
                 if a < b:
                     pieces.append(Piece(d, s0, a, b - a, spans=n > b - a))
         ranks.append(tuple(pieces))
     return DocumentLayout(seq_len, tuple(ranks))
+
+
+def named(name: str, lengths: list[int], ring: int, masks: Masks = ((None, 1),)) -> DocumentLayout:
+    """The "zigzag" or "documents" layout of one sequence (benchmarks and the planner compare them)."""
+    return zigzag_layout(lengths, ring) if name == "zigzag" else solve(lengths, ring, masks)
 
 
 def _head_tail(d: int, s0: int, n: int, share: list[int]) -> list[list[Piece]]:

@@ -75,7 +75,7 @@ def _reduce_kv(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _use_flash(q: torch.Tensor) -> bool:
-    return _fa is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return kernel_name(Kind.FULL, q.device.type, q.dtype) == "flash-attn"
 
 
 # ---------------------------------------------------------------- fused kernels (FULL / CAUSAL)

@@ -88,6 +88,9 @@ def _validate(q_shape, kv_heads: int, causal: bool, window, windows: frozenset, 
     for w in windows:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ValueError(f"window must be a positive int (keys per query) or None, got {w!r}")
+    if not isinstance(layout, str) and doc_ids is None:
+        raise ValueError("a document layout (doclayout.DocumentLayout) needs the batch's doc_ids: its ring messages "
+                         "carry only documents that span ranks")
     if doc_ids is not None and tuple(doc_ids.shape) not in ((b, s), (s,)):
         raise ValueError(f"doc_ids must be [batch, seq_local] = [{b}, {s}] (or [seq_local]), "
                          f"got {tuple(doc_ids.shape)}")

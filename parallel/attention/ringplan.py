@@ -86,8 +86,6 @@ def message_rows(seq_len: int, size: int, src: int, shift: int, causal: bool, wi
     that is the whole shard; with one, only the keys within the window of the receivers (one
     shard of a 1M-token ring is 256K tokens, a window 4K). At least one row: the message of a
     hop that carries nothing still keeps the ring's rhythm."""
-    if not isinstance(layout, str):  # a document layout: only rows of documents that span ranks travel
-        return layout.message(src, shift, causal, window)
     hops = hop_plan(seq_len, size, causal, window, layout)[0 if shift > 0 else 1]
     lo, hi = seq_len, 0
     for h in range(1, hops + 1):
