@@ -20,6 +20,7 @@
     longtrain bench checkpoint [CONFIG]     step time around a checkpoint save, synchronous vs in the background
     longtrain bench pipeline [CONFIG]       pipeline bubble vs the 1F1B bound, interleaved gain, overlap, ZeRO memory
     longtrain bench verify [--gib 1]        checkpoint verification on resume: one rank against several
+    longtrain bench gpu [--device cpu]      a GPU machine's first checks: kernels, NCCL layouts, a run vs its plan
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("longtrain.cli.config", "the resolved config of a run (show), or every key (schema)"),
     "bench": ("", "benchmarks that write docs/benchmarks.md (longtrain bench --help)"),
 }
-BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline", "verify", "balance", "step", "published")
+BENCHMARKS = ("attention", "actquant", "passkey", "comm", "plan", "longrun", "checkpoint", "pipeline", "verify", "balance", "step", "published", "gpu")
 
 
 def _version() -> str:

@@ -156,7 +156,7 @@ def test_flash_attn_is_used_only_with_the_signature_the_ring_calls():
     lists are not 2.7+'s is refused (with the reason), one that matches is accepted."""
     import types
 
-    from longtrain.parallel.attention.local import FLASH_BWD, FLASH_FWD, flash_attn_problem
+    from longtrain.parallel.attention.fused import FLASH_BWD, FLASH_FWD, flash_attn_problem
 
 
     good = types.SimpleNamespace(_flash_attn_forward=_with_params(FLASH_FWD),
@@ -171,22 +171,29 @@ def test_flash_attn_is_used_only_with_the_signature_the_ring_calls():
 
 
 def test_which_kernel_each_block_kind_gets(monkeypatch, capsys):
-    """On CPU, without flash-attn on CUDA, with a flash-attn of an unknown signature (refused in
-    one line at import) and with a known one; `longtrain check --device cuda` without a GPU."""
+    """On CPU, on a GPU without flash-attn (the ATen SDPA ops by dtype and head size), with a
+    flash-attn of an unknown signature (refused in one line at import, the ATen ops used) and
+    with a known one; `longtrain check --device cuda` without a GPU."""
     import sys
     import types
 
     from longtrain.cli.check import kernel_table
-    from longtrain.parallel.attention import local
+    from longtrain.parallel.attention import fused, local
     from longtrain.parallel.attention.blocks import Kind
 
-    bf16, fp32 = torch.bfloat16, torch.float32
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert local.kernel_name(Kind.CAUSAL, "cpu", fp32).startswith("CPU flash")
     assert local.kernel_name(Kind.ANTI, "cpu", bf16).endswith("on reversed rows")
     assert local.kernel_name(Kind.MASKED, "cpu", fp32) == "blockwise torch (fp32 inside)"
     assert local.kernel_name(Kind.EMPTY, "cpu", fp32) == "none (skipped)"
-    monkeypatch.setattr(local, "_fa", None)  # a GPU machine without flash-attn
-    assert local.kernel_name(Kind.FULL, "cuda", bf16) == "blockwise torch (fp32 inside)"
+    monkeypatch.setattr(fused, "_fa", None)  # a GPU machine without flash-attn
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # answer by the stated rule
+    assert local.kernel_name(Kind.FULL, "cuda", bf16).startswith("ATen flash (aten._scaled_dot_product_flash")
+    assert local.kernel_name(Kind.CAUSAL, "cuda", fp16, head_dim=64).startswith("ATen flash")
+    assert local.kernel_name(Kind.CAUSAL, "cuda", fp32).startswith("ATen efficient")  # flash: 16-bit only
+    assert local.kernel_name(Kind.ANTI, "cuda", bf16, head_dim=512).startswith("ATen efficient")  # flash: d <= 256
+    assert local.kernel_name(Kind.FULL, "cuda", fp32, head_dim=30) == "blockwise torch (fp32 inside)"
+    assert local.kernel_name(Kind.MASKED, "cuda", bf16) == "blockwise torch (fp32 inside)"
 
     def interface(fwd, bwd):
         package = types.ModuleType("flash_attn")
@@ -194,19 +201,73 @@ def test_which_kernel_each_block_kind_gets(monkeypatch, capsys):
                                                              _flash_attn_backward=_with_params(bwd))
         return package
 
-    monkeypatch.setitem(sys.modules, "flash_attn", interface(("q", "k", "v", "dropout_p"), local.FLASH_BWD))
-    assert local._load_flash_attn() is None
+    monkeypatch.setitem(sys.modules, "flash_attn", interface(("q", "k", "v", "dropout_p"), fused.FLASH_BWD))
+    assert fused._load_flash_attn() is None
     assert capsys.readouterr().err.count("\n") == 1  # one line, naming what differs
-    known = interface(local.FLASH_FWD, local.FLASH_BWD)
+    known = interface(fused.FLASH_FWD, fused.FLASH_BWD)
     monkeypatch.setitem(sys.modules, "flash_attn", known)
-    fa = local._load_flash_attn()
+    fa = fused._load_flash_attn()
     assert fa is known.flash_attn_interface
     assert local.kernel_name(Kind.CAUSAL, "cuda", bf16, fa) == "flash-attn"
-    assert local.kernel_name(Kind.CAUSAL, "cuda", fp32, fa) == "blockwise torch (fp32 inside)"  # flash-attn: 16-bit
+    assert local.kernel_name(Kind.CAUSAL, "cuda", fp32, fa).startswith("ATen efficient")  # flash-attn: 16-bit
     table = "\n".join(kernel_table("cpu"))
     assert "float32   causal  CPU flash" in table and "bfloat16  masked  blockwise torch" in table
-    if not torch.cuda.is_available():
-        from longtrain.cli.main import main
+    from longtrain.cli.main import main  # torch.cuda.is_available is False here (patched above)
 
-        assert main(["check", "--device", "cuda"]) == 2
-        assert "--device cuda but this machine has no GPU" in capsys.readouterr().err
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "--device cuda but this machine has no GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["aten-flash", "aten-cudnn", "aten-efficient"])
+def test_aten_cuda_calls_match_their_schemas(backend):
+    """The ATen SDPA calls on CUDA, run on the meta device (torch's shape functions for the same
+    ops): the argument order each op's schema wants, the lse each returns reshaped to [b, h, s]
+    (cuDNN [b, h, s, 1], efficient padded to 32 rows) and given back in the form it expects,
+    GQA heads expanded and reduced."""
+    from longtrain.parallel.attention import fused
+
+    b, s, h, hkv, d = 2, 100, 8, 2, 64
+    q, dout = (torch.empty(b, s, h, d, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.empty(b, s, hkv, d, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    for causal in (True, False):
+        out, lse = fused.forward(backend, q, k, v, causal, d ** -0.5)
+        assert out.shape == (b, s, h, d) and out.dtype == torch.bfloat16
+        assert lse.shape == (b, h, s) and lse.dtype == torch.float32
+        dq, dk, dv = fused.backward(backend, dout, q, k, v, out, lse, causal, d ** -0.5)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_kernel_parity_against_float64_catches_a_wrong_kernel(monkeypatch):
+    """Every block kind's kernel on this device, fp32 and bf16, within tolerance of float64; a
+    fused kernel whose lse is off by 1% (as a wrong layout or scale would make it) is named
+    and stops the check, as it stops a CUDA run before its first collective."""
+    from longtrain.parallel.attention import fused
+    from longtrain.parallel.attention.parity import check_kernels, kernel_parity
+
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = kernel_parity("cpu", dtype, heads=4, kv_heads=2, head_dim=32, seq=96)
+        assert [r.kind for r in rows] == [Kind.FULL, Kind.CAUSAL, Kind.ANTI, Kind.MASKED]
+        assert all(r.ok for r in rows), [r.line() for r in rows]
+    real = fused.forward
+    monkeypatch.setattr(fused, "forward", lambda *a: (lambda o, l: (o, l * 1.01))(*real(*a)))
+    with pytest.raises(RuntimeError) as e:
+        check_kernels("cpu", torch.float32, 4, 2, 32)
+    msg = str(e.value)
+    assert "the full kernel (CPU flash" in msg and "the causal kernel" in msg and "masked  ok" in msg
+
+
+def test_a_cuda_run_checks_its_kernels_in_its_shape(monkeypatch):
+    """The preflight of a CUDA run asks for the run's dtype and per-rank heads (tp x Ulysses)."""
+    from longtrain.config.train import TrainConfig
+    from longtrain.models.config import ModelConfig
+    from longtrain.parallel import ParallelDims
+    from longtrain.parallel.attention import parity
+    from longtrain.train import kernels
+
+    asked = []
+    monkeypatch.setattr(parity, "check_kernels", lambda *a: asked.append(a) or ["line"])
+    cfg = TrainConfig(model=ModelConfig(dim=512, n_heads=16, n_kv_heads=4), precision="bf16",
+                      parallel=ParallelDims(tp=2, cp_ulysses=2, cp_ring=2))
+    logged = []
+    kernels.check_gpu_kernels(cfg, torch.device("cpu"), logged.append)
+    assert asked == [(torch.device("cpu"), torch.bfloat16, 4, 1, 32)] and logged == ["line"]

@@ -8,12 +8,14 @@ module) these skip with the reason; the last tests check that the `slow`/`gpu` m
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import build_model
-from longtrain.parallel.attention import local
+from longtrain.parallel.attention import fused, local
 from longtrain.parallel.attention.blocks import Kind
 from longtrain.parallel.mesh import ParallelMesh
 from tests.test_model import CFG, compare, make_batch, reference
@@ -34,7 +36,7 @@ def test_flash_block_matches_cpu_fp32(kind):
     q, k, v, dout = (torch.randn(b, s, n, d, generator=g).bfloat16() for n in (h, hkv, hkv, h))
     scale = d ** -0.5
     cuda = [t.cuda() for t in (q, k, v, dout)]
-    assert local._use_flash(cuda[0])
+    assert fused.backend_for(cuda[0].device, torch.bfloat16, d) == "flash-attn"
     out, lse = local.block_forward(*cuda[:3], kind, scale=scale)
     dq, dk, dv = local.block_backward(cuda[3], *cuda[:3], out, lse, kind, scale=scale)
     ref_out, ref_lse = local.block_forward(q.float(), k.float(), v.float(), kind, scale=scale)
@@ -95,16 +97,82 @@ def test_model_cuda_matches_cpu_fp32(monkeypatch):
 def test_model_bf16_flash_close_to_cpu_fp32(monkeypatch):
     """The bf16 model on CUDA takes the flash-attn path and stays close to fp32 on CPU."""
     calls = []
-    real = local._flash_fwd
-    monkeypatch.setattr(local, "_flash_fwd", lambda *a: calls.append(1) or real(*a))
+    real = fused.forward
+    monkeypatch.setattr(fused, "forward", lambda backend, *a: calls.append(backend == "flash-attn") or real(backend, *a))
     loss, grads = _cuda_step(CFG, 2, 64, 0, torch.bfloat16)
     ref_loss, ref_grads = reference(CFG, 2, 64, 0)
-    assert calls, "flash-attn was not used"
+    assert calls and all(calls), "flash-attn was not used"
     assert abs(loss - ref_loss) <= 2e-2 * abs(ref_loss), (loss, ref_loss)
     for n, want in ref_grads.items():
         got = torch.from_numpy(grads[n]).flatten()
         cos = torch.nn.functional.cosine_similarity(got, want.flatten(), dim=0).item()
         assert cos > 0.99, f"{n}: cosine {cos:.4f} to the fp32 gradient"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_every_kernel_on_this_gpu_matches_float64(dtype):
+    """What a CUDA run's preflight runs: each block kind on the kernel this GPU picks."""
+    from longtrain.parallel.attention.parity import kernel_parity
+
+    rows = kernel_parity("cuda", dtype, heads=8, kv_heads=2, head_dim=128, seq=512)
+    assert all(r.ok for r in rows), "\n".join(r.line() for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fused.CUDA_ORDER)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_each_aten_kernel_matches_float64(monkeypatch, backend, dtype):
+    """Each ATen SDPA op the GPU accepts, forced for FULL / CAUSAL / ANTI blocks, GQA heads."""
+    from longtrain.parallel.attention.parity import kernel_parity
+
+    if not fused._device_accepts(backend, torch.cuda.current_device(), dtype, 64):
+        pytest.skip(f"{backend} does not take {dtype} on this GPU")
+    monkeypatch.setattr(fused, "backend_for", lambda *_: backend)
+    rows = kernel_parity("cuda", dtype, heads=8, kv_heads=2, head_dim=64, seq=300)  # rows not a multiple of 32
+    assert all(r.ok for r in rows), "\n".join(r.line() for r in rows)
+
+
+@pytest.mark.gpu
+def test_layouts_on_nccl_match_one_process():
+    """Ring and Ulysses (2 GPUs), and the 2x2 hybrid (4), on NCCL against one process."""
+    from longtrain.cli.check import layout_errors, layout_table
+    from longtrain.launch.spawn import spawn_local
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {gpus}")
+    world = 4 if gpus >= 4 else 2
+    lines, ok = layout_table(spawn_local(layout_errors, world, world, 256, "cuda", device_type="cuda"), world, "NCCL")
+    assert ok, "\n".join(lines)
+
+
+@pytest.mark.gpu
+def test_bench_gpu_runs_on_this_machine(capsys):
+    """`longtrain bench gpu`: the kernels, the NCCL layouts and a short bf16 run against its plan."""
+    from longtrain.benchmarks.gpu import main
+
+    assert main(["--steps", "2", "--seq", "4096", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["run"]["peak_mib"] > 0 and out["run"]["tokens_per_s"] > 0
+
+
+def test_bench_gpu_dry_run_on_cpu(capsys):
+    """The same script on gloo at CPU size (what this machine can run of it), and its refusal
+    of --device cuda on a machine without a GPU."""
+    from longtrain.benchmarks.gpu import gpu_kind, main
+
+    assert main(["--device", "cpu", "--steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["kernels"]["ok"] and out["layouts"]["ok"] and len(out["kernels"]["lines"]) == 8
+    run = out["run"]
+    assert run["ranks"] == 2 and len(run["losses"]) == 2 and run["tokens_per_s_per_rank"] > 0
+    assert abs(run["peak_mib"] - run["planned_peak_mib"]) < 0.25 * run["planned_peak_mib"]
+    assert gpu_kind("NVIDIA H100 80GB HBM3") == "h100" and gpu_kind("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpu_kind("NVIDIA L40S") == "l40s" and gpu_kind("Tesla T4") is None
+    if not torch.cuda.is_available():
+        assert main([]) == 2
+        assert "no GPU torch can use here" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the markers themselves

@@ -21,6 +21,7 @@ from longtrain.parallel.mesh import ParallelMesh, build_mesh
 from longtrain.checkpoint import store as ckpt
 from longtrain.checkpoint import identity
 from longtrain.config.device import job_device_type, local_device
+from longtrain.train.kernels import check_gpu_kernels
 from longtrain.config.hf import hf_path
 from longtrain.models.hf import load_weights
 from longtrain.train.host_memory import map_large_blocks
@@ -144,13 +145,15 @@ def _resume_or_init(cfg: TrainConfig, trainer: Trainer, root: Path, log) -> Path
     return None
 
 
-def _setup(cfg: TrainConfig):
+def _setup(cfg: TrainConfig, log=lambda *_: None):
     """(device, the layout, trainer, checkpoint root) of this rank (one process: `ParallelMesh.single`)."""
     import torch.distributed as dist
 
     device = local_device(job_device_type(cfg.device))
     if device.type == "cpu":
         map_large_blocks(cfg.host_mmap_mib)  # the resident set follows the live tensors
+    else:
+        check_gpu_kernels(cfg, device, log if not dist.is_initialized() or dist.get_rank() == 0 else lambda *_: None)
     check_shared_folders(cfg)  # before any other collective: every rank sees the same data and out_dir
     timeout = timedelta(seconds=cfg.launch.collective_timeout_s)
     mesh = build_mesh(cfg.parallel, device_type=device.type, sequence_parallel=cfg.sequence_parallel,
@@ -281,7 +284,7 @@ def _start_rank(cfg: TrainConfig, log, stop: StopRequest | None) -> _RankRun:
     """Set up this rank (mesh, data, trainer, checkpoint writer, metrics) and resume or initialize."""
     from longtrain.train.metrics import MetricsLog
 
-    device, mesh, trainer, root = _setup(cfg)
+    device, mesh, trainer, root = _setup(cfg, log)
     rank0 = mesh.rank == 0
     say = log if rank0 else (lambda *_: None)
     saver = _saver(cfg)

@@ -5,12 +5,10 @@ the partial results; that is exact only if every kernel returns the log-sum-exp 
 scores and the merge is done in fp32 (accumulating in bf16 drifts as the ring grows).
 
 Kernels, chosen per block by capability:
-- ``fused_cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (FULL / CAUSAL blocks
-  on CPU, and ANTI squares as causal squares of reversed rows), whose backward takes the
-  *global* out and lse, as the ring needs;
-- ``flash``: flash-attn's forward/backward (FULL / CAUSAL blocks on CUDA when installed);
-- ``torch``: a blockwise pure-PyTorch kernel for any mask given by positions and document
-  ids, fp32 inside, memory bounded by row chunks: the small leaves `tiles` leaves over.
+- fused (`fused`): FULL / CAUSAL squares, and ANTI squares as causal squares of reversed rows,
+  on the CPU flash kernel, the ATen SDPA ops on CUDA, or flash-attn when installed;
+- blockwise torch: any mask given by positions and document ids, fp32 inside, memory bounded
+  by row chunks: the small leaves `tiles` leaves over, and every block where no fused kernel fits.
 
 Layouts: q [b, sq, h, d], k/v [b, sk, h_kv, d], out [b, sq, h, d], lse [b, h, sq] (fp32).
 """
@@ -19,101 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .blocks import Kind
-
-# the private entry points the ring calls, as flash-attn 2.7 and later define them: a release
-# with another argument list is refused at import (one line) rather than called wrongly
-FLASH_FWD = ("q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size_left", "window_size_right", "softcap",
-             "alibi_slopes", "return_softmax")
-FLASH_BWD = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p", "softmax_scale", "causal",
-             "window_size_left", "window_size_right", "softcap", "alibi_slopes", "deterministic", "rng_state")
-
-
-def flash_attn_problem(interface) -> str | None:
-    """Why flash-attn's `flash_attn_interface` module cannot be used here, or None."""
-    import inspect
-
-    for name, want in (("_flash_attn_forward", FLASH_FWD), ("_flash_attn_backward", FLASH_BWD)):
-        fn = getattr(interface, name, None)
-        try:
-            got = tuple(inspect.signature(fn).parameters) if fn is not None else ()
-        except (TypeError, ValueError):
-            got = ()
-        if got[:len(want)] != want:
-            return f"{name} takes ({', '.join(got) or 'nothing found'}), not the ({', '.join(want)}) of flash-attn 2.7+"
-    return None
-
-
-def _load_flash_attn():
-    """flash-attn's interface when installed and of a known signature; else None (said once)."""
-    try:
-        from flash_attn import flash_attn_interface as fa  # type: ignore
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    problem = flash_attn_problem(fa)
-    if problem:
-        import sys
-
-        print(f"longtrain: flash-attn is installed but not used: {problem}", file=sys.stderr)
-        return None
-    return fa
-
-
-_fa = _load_flash_attn()  # optional GPU fast path
+from .fused import expand_kv as _expand_kv, reduce_kv as _reduce_kv
 
 _CHUNK_ELEMS = 1 << 24  # score elements per chunk of the torch kernel (64 MiB in fp32)
-
-
-def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    rep = heads // t.shape[2]
-    return t if rep == 1 else t.repeat_interleave(rep, dim=2)
-
-
-def _reduce_kv(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    b, s, h, d = g.shape
-    return g if h == kv_heads else g.view(b, s, kv_heads, h // kv_heads, d).sum(3)
-
-
-def _use_flash(q: torch.Tensor) -> bool:
-    return kernel_name(Kind.FULL, q.device.type, q.dtype) == "flash-attn"
-
-
-# ---------------------------------------------------------------- fused kernels (FULL / CAUSAL)
-
-def _fused_fwd(q, k, v, causal: bool, scale: float):
-    if _use_flash(q):
-        out, lse = _flash_fwd(q, k, v, causal, scale)
-        return out, lse
-    h = q.shape[2]
-    k, v = _expand_kv(k, h), _expand_kv(v, h)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
-    return out.transpose(1, 2), lse
-
-
-def _fused_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
-    if _use_flash(q):
-        return _flash_bwd(dout, q, k, v, out, lse, causal, scale)
-    h, hkv = q.shape[2], k.shape[2]
-    ke, ve = _expand_kv(k, h), _expand_kv(v, h)
-    t = lambda x: x.transpose(1, 2)  # noqa: E731  [b, s, h, d] <-> [b, h, s, d]
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        t(dout), t(q), t(ke), t(ve), t(out), lse.contiguous(), 0.0, causal, scale=scale)
-    return t(dq), _reduce_kv(t(dk), hkv), _reduce_kv(t(dv), hkv)
-
-
-def _flash_fwd(q, k, v, causal, scale):
-    res = _fa._flash_attn_forward(q, k, v, 0.0, scale, causal=causal, window_size_left=-1,
-                                  window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                                  return_softmax=False)
-    return res[0], res[1]
-
-
-def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _fa._flash_attn_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), dq, dk, dv, 0.0, scale, causal,
-                             -1, -1, 0.0, None, False, rng_state=None)
-    return dq, dk, dv
 
 
 # ---------------------------------------------------------------- general masked kernel (torch)
@@ -205,39 +113,38 @@ def _masked_bwd(dout, q, k, v, out, lse, q_start, k_start, causal, window, q_doc
 
 # ---------------------------------------------------------------- public block API
 
-def _anti_fwd(q, k, v, scale: float):
+def _anti_fwd(backend: str, q, k, v, scale: float):
     """An ANTI square (local key >= local query) is the causal square of the reversed rows."""
-    out, lse = _fused_fwd(q.flip(1), k.flip(1), v.flip(1), True, scale)
+    out, lse = fused.forward(backend, q.flip(1), k.flip(1), v.flip(1), True, scale)
     return out.flip(1), lse.flip(-1)
 
 
-def _anti_bwd(dout, q, k, v, out, lse, scale: float):
-    dq, dk, dv = _fused_bwd(dout.flip(1), q.flip(1), k.flip(1), v.flip(1), out.flip(1), lse.flip(-1), True, scale)
+def _anti_bwd(backend: str, dout, q, k, v, out, lse, scale: float):
+    dq, dk, dv = fused.backward(backend, dout.flip(1), q.flip(1), k.flip(1), v.flip(1), out.flip(1), lse.flip(-1),
+                                True, scale)
     return dq.flip(1), dk.flip(1), dv.flip(1)
 
 
 BLOCKWISE = "blockwise torch (fp32 inside)"
 
 
-def _fused_ok(q: torch.Tensor) -> bool:
-    """FULL / CAUSAL blocks go to a fused kernel: the CPU flash kernel, or flash-attn on CUDA."""
-    return kernel_name(Kind.FULL, q.device.type, q.dtype) != BLOCKWISE
-
-
-def kernel_name(kind: Kind, device_type: str, dtype: torch.dtype, flash_attn=None) -> str:
-    """The kernel a block of `kind` runs on for q of this device type and dtype (what
-    `block_forward` / `block_backward` pick); `flash_attn`: the usable flash-attn interface
-    (default: this process's, None when it is absent or refused)."""
-    fa = _fa if flash_attn is None else flash_attn
+def kernel_name(kind: Kind, device_type: str, dtype: torch.dtype, flash_attn=None, head_dim: int = 128) -> str:
+    """The kernel a block of `kind` runs on for q of this device type, dtype and head size (what
+    `block_forward` / `block_backward` pick; on "cuda" without a GPU here, by `fused`'s stated
+    rule); `flash_attn`: the usable flash-attn interface (default: this process's)."""
     if kind is Kind.EMPTY:
         return "none (skipped)"
-    if kind is not Kind.MASKED:
-        flip = " on reversed rows" if kind is Kind.ANTI else ""
-        if device_type == "cpu":
-            return "CPU flash (aten._scaled_dot_product_flash_attention_for_cpu)" + flip
-        if device_type == "cuda" and fa is not None and dtype in (torch.float16, torch.bfloat16):
-            return "flash-attn" + flip
-    return BLOCKWISE
+    if kind is Kind.MASKED:
+        return BLOCKWISE
+    if device_type == "cuda":
+        here = torch.cuda.is_available() and flash_attn is None
+        backend = (fused.backend_for(torch.device("cuda"), dtype, head_dim) if here
+                   else fused.cuda_backend(dtype, head_dim, None, flash_attn))
+    else:
+        backend = fused.backend_for(torch.device(device_type), dtype, head_dim)
+    if backend is None:
+        return BLOCKWISE
+    return fused.NAMES[backend] + (" on reversed rows" if kind is Kind.ANTI else "")
 
 
 def _as_masked(kind: Kind, kw: dict) -> dict:
@@ -249,14 +156,16 @@ def block_forward(q, k, v, kind: Kind, *, scale: float, q_start: int = 0, k_star
                   causal: bool = True, window: int | None = None, q_doc=None, k_doc=None):
     """(out, lse) of one block; out in q.dtype for fused kernels, fp32 for the torch kernel."""
     kw = dict(q_start=q_start, k_start=k_start, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
-    if kind is Kind.FULL or kind is Kind.CAUSAL:
-        if _fused_ok(q):
-            return _fused_fwd(q, k, v, kind is Kind.CAUSAL, scale)
-        kw = _as_masked(kind, kw)
-    elif kind is Kind.ANTI and _fused_ok(q):
-        return _anti_fwd(q, k, v, scale)
-    elif kind is not Kind.MASKED and kind is not Kind.ANTI:  # ANTI without a fused kernel: true positions
-        raise ValueError(f"no kernel for {kind}")
+    if kind is Kind.EMPTY:
+        raise ValueError("an EMPTY block has no kernel: the plan skips it")
+    if kind is not Kind.MASKED:
+        backend = fused.backend_for(q.device, q.dtype, q.shape[-1])
+        if backend is not None and kind is not Kind.ANTI:
+            return fused.forward(backend, q, k, v, kind is Kind.CAUSAL, scale)
+        if backend is not None:
+            return _anti_fwd(backend, q, k, v, scale)
+        if kind is not Kind.ANTI:  # ANTI without a fused kernel: true positions, as given
+            kw = _as_masked(kind, kw)
     return _masked_fwd(q, k, v, kw["q_start"], kw["k_start"], kw["causal"], kw["window"],
                        kw["q_doc"], kw["k_doc"], scale)
 
@@ -265,14 +174,16 @@ def block_backward(dout, q, k, v, out, lse, kind: Kind, *, scale: float, q_start
                    k_start: int = 0, causal: bool = True, window: int | None = None, q_doc=None, k_doc=None):
     """(dq, dk, dv) of one block given the *global* out and lse of its rows."""
     kw = dict(q_start=q_start, k_start=k_start, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
-    if kind is Kind.FULL or kind is Kind.CAUSAL:
-        if _fused_ok(q):
-            return _fused_bwd(dout, q, k, v, out, lse, kind is Kind.CAUSAL, scale)
-        kw = _as_masked(kind, kw)
-    elif kind is Kind.ANTI and _fused_ok(q):
-        return _anti_bwd(dout, q, k, v, out, lse, scale)
-    elif kind is not Kind.MASKED and kind is not Kind.ANTI:
-        raise ValueError(f"no kernel for {kind}")
+    if kind is Kind.EMPTY:
+        raise ValueError("an EMPTY block has no kernel: the plan skips it")
+    if kind is not Kind.MASKED:
+        backend = fused.backend_for(q.device, q.dtype, q.shape[-1])
+        if backend is not None and kind is not Kind.ANTI:
+            return fused.backward(backend, dout, q, k, v, out, lse, kind is Kind.CAUSAL, scale)
+        if backend is not None:
+            return _anti_bwd(backend, dout, q, k, v, out, lse, scale)
+        if kind is not Kind.ANTI:
+            kw = _as_masked(kind, kw)
     return _masked_bwd(dout, q, k, v, out, lse, kw["q_start"], kw["k_start"], kw["causal"], kw["window"],
                        kw["q_doc"], kw["k_doc"], scale)
 
