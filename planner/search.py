@@ -5,8 +5,11 @@ is validated exactly as `longtrain train` would validate it (heads, vocabulary, 
 divisibility, micro-batches for the pipeline), planned with the config's ZeRO level or, where
 that does not fit, the lowest higher one that does, and kept if its peak fits the memory per rank. They are ordered by a
 lower bound on the step time: the FLOPs per rank at the given rate, plus the bytes of the
-collectives that block compute (tp, Ulysses, expert all-to-alls, the gradient sync) at the
-given link speed; ring traffic overlaps compute and is counted only where it exceeds it.
+collectives that block compute (tp, Ulysses, expert all-to-alls, ZeRO's gather of updated
+chunks) at the given link speed; what longtrain overlaps with compute (the ring's messages,
+FSDP2's prefetched gathers and its reduce-scatters, the gradient reductions its hooks start
+during the last backward) is counted only where it exceeds the compute beside it
+(`exposed_seconds`).
 """
 
 from __future__ import annotations
@@ -76,24 +79,60 @@ class Links:
     gpus_per_node: int | None = None
 
 
-def _comm_seconds(cfg: TrainConfig, sent: dict[str, float], links: Links) -> tuple[float, float]:
-    """(seconds of collectives that block compute, seconds of ring traffic). Tensor and Ulysses
-    collectives of the micro-batches stay inside a node; the ring, the pipeline, the expert
-    all-to-alls and the gradient reductions cross nodes once the job spans more than one."""
+@dataclass(frozen=True)
+class CommTimes:
+    """Seconds of a step's traffic at the link speeds, by how it meets compute."""
+
+    blocking: float  # per-micro-batch tp / Ulysses / expert collectives, ZeRO's gather after the step, ...
+    grad_sync: float  # gradient reductions: started by hooks during the last micro-batch's backward
+    fsdp: float  # ZeRO-3 (FSDP2): gathers prefetched a block ahead, reduce-scatters behind the backward
+    ring: float  # ring attention's K/V messages: sent while the previous block computes
+
+
+def _comm_seconds(cfg: TrainConfig, sent: dict[str, float], links: Links) -> CommTimes:
+    """Each kind at its link. Tensor and Ulysses collectives of the micro-batches stay inside a
+    node; the ring (when its group spans nodes), the pipeline, the expert all-to-alls, FSDP and
+    the gradient reductions cross nodes once the job spans more than one: the replica group's
+    collectives (FSDP, gradients, ZeRO's gather) over all its members' NICs of a node at once,
+    point-to-point traffic and all-to-alls at one NIC's speed."""
     p = cfg.parallel
-    if links.gpus_per_node is None or p.world_size <= links.gpus_per_node:
-        blocking = sum(v for k, v in sent.items() if k in BLOCKING)
-        return blocking / links.intra, sum(v for k, v in sent.items() if k.startswith("ring")) / links.intra
+    one_node = links.gpus_per_node is None or p.world_size <= links.gpus_per_node
+    across = links.intra if one_node else links.inter
+    # the replica group (dp x cp, ranks tp apart) has this many members on each node; NCCL runs
+    # its collectives over every member's own NIC at once (one ring per rail), so a node moves
+    # the group's bytes at that many links' speed, at most the speed inside the node
+    per_node = 1 if one_node else max(1, min(p.dp * p.cp_ring * p.cp_ulysses, links.gpus_per_node // p.tp))
+    replicas = links.intra if one_node else min(links.intra, per_node * links.inter)
+    ring_link = links.intra if one_node or p.tp * p.cp_ulysses * p.cp_ring <= links.gpus_per_node else links.inter
     micro = micro_batch_bytes(cfg)
-    intra = inter = 0.0
+    blocking = grad_sync = fsdp = ring = 0.0
     for kind, nbytes in sent.items():
-        if kind not in BLOCKING:
-            continue
-        inside = min(nbytes, micro.get(kind, 0.0) * cfg.grad_accum) if kind in ("all_to_all", "all_gather",
-                                                                             "reduce_scatter", "all_reduce") else 0.0
-        intra, inter = intra + inside, inter + nbytes - inside
-    ring_link = links.intra if p.tp * p.cp_ulysses * p.cp_ring <= links.gpus_per_node else links.inter
-    return intra / links.intra + inter / links.inter, sum(v for k, v in sent.items() if k.startswith("ring")) / ring_link
+        if kind.startswith("ring"):
+            ring += nbytes / ring_link
+        elif kind == "fsdp":
+            fsdp += nbytes / replicas
+        elif kind in BLOCKING:
+            per_micro = kind in ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
+            inside = min(nbytes, micro.get(kind, 0.0) * cfg.grad_accum) if per_micro else 0.0
+            blocking += inside / links.intra
+            if kind in ("all_reduce", "reduce_scatter"):  # gradients, over the replica group
+                grad_sync += (nbytes - inside) / replicas
+            elif kind == "all_gather":  # ZeRO-1/2: the updated chunks, over the replica group
+                blocking += (nbytes - inside) / replicas
+            else:
+                blocking += (nbytes - inside) / across
+    return CommTimes(blocking, grad_sync, fsdp, ring)
+
+
+def exposed_seconds(cfg: TrainConfig, t: CommTimes, compute: float) -> float:
+    """Communication not hidden behind `compute` (the step's FLOPs at the rate): blocking
+    collectives in full; FSDP's and the ring's traffic where together they exceed the compute
+    they run beside, plus FSDP's first block gather (nothing to hide it); the gradient
+    reductions where they exceed the last micro-batch's backward (two thirds of its compute)."""
+    first_gather = t.fsdp / (2 * cfg.grad_accum * max(1, cfg.model.n_layers))
+    last_backward = compute * 2 / 3 / cfg.grad_accum
+    return (t.blocking + max(0.0, t.fsdp + t.ring - compute) + first_gather
+            + max(0.0, t.grad_sync - last_backward))
 
 
 def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float | Links) -> Candidate:
@@ -102,8 +141,7 @@ def evaluate(cfg: TrainConfig, baseline: float, rate: float, link: float | Links
     fl = step_flops(cfg)
     sent = step_bytes(cfg)
     compute = fl.per_rank / rate
-    blocking, ring = _comm_seconds(cfg, sent, links)
-    comm = blocking + max(0.0, ring - compute)
+    comm = exposed_seconds(cfg, _comm_seconds(cfg, sent, links), compute)
     p, m = cfg.parallel, cfg.grad_accum
     bubble = 0.0
     if p.pp > 1:  # the 1F1B bubble (interleaved: divided by the stages per rank); p2p overlaps

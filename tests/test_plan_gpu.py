@@ -69,10 +69,32 @@ def test_step_time_split_tokens_per_second_and_mfu(capsys):
     assert one["tokens_per_s_per_rank"] == pytest.approx(tokens / one["step_seconds_min"] / world, rel=1e-3)
     mfu = one["flops"]["model_per_step"] / one["step_seconds_min"] / (world * gpu.bf16)
     assert one["mfu"] == pytest.approx(mfu, abs=1e-4) and 0 < one["mfu"] < gpu.efficiency
-    wide = ["--gpu", "h100", "--set", "parallel.cp_ring=8", "--set", "data.seq_len=1048576", "--set", "parallel.tp=1",
-            "--set", "parallel.cp_ulysses=1"]
+    wide = ["--gpu", "h100", "--set", "parallel.dp=8", "--set", "optim.zero=1", "--set", "data.seq_len=8192",
+            "--set", "parallel.tp=1", "--set", "parallel.cp_ulysses=1", "--set", "parallel.cp_ring=1"]
     inside, across = _plan(capsys, *wide), _plan(capsys, *wide, "--gpus-per-node", "4")
     assert across["step_seconds"]["communication_not_hidden"] > inside["step_seconds"]["communication_not_hidden"]
+
+
+def test_what_overlaps_compute_is_hidden_where_compute_covers_it():
+    """FSDP's gathers and reduce-scatters and the ring's messages run beside the step's compute,
+    the gradient reductions beside the last micro-batch's backward: only what exceeds those is
+    exposed (and FSDP's first gather); blocking collectives count in full. Across nodes a replica
+    group's collectives use every member's NIC of a node at once."""
+    from longtrain.config.loading import build
+    from longtrain.config.train import TrainConfig
+    from longtrain.planner.search import CommTimes, Links, _comm_seconds, exposed_seconds
+
+    cfg = build(TrainConfig, {"model": {"n_layers": 4}, "grad_accum": 2})
+    assert exposed_seconds(cfg, CommTimes(0.5, 0.0, 0.0, 0.0), 10.0) == pytest.approx(0.5)
+    assert exposed_seconds(cfg, CommTimes(0.0, 0.0, 4.0, 5.0), 10.0) == pytest.approx(4.0 / 16)  # the first gather
+    assert exposed_seconds(cfg, CommTimes(0.0, 0.0, 8.0, 5.0), 10.0) == pytest.approx(3.0 + 8.0 / 16)
+    assert exposed_seconds(cfg, CommTimes(0.0, 3.0, 0.0, 0.0), 6.0) == pytest.approx(1.0)  # 2 s of last backward
+    dp = build(TrainConfig, {"parallel": {"dp": 16}, "optim": {"zero": 3}, "device": "cuda", "precision": "bf16"})
+    sent = {"fsdp": 8e9, "all_gather": 1e9}
+    one_nic = _comm_seconds(dp, sent, Links(400e9, 50e9, 1))  # one GPU per node: its own NIC
+    rails = _comm_seconds(dp, sent, Links(400e9, 50e9, 8))  # 8 members per node: 8 NICs at once
+    assert one_nic.fsdp == pytest.approx(8e9 / 50e9) and rails.fsdp == pytest.approx(8e9 / 400e9)
+    assert rails.blocking == pytest.approx(1e9 / 400e9)  # ZeRO's gather: the same replica group
 
 
 def test_published_rows_have_a_verdict_and_say_what_longtrain_lacks(capsys):
