@@ -15,10 +15,13 @@ A failure is one line naming the address, what did not answer, and what to do in
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import ray
 
@@ -63,6 +66,20 @@ def host_port(address: str) -> tuple[str, int] | None:
         raise ClusterUnreachable(f"Ray address {address!r}: the port {port!r} is not a number") from None
 
 
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C (SIGINT) ends the trial join with KeyboardInterrupt even where this process was
+    started with SIGINT ignored (a job started in the background by a script): the launcher
+    handles SIGINT itself from the moment it has joined, so the join is no different."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
+
+
 def check_address(address: str, connect_s: float = CONNECT_S, join_s: float = JOIN_S) -> None:
     """Raise ClusterUnreachable unless this machine can join the Ray cluster at `address` (see
     the module docstring); returns in at most about `connect_s + join_s` seconds."""
@@ -76,8 +93,9 @@ def check_address(address: str, connect_s: float = CONNECT_S, join_s: float = JO
                 f"check the head's address and port (`ray status` on the head), or start the cluster "
                 f"(`ray start --head`)") from None
     try:
-        done = subprocess.run([sys.executable, "-c", _TRIAL, address, str(int(join_s))], capture_output=True,
-                              text=True, timeout=join_s, env={**os.environ, "RAY_ADDRESS": ""})
+        with _interruptible():
+            done = subprocess.run([sys.executable, "-c", _TRIAL, address, str(int(join_s))], capture_output=True,
+                                  text=True, timeout=join_s, env={**os.environ, "RAY_ADDRESS": ""})
     except subprocess.TimeoutExpired:
         raise ClusterUnreachable(
             f"the Ray cluster at {address} answered but this machine could not join it within {join_s:.0f} s: "
