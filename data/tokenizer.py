@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ class ByteTokenizer:
         return {"name": self.name, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
 
+TOKENIZER_LIMIT = 256 << 20  # tokenizer.json files of large vocabularies are tens of MiB
+
+
 class HFTokenizer:
     """A `tokenizers` JSON file (optional dependency: pip install tokenizers)."""
 
@@ -39,8 +43,17 @@ class HFTokenizer:
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise RuntimeError("the 'tokenizers' package is needed for --tokenizer FILE.json "
                                "(pip install tokenizers), or use the built-in byte tokenizer") from e
+        from longtrain.files import read_bytes
+
+        from .shards import DataError
+
         self.path = path
-        self.tok = Tokenizer.from_file(path)
+        raw = read_bytes(Path(path), TOKENIZER_LIMIT, DataError)  # a regular file of bounded size, not a FIFO
+        try:
+            self.tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception types
+            raise DataError(f"tokenizer file {path} is not a tokenizers JSON file ({str(e)[:200]}); pass "
+                            "--tokenizer bytes or the tokenizer.json of a Hugging Face model") from None
         self.name = f"hf:{path}"
         self.vocab_size = self.tok.get_vocab_size()
         eos = self.tok.token_to_id(eos_token) if eos_token else None
@@ -64,7 +77,7 @@ def load_tokenizer(spec: str | None):
     """'bytes' (default) or a path to a tokenizers JSON file."""
     if spec in (None, "", "bytes"):
         return ByteTokenizer()
-    if not os.path.isfile(spec):
+    if not os.path.exists(spec):  # something else than a regular file is refused when read
         from .shards import DataError
 
         raise DataError(f"tokenizer file {spec} not found; pass --tokenizer bytes or the path of a "

@@ -301,6 +301,26 @@ def test_train_from_hf_extend_and_export(tmp_path):
     assert abs(out.loss_sum / out.tokens - ref_loss).item() <= 1e-5 * ref_loss.item()
 
 
+def test_a_tokenizer_file_is_read_bounded_and_refused_in_one_line(tmp_path, monkeypatch):
+    """--tokenizer FILE: a FIFO is refused without waiting for a writer, an oversized file
+    without reading it, and a file that is not a tokenizers JSON with what to pass instead."""
+    from tests import attacks
+    from longtrain.data import tokenizer
+    from longtrain.data.shards import DataError
+
+    (tmp_path / "fifo.json").write_text("{}")
+    attacks.fifo(tmp_path / "fifo.json", release_after_s=15.0)
+    with pytest.raises(DataError, match="FIFO"):
+        tokenizer.load_tokenizer(str(tmp_path / "fifo.json"))
+    (tmp_path / "big.json").write_text("{}" + " " * 4096)
+    monkeypatch.setattr(tokenizer, "TOKENIZER_LIMIT", 1024)
+    with pytest.raises(DataError, match="refused without reading it"):
+        tokenizer.load_tokenizer(str(tmp_path / "big.json"))
+    (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(DataError, match="not a tokenizers JSON file.*--tokenizer bytes"):
+        tokenizer.load_tokenizer(str(tmp_path / "bad.json"))
+
+
 def test_a_hf_tokenizer_prepares_data_with_its_own_eos_and_a_padded_vocabulary(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
