@@ -293,9 +293,15 @@ def test_training_in_the_document_layout_matches_one_process_and_resumes_across_
     for k in ("eval_loss", "eval_acc"):
         assert rows[2][k] == pytest.approx(one[2][k], rel=1e-5), k
     zig = {**docs, "cp_layout": "zigzag"}
-    first = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, zig, 2)[0]
-    rest = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, docs)[0]
-    assert first + rest == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    first = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, zig, 2, True)[0]
+    rest = pool4.run(_job, data_dir, str(tmp_path / "b"), 4, docs, None, True)[0]
+    assert [r["loss"] for r in first + rest] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    # every row says how evenly rank 0's ring shared the attention work: the document layout's
+    # own figure (the same batches, so the same in both document-layout runs), never above zigzag's
+    balance = [r["ring_work_max_over_mean"] for r in rows]
+    assert [r["ring_work_max_over_mean"] for r in rest] == balance[2:] and all(1.0 <= x < 1.05 for x in balance)
+    assert all(z["ring_work_max_over_mean"] >= d for z, d in zip(first, balance))
+    assert "ring_work_max_over_mean" not in one[0]  # no ring
 
 
 def test_documents_layout_needs_document_masks():
@@ -358,3 +364,20 @@ def test_a_document_layout_needs_the_batchs_documents():
 
     with pytest.raises(ValueError, match="needs the batch's doc_ids"):
         plan_attention(ParallelMesh.single(), (1, 8, 2, 4), 2, layout=doclayout.solve([3, 5], 1))
+
+
+def test_ring_work_of_a_batch_in_either_layout():
+    """What the metrics row's ring_work_max_over_mean averages: each ring rank's attention work
+    for a micro-batch, summed over its rows under zigzag, the solved layout's under documents."""
+    from longtrain.train.trainer import ring_work
+
+    lengths = [[3000, 100, 100, 896], [64] * 64]
+    ids = torch.tensor([sum(([d] * n for d, n in enumerate(row)), []) for row in lengths])  # [2, 4096]
+    windows = [None, 512]
+    masks = doclayout.model_masks(windows)
+    zig = ring_work(ids, 4, windows, "zigzag")
+    want = [sum(w) for w in zip(*(doclayout.zigzag_layout(row, 4).work(masks) for row in lengths))]
+    assert zig == want and doclayout.imbalance(zig) > 1.3
+    layout, _ = doclayout.for_batch(ids, 4, masks)
+    docs = ring_work(ids, 4, windows, layout)
+    assert docs == layout.work(masks) and sum(docs) == sum(zig) and doclayout.imbalance(docs) < 1.05

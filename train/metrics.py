@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_mib", "step_s", "tflops_per_device", "mfu",
-           "data_wait_s", "moe_load_max_over_mean", "eval_loss", "eval_bpb", "eval_acc",
+           "data_wait_s", "moe_load_max_over_mean", "ring_work_max_over_mean", "eval_loss", "eval_bpb", "eval_acc",
            "eval_key_acc")
 
 

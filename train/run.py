@@ -328,6 +328,8 @@ def _step(run: _RankRun) -> bool:
         row.update(run.stats.row(r.step + 1, r.seconds, [e[0] for e in each], [e[1] for e in each]))
     if moe:
         row.update(moe_load_max_over_mean=moe["moe_load_max_over_mean"], moe_dropped=int(sum(e[2] for e in each)))
+    if r.ring_balance is not None:  # rank 0's ring: how evenly its ranks' attention work was shared
+        row["ring_work_max_over_mean"] = round(r.ring_balance, 4)
     evaluated = cfg.eval_every and trainer.step % cfg.eval_every == 0 and not stopping
     if evaluated:
         row.update(evaluate(trainer, held_out_loader(cfg, run.mesh), cfg.eval_batches, cfg.data.source == "passkey"))

@@ -68,6 +68,21 @@ class StepResult:
     skipped: bool = False
     busy_s: float = 0.0  # this rank's own work: the step until its closing gradient reduction
     data_s: float = 0.0  # of that, waiting for the loader's batches
+    ring_balance: float | None = None  # max / mean attention work over this rank's ring (mean over micro-batches)
+
+
+def ring_work(doc_ids, ring: int, windows, layout) -> list[int]:
+    """Each ring rank's attention work (query-key pairs under every layer's mask) for one
+    micro-batch's document ids [b, S] on the host: under a document layout that layout's, under
+    zigzag the sum over the batch's rows, each split in zigzag order. No collective."""
+    masks = doclayout.model_masks(windows)
+    if not isinstance(layout, str):
+        return layout.work(masks)
+    work = [0] * ring
+    for row in doc_ids:
+        for r, w in enumerate(doclayout.zigzag_layout(doclayout.lengths_of(row), ring).work(masks)):
+            work[r] += w
+    return work
 
 
 def shard_batch(batch: dict, mesh, windows) -> dict:
@@ -115,8 +130,13 @@ class Trainer:
         self.nan_skips = 0
 
     def local_batch(self, batch: dict) -> dict:
-        """This rank's slice of a batch of full sequences, in the sequence layout (`shard_batch`)."""
-        return shard_batch({k: v.to(self.device) for k, v in batch.items()}, self.mesh, self.cfg.model.windows)
+        """This rank's slice of a batch of full sequences, in the sequence layout (`shard_batch`),
+        with what each rank of its ring computes ("ring_work", from the host's document ids)."""
+        out = shard_batch({k: v.to(self.device) for k, v in batch.items()}, self.mesh, self.cfg.model.windows)
+        ring = self.mesh.size("cp_ring")
+        if ring > 1 and "doc_ids" in batch:
+            out["ring_work"] = ring_work(batch["doc_ids"], ring, self.cfg.model.windows, out.get("layout", "zigzag"))
+        return out
 
     @staticmethod
     def model_inputs(m: dict) -> dict:
@@ -130,6 +150,7 @@ class Trainer:
         t0 = time.perf_counter()
         cfg = self.cfg
         micro = [self.local_batch(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
+        micro_batches = list(micro)  # (the pipeline takes them all at once and empties `micro`)
         data_s = time.perf_counter() - t0
         count = global_count(sum(int(labeled(m["labels"]).sum()) for m in micro), self._group(), self.device)
         total = torch.zeros((), dtype=torch.float64)
@@ -151,6 +172,8 @@ class Trainer:
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
         busy_s = time.perf_counter() - t0  # what follows waits for the other ranks' gradients
+        works = [m["ring_work"] for m in micro_batches if "ring_work" in m]
+        balance = sum(doclayout.imbalance(w) for w in works) / len(works) if works else None
         if self.sync is not None:
             grads = self.sync.finish()  # whole gradients, or this rank's ZeRO-2 chunks
         else:
@@ -178,7 +201,7 @@ class Trainer:
         self.model.end_step(apply=not skipped)
         self.opt.zero_grad(set_to_none=True)
         result = StepResult(self.step, mean, float(norm), lr, int(count.item()), time.perf_counter() - t0, skipped,
-                            busy_s, data_s)
+                            busy_s, data_s, balance)
         self.step += 1
         return result
 
