@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,20 +66,14 @@ def gpu_kind(name: str) -> str | None:
     return next((kind for kind in GPUS if kind in name.lower().replace(" ", "")), None)
 
 
-def _plan(sets: list[str], kind: str | None) -> dict:
-    cmd = [sys.executable, "-m", "longtrain.cli.main", "plan", "--json", *sum((["--set", s] for s in sets), []),
-           *(["--gpu", kind] if kind else [])]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-
-
 def _run(device: str, ranks: int, seq: int, steps: int) -> dict:
-    from longtrain.benchmarks.plan import _run as train
+    from longtrain.benchmarks.plan import _plan, _run as train
 
     sets = RUN[device] + [f"device={device}", "data.source=passkey", f"data.seq_len={seq}", "data.batch_size=1",
                           f"parallel.cp_ring={ranks}", "eval_every=0", "log_every=1", "tensorboard=false",
                           "checkpoint.every=0", "optim.warmup_steps=1"]
     kind = gpu_kind(torch.cuda.get_device_name(0)) if device == "cuda" else None
-    plan = _plan(sets, kind)
+    plan = _plan(None, sets, ("--gpu", kind) if kind else ())
     with tempfile.TemporaryDirectory(prefix="longtrain-bench-gpu-") as out:
         t0 = time.perf_counter()
         rows = train(None, sets, out, steps)

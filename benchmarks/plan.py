@@ -54,9 +54,10 @@ def _run(config: str | None, sets: list[str], out: str, steps: int) -> list[dict
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _plan(config: str | None, sets: list[str]) -> dict:
+def _plan(config: str | None, sets: list[str], extra: tuple[str, ...] = ()) -> dict:
+    """`longtrain plan --json` of a config with `--set`s and other plan options (`extra`)."""
     cmd = [sys.executable, "-m", "longtrain.cli.main", "plan", *([config] if config else []), "--json",
-           *sum((["--set", s] for s in sets), [])]
+           *sum((["--set", s] for s in sets), []), *extra]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 

@@ -130,13 +130,18 @@ class Trainer:
         self.nan_skips = 0
 
     def local_batch(self, batch: dict) -> dict:
-        """This rank's slice of a batch of full sequences, in the sequence layout (`shard_batch`),
-        with what each rank of its ring computes ("ring_work", from the host's document ids)."""
-        out = shard_batch({k: v.to(self.device) for k, v in batch.items()}, self.mesh, self.cfg.model.windows)
+        """This rank's slice of a batch of full sequences, in the sequence layout (`shard_batch`)."""
+        return shard_batch({k: v.to(self.device) for k, v in batch.items()}, self.mesh, self.cfg.model.windows)
+
+    def _ring_balance(self, batches: list[dict], micro: list[dict]) -> float | None:
+        """max / mean attention work over this rank's ring, averaged over the step's micro-batches
+        (`ring_work` on the loader's host batches, in the layout each was sharded in)."""
         ring = self.mesh.size("cp_ring")
-        if ring > 1 and "doc_ids" in batch:
-            out["ring_work"] = ring_work(batch["doc_ids"], ring, self.cfg.model.windows, out.get("layout", "zigzag"))
-        return out
+        if ring == 1 or "doc_ids" not in batches[0]:
+            return None
+        windows = self.cfg.model.windows
+        works = [ring_work(b["doc_ids"], ring, windows, m.get("layout", "zigzag")) for b, m in zip(batches, micro)]
+        return sum(doclayout.imbalance(w) for w in works) / len(works)
 
     @staticmethod
     def model_inputs(m: dict) -> dict:
@@ -149,9 +154,10 @@ class Trainer:
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         cfg = self.cfg
-        micro = [self.local_batch(self.loader.next_batch()) for _ in range(cfg.grad_accum)]
-        micro_batches = list(micro)  # (the pipeline takes them all at once and empties `micro`)
+        batches = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
+        micro = [self.local_batch(b) for b in batches]
         data_s = time.perf_counter() - t0
+        balance = self._ring_balance(batches, micro)
         count = global_count(sum(int(labeled(m["labels"]).sum()) for m in micro), self._group(), self.device)
         total = torch.zeros((), dtype=torch.float64)
         autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
@@ -172,8 +178,6 @@ class Trainer:
             (loss + out.aux / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
         busy_s = time.perf_counter() - t0  # what follows waits for the other ranks' gradients
-        works = [m["ring_work"] for m in micro_batches if "ring_work" in m]
-        balance = sum(doclayout.imbalance(w) for w in works) / len(works) if works else None
         if self.sync is not None:
             grads = self.sync.finish()  # whole gradients, or this rank's ZeRO-2 chunks
         else:
