@@ -137,7 +137,7 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back_with_the_same_losses(cl
         alive.append(c.add_node(num_cpus=2))
         workers.append(alive[-1])
     parallel = {"dp": 2, "cp_ring": 2}
-    steps = 24  # longer steps than the other tests': room for the node to come back while the shrunk run trains
+    steps = 40  # longer runs than the other tests': room for the node to come back (seconds) while the shrunk run trains
 
     def config(out):
         return _long(_cfg(data, out, steps, parallel))
